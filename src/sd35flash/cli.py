@@ -1,0 +1,204 @@
+"""The ``sd35flash`` command line. Every user error is one line on stderr and a non-zero exit."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import sys
+from pathlib import Path
+
+from .errors import UserError
+
+
+def _positive_int(name: str):
+    def parse(text: str) -> int:
+        try:
+            v = int(text)
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"{name} must be an integer, got {text!r}") from None
+        if v < 1:
+            raise argparse.ArgumentTypeError(f"{name} must be >= 1, got {v}")
+        return v
+
+    return parse
+
+
+def _guidance(text: str) -> float:
+    try:
+        v = float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"--guidance must be a number, got {text!r}") from None
+    if v < 0:
+        raise argparse.ArgumentTypeError(f"--guidance must be >= 0, got {v}")
+    return v
+
+
+class _Parser(argparse.ArgumentParser):
+    def error(self, message: str) -> None:  # one line, exit 2
+        self.exit(2, f"{self.prog}: error: {message} (see --help)\n")
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = _Parser(prog="sd35flash", description="SD3.5-Flash: few-step distillation of rectified-flow models.")
+    sub = p.add_subparsers(dest="command", required=True, parser_class=_Parser)
+
+    w = sub.add_parser("world", help="the shapes world: judge self-test, spec files")
+    wsub = w.add_subparsers(dest="world_command", required=True, parser_class=_Parser)
+    wc = wsub.add_parser("check", help="judge self-test on renders, mismatches and junk")
+    wc.add_argument("--num", type=_positive_int("--num"), default=200, help="scenes per category (default 200)")
+    wc.add_argument("--seed", type=int, default=0)
+    wc.add_argument("--json", dest="json_out", help="write the result JSON here")
+    ws = wsub.add_parser("specs", help="write a split's specs as JSONL")
+    ws.add_argument("--split", required=True, help="train | val | test | heldout")
+    ws.add_argument("--num", type=_positive_int("--num"), default=200)
+    ws.add_argument("--seed", type=int, default=0)
+    ws.add_argument("--out", required=True)
+
+    pt = sub.add_parser("pretrain", help="train (or reuse) the toy teacher on the shapes world")
+    pt.add_argument("--out", required=True, help="folder for the finished SD3 pipeline")
+    pt.add_argument("--preset", default="default", help="smoke | quick | default")
+    pt.add_argument("--config", help="a YAML config instead of a preset")
+    pt.add_argument("--resume", action="store_true", help="continue an unfinished run of the same config")
+    pt.add_argument("--no-progress", action="store_true")
+
+    g = sub.add_parser("generate", help="generate images from prompts")
+    g.add_argument("prompt", nargs="?", help="the prompt (or use --prompts FILE)")
+    g.add_argument("--model", required=True, help="SD3 pipeline folder or hub id")
+    g.add_argument("--revision")
+    g.add_argument("--prompts", help="a text file, one prompt per line; writes a grid")
+    g.add_argument("--steps", type=_positive_int("--steps"))
+    g.add_argument("--guidance", type=_guidance)
+    g.add_argument("--seed", type=int, default=0)
+    g.add_argument("--no-t5", action="store_true", help="run without T5 (zeros in its place)")
+    g.add_argument("--out", required=True, help="output PNG")
+
+    e = sub.add_parser("eval", help="alignment (judge), FD and timing on a split or a spec file")
+    e.add_argument("--model", required=True)
+    e.add_argument("--revision")
+    e.add_argument("--steps", type=_positive_int("--steps"))
+    e.add_argument("--guidance", type=_guidance)
+    src = e.add_mutually_exclusive_group(required=True)
+    src.add_argument("--split", help="test | heldout | val | train")
+    src.add_argument("--specs", help="a JSONL spec file; one image per line, cycling")
+    e.add_argument("--num-images", type=_positive_int("--num-images"), default=200)
+    e.add_argument("--seed", type=int, default=0)
+    e.add_argument("--batch-size", type=_positive_int("--batch-size"), default=32)
+    e.add_argument("--no-t5", action="store_true")
+    e.add_argument("--no-fd", action="store_true", help="skip the FD computation")
+    e.add_argument("--json", dest="json_out", required=True)
+    e.add_argument("--save-images", help="also write every image and a manifest.jsonl here")
+
+    d = sub.add_parser("demo", help="the main job on the shapes world: teacher, evaluation, report")
+    d.add_argument("--preset", default="quick", help="smoke | quick | default")
+    d.add_argument("--out", default="runs/demo", help="output folder (report, evaluations)")
+    d.add_argument("--num-images", type=_positive_int("--num-images"))
+    return p
+
+
+def _cmd_world(args) -> int:
+    if args.world_command == "check":
+        from .world.selftest import run_selftest
+
+        res = run_selftest(args.num, seed=args.seed, progress=True)
+        text = json.dumps(res, indent=1)
+        if args.json_out:
+            from .imaging import atomic_write_text
+
+            atomic_write_text(args.json_out, text)
+        print(text)
+        return 0
+    from .world import split_specs
+    from .world.spec import write_jsonl
+
+    write_jsonl(args.out, split_specs(args.split, args.num, seed=args.seed))
+    print(f"wrote {args.num} {args.split} specs to {args.out}")
+    return 0
+
+
+def _cmd_pretrain(args) -> int:
+    from .pretrain.config import load_pretrain_config
+    from .pretrain.run import pretrain
+
+    cfg = load_pretrain_config(args.preset, args.config)
+    name = Path(args.config).stem if args.config else args.preset
+    out = pretrain(cfg, Path(args.out), name, resume=args.resume, progress=not args.no_progress)
+    print(f"teacher ready: {out}")
+    return 0
+
+
+def _read_prompts(path: str) -> list[str]:
+    p = Path(path)
+    if not p.is_file():
+        raise UserError(f"prompt file {p} does not exist")
+    prompts = [line.strip() for line in p.read_text().splitlines() if line.strip()]
+    if not prompts:
+        raise UserError(f"prompt file {p} holds no prompts; write one prompt per line")
+    return prompts
+
+
+def _cmd_generate(args) -> int:
+    from .evaluate.evaluator import resolve_sampling
+    from .imaging import make_grid, save_png
+    from .models.pipeline_io import load_pipeline
+    from .sampling import generate
+
+    if args.prompts and args.prompt:
+        raise UserError("pass either a prompt or --prompts FILE, not both")
+    prompts = _read_prompts(args.prompts) if args.prompts else [args.prompt or ""]
+    if any(not p.strip() for p in prompts):
+        raise UserError("the prompt is empty; pass some text, e.g. \"a red circle\"")
+    if not args.out.lower().endswith(".png"):
+        raise UserError(f"--out must be a .png file, got {args.out}")
+    pipe = load_pipeline(args.model, revision=args.revision)
+    schedule, steps, guidance = resolve_sampling(pipe, args.model, args.steps, args.guidance)
+    seeds = [args.seed + i for i in range(len(prompts))]
+    imgs = generate(pipe, prompts, seeds, schedule, guidance=guidance, use_t5=not args.no_t5)
+    out = imgs[0] if len(imgs) == 1 else make_grid(imgs, scale=2, captions=prompts, caption_width=150)
+    save_png(args.out, out)
+    print(f"wrote {args.out} ({len(prompts)} image(s), {steps} steps, guidance {guidance})")
+    return 0
+
+
+def _cmd_eval(args) -> int:
+    from .evaluate.evaluator import EvalRequest, evaluate
+
+    req = EvalRequest(model=args.model, steps=args.steps, guidance=args.guidance, split=args.split,
+                      specs_file=args.specs, num_images=args.num_images, seed=args.seed,
+                      batch_size=args.batch_size, use_t5=not args.no_t5, fd=not args.no_fd, revision=args.revision)
+    res = evaluate(req, args.json_out, save_images=args.save_images)
+    a = res["alignment"]
+    print(json.dumps({"alignment": a, "fd_effnet": res.get("fd_effnet"), "seconds_per_image": res["seconds_per_image"],
+                      "json": args.json_out, "grid": res["grid"]}, indent=1))
+    return 0
+
+
+def _cmd_demo(args) -> int:
+    from .demo import run_demo
+
+    run_demo(args.preset, Path(args.out), num_images=args.num_images)
+    return 0
+
+
+COMMANDS = {"world": _cmd_world, "pretrain": _cmd_pretrain, "generate": _cmd_generate, "eval": _cmd_eval,
+            "demo": _cmd_demo}
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+    os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")  # e.g. "torchvision not installed" notices
+    os.environ.setdefault("DIFFUSERS_VERBOSITY", "error")
+    os.environ.setdefault("HF_HUB_DISABLE_PROGRESS_BARS", "1")
+    try:
+        return COMMANDS[args.command](args)
+    except UserError as e:
+        print(f"sd35flash: error: {e}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        print("sd35flash: interrupted; checkpoints written so far are kept (use --resume)", file=sys.stderr)
+        return 130
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,138 @@
+"""``sd35flash eval``: generate images for specs, judge them, FD against renders, time it."""
+
+from __future__ import annotations
+
+import json
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import torch
+from tqdm.auto import tqdm
+
+from .. import flow
+from ..errors import UserError
+from ..imaging import atomic_write_text, make_grid, save_png
+from ..models.pipeline_io import load_pipeline
+from ..models.student_info import read_student_info
+from ..sampling import generate, scheduler_schedule
+from ..world import canonical_prompt, render, split_specs
+from ..world.spec import SceneSpec, read_jsonl
+from .alignment import alignment_scores, judge_all
+
+#: Render seeds for FD reference images (fixed, so every model is compared to the same set).
+REFERENCE_SEED = 5_000_000
+#: Default guidance for a teacher (no sd35flash.json); students carry their own in sd35flash.json.
+TEACHER_DEFAULT_GUIDANCE = 4.0
+TEACHER_DEFAULT_STEPS = 28
+
+
+@dataclass
+class EvalRequest:
+    model: str
+    steps: int | None = None
+    guidance: float | None = None
+    split: str | None = None
+    specs_file: str | None = None
+    num_images: int = 200
+    seed: int = 0
+    batch_size: int = 32
+    use_t5: bool = True
+    fd: bool = True
+    revision: str | None = None
+    device: str = "cpu"
+
+
+def load_specs(split: str | None, specs_file: str | None, n: int) -> list[SceneSpec]:
+    """The specs to evaluate: ``n`` from a split, or the lines of a JSONL file in order, cycling."""
+    if n < 1:
+        raise UserError(f"--num-images must be >= 1, got {n}")
+    if (split is None) == (specs_file is None):
+        raise UserError("pass exactly one of --split or --specs")
+    if split is not None:
+        return split_specs(split, n, seed=0)
+    lines = read_jsonl(specs_file)
+    return [lines[i % len(lines)] for i in range(n)]
+
+
+def resolve_sampling(pipe, model: str, steps: int | None, guidance: float | None) -> tuple[list[float], int, float]:
+    """Schedule, steps and guidance: a student's ``sd35flash.json`` supplies its own schedule (when
+    ``steps`` is not overridden) and guidance 1.0; a teacher uses its scheduler's own schedule, as
+    the stock pipeline does; a student run at another step count uses shifted uniform steps."""
+    info = read_student_info(model) if Path(model).is_dir() else None
+    shift = float(pipe.scheduler.config.get("shift", 3.0))
+    if steps is not None and steps < 1:
+        raise UserError(f"--steps must be >= 1, got {steps}")
+    if info is not None and (steps is None or steps == info.steps):
+        sched = [float(t) for t in info.timesteps] + [0.0]
+        return sched, info.steps, info.guidance if guidance is None else guidance
+    steps = steps or (info.steps if info is not None else TEACHER_DEFAULT_STEPS)
+    g = guidance if guidance is not None else (info.guidance if info is not None else TEACHER_DEFAULT_GUIDANCE)
+    sched = flow.sampling_schedule(steps, shift) if info is not None else scheduler_schedule(pipe, steps)
+    return sched, steps, g
+
+
+def evaluate(req: EvalRequest, json_out: str | Path, save_images: str | Path | None = None,
+             pipe=None, progress: bool = True) -> dict:
+    """Run one evaluation and write ``json_out`` (and a grid PNG beside it) atomically."""
+    specs = load_specs(req.split, req.specs_file, req.num_images)
+    if pipe is None:
+        pipe = load_pipeline(req.model, revision=req.revision, device=req.device)
+    schedule, steps, guidance = resolve_sampling(pipe, req.model, req.steps, req.guidance)
+    prompts = [canonical_prompt(s) for s in specs]
+    seeds = [req.seed * 1_000_003 + i for i in range(len(specs))]
+    bar = tqdm(total=len(specs), desc=f"generate ({steps} steps)", disable=not progress, leave=False)
+    t0 = time.perf_counter()
+    with torch.inference_mode():
+        images = generate(pipe, prompts, seeds, schedule, guidance=guidance, use_t5=req.use_t5,
+                          batch_size=req.batch_size, progress=bar.update)
+    seconds = time.perf_counter() - t0
+    bar.close()
+    verdicts = judge_all(images, specs)
+    result: dict = {
+        "model": str(req.model),
+        "split": req.split,
+        "specs": str(req.specs_file) if req.specs_file else None,
+        "num_images": len(specs),
+        "steps": steps,
+        "guidance": guidance,
+        "schedule": schedule,
+        "use_t5": req.use_t5,
+        "seed": req.seed,
+        "alignment": alignment_scores(verdicts, specs),
+        "seconds_per_image": seconds / len(specs),
+        "nfe_per_image": steps * (2 if guidance > 1.0 else 1),
+        "batch_size": req.batch_size,
+        "device": str(pipe._execution_device),
+        "torch_threads": torch.get_num_threads(),
+    }
+    if req.fd:
+        from .fd import FDScorer
+
+        refs = np.stack([render(s, seed=REFERENCE_SEED + i) for i, s in enumerate(specs)])
+        result["fd_effnet"] = FDScorer().fd(refs, images) if len(specs) >= 2 else None
+    json_out = Path(json_out)
+    grid_path = json_out.with_suffix(".png")
+    n = min(len(images), 40)
+    marks = ["ok " if v.correct else "X  " for v in verdicts[:n]]
+    save_png(grid_path, make_grid(images[:n], cols=8, scale=2, caption_width=150,
+                                  captions=[m + p for m, p in zip(marks, prompts[:n])]))
+    result["grid"] = str(grid_path)
+    if save_images is not None:
+        write_image_folder(Path(save_images), images, specs, prompts, seeds, verdicts)
+        result["images_dir"] = str(save_images)
+    atomic_write_text(json_out, json.dumps(result, indent=1))
+    return result
+
+
+def write_image_folder(folder: Path, images: np.ndarray, specs, prompts, seeds, verdicts) -> None:
+    """Every image as a PNG plus ``manifest.jsonl`` (file, spec, prompt, seed, verdict) for re-judging."""
+    folder.mkdir(parents=True, exist_ok=True)
+    lines = []
+    for i, (im, s, p, sd, v) in enumerate(zip(images, specs, prompts, seeds, verdicts)):
+        name = f"{i:05d}.png"
+        save_png(folder / name, im)
+        lines.append(json.dumps({"file": name, "spec": s.to_dict(), "prompt": p, "seed": sd,
+                                 "correct": v.correct, "checks": v.checks}))
+    atomic_write_text(folder / "manifest.jsonl", "\n".join(lines) + "\n")

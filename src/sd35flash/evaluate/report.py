@@ -1,0 +1,117 @@
+"""The HTML report: metrics table, per-category bars, image grids, loss curves, alignment vs NFE."""
+
+from __future__ import annotations
+
+import html
+import json
+import shutil
+from pathlib import Path
+
+import matplotlib
+
+matplotlib.use("Agg")
+import matplotlib.pyplot as plt  # noqa: E402
+
+from ..imaging import atomic_write_text  # noqa: E402
+from ..train.logger import read_metrics  # noqa: E402
+from ..world import CATEGORIES  # noqa: E402
+
+
+def _save(fig, path: Path) -> str:
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+    return path.name
+
+
+def category_bars(results: dict[str, dict], path: Path) -> str:
+    cats = [*CATEGORIES, "overall"]
+    fig, ax = plt.subplots(figsize=(9, 3.6))
+    width = 0.8 / max(1, len(results))
+    for j, (name, r) in enumerate(results.items()):
+        vals = [r["alignment"].get(c, 0.0) for c in cats]
+        ax.bar([i + j * width for i in range(len(cats))], vals, width, label=name)
+    ax.set_xticks([i + 0.4 - width / 2 for i in range(len(cats))], cats, rotation=15)
+    ax.set_ylim(0, 1)
+    ax.set_ylabel("alignment (judge)")
+    ax.legend(fontsize=7)
+    return _save(fig, path)
+
+
+def alignment_vs_nfe(results: dict[str, dict], path: Path) -> str:
+    fig, ax = plt.subplots(figsize=(5, 3.6))
+    for name, r in results.items():
+        ax.scatter(r["nfe_per_image"], r["alignment"]["overall"], s=40)
+        ax.annotate(name, (r["nfe_per_image"], r["alignment"]["overall"]), fontsize=7, xytext=(4, 4),
+                    textcoords="offset points")
+    ax.set_xscale("log")
+    ax.set_xlabel("NFE per image (log)")
+    ax.set_ylabel("alignment.overall")
+    ax.set_ylim(0, 1)
+    return _save(fig, path)
+
+
+def loss_curves(metric_files: dict[str, Path], path: Path) -> str | None:
+    series = {name: read_metrics(p) for name, p in metric_files.items()}
+    series = {k: v for k, v in series.items() if v}
+    if not series:
+        return None
+    fig, axes = plt.subplots(1, len(series), figsize=(4.5 * len(series), 3.2), squeeze=False)
+    for ax, (name, rows) in zip(axes[0], series.items()):
+        keys = sorted({k for r in rows for k in r if k.endswith("loss")})
+        for k in keys:
+            pts = [(r["step"], r[k]) for r in rows if k in r]
+            ax.plot(*zip(*pts), label=k, lw=1)
+        probe = [(r["step"], r["probe/overall"]) for r in rows if "probe/overall" in r]
+        if probe:
+            ax2 = ax.twinx()
+            ax2.plot(*zip(*probe), "o-", color="tab:green", label="probe alignment", ms=3)
+            ax2.set_ylim(0, 1)
+            ax2.set_ylabel("probe alignment", color="tab:green")
+        ax.set_yscale("log")
+        ax.set_xlabel("step")
+        ax.set_title(name)
+        ax.legend(fontsize=7, loc="upper right")
+    return _save(fig, path)
+
+
+def write_report(out_dir: Path, title: str, results: dict[str, dict], metric_files: dict[str, Path],
+                 notes: list[str] | None = None) -> Path:
+    """Write ``out_dir/report.html`` (with its PNGs beside it) from evaluation results keyed by model name."""
+    out_dir.mkdir(parents=True, exist_ok=True)
+    bars = category_bars(results, out_dir / "categories.png")
+    nfe = alignment_vs_nfe(results, out_dir / "alignment_vs_nfe.png")
+    curves = loss_curves(metric_files, out_dir / "loss_curves.png")
+    cols = ["model", "split", "steps", "guidance", "NFE", "overall", *CATEGORIES, "colors", "fd_effnet", "s/image"]
+    rows = []
+    for name, r in results.items():
+        a = r["alignment"]
+        fd = r.get("fd_effnet")
+        cells = [name, r.get("split") or "specs", r["steps"], r["guidance"], r["nfe_per_image"],
+                 f"{a['overall']:.3f}", *[f"{a.get(c, float('nan')):.3f}" for c in CATEGORIES],
+                 f"{a.get('colors', float('nan')):.3f}", "-" if fd is None else f"{fd:.2f}",
+                 f"{r['seconds_per_image']:.3f}"]
+        rows.append("<tr>" + "".join(f"<td>{html.escape(str(c))}</td>" for c in cells) + "</tr>")
+    grids = []
+    for name, r in results.items():
+        src = Path(r["grid"])
+        if src.is_file():
+            dest = out_dir / f"grid-{name}.png"
+            if src.resolve() != dest.resolve():
+                shutil.copyfile(src, dest)
+            grids.append(f"<h3>{html.escape(name)}</h3><img src='{dest.name}' alt='{html.escape(name)} samples'>")
+    body = f"""<!doctype html><html><head><meta charset='utf-8'><title>{html.escape(title)}</title>
+<style>body{{font-family:sans-serif;margin:24px;max-width:1400px}}table{{border-collapse:collapse}}
+td,th{{border:1px solid #ccc;padding:3px 7px;font-size:13px;text-align:right}}img{{max-width:100%}}</style></head>
+<body><h1>{html.escape(title)}</h1>
+{''.join(f'<p>{html.escape(n)}</p>' for n in (notes or []))}
+<h2>Metrics</h2><table><tr>{''.join(f'<th>{c}</th>' for c in cols)}</tr>{''.join(rows)}</table>
+<p>alignment: fraction of images the shapes-world judge accepts (GenEval-style); overall = mean over categories.
+fd_effnet: Frechet distance of EfficientNet-Lite0 features to renders of the same specs (lower is better).</p>
+<h2>Alignment per category</h2><img src='{bars}' alt='per-category alignment'>
+<h2>Alignment against compute</h2><img src='{nfe}' alt='alignment vs NFE'>
+{f"<h2>Training curves</h2><img src='{curves}' alt='loss curves'>" if curves else ''}
+<h2>Samples (same prompts and seeds for every model; X = judged wrong)</h2>{''.join(grids)}
+<h2>Raw results</h2><pre>{html.escape(json.dumps(results, indent=1))}</pre>
+</body></html>"""
+    return atomic_write_text(out_dir / "report.html", body)

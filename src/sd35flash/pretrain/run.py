@@ -1,0 +1,88 @@
+"""Pretraining orchestration: cache lookup, VAE stage, flow stage, final pipeline folder.
+
+A teacher is cached under ``<cache>/teachers/<preset>-<config fingerprint>/`` (``work/`` holds
+checkpoints, logs and sample grids; ``pipeline/`` the finished model). A finished teacher with the
+same fingerprint is always reused, never silently retrained; an unfinished one is continued only
+with ``resume=True``.
+"""
+
+from __future__ import annotations
+
+import json
+import shutil
+import time
+from pathlib import Path
+
+from ..config import to_dict
+from ..errors import UserError
+from ..models.pipeline_io import MODEL_INDEX, save_pipeline
+from ..paths import cache_root, git_commit
+from ..train.runtime import make_accelerator
+from .config import PretrainConfig
+from .flow_trainer import FlowTrainer
+from .vae_trainer import VAETrainer
+
+INFO_FILE = "pretrain.json"
+
+
+def teacher_dir(cfg: PretrainConfig, name: str) -> Path:
+    return cache_root() / "teachers" / f"{name}-{cfg.cache_key()}"
+
+
+def is_finished(folder: Path) -> bool:
+    return (folder / MODEL_INDEX).is_file() and (folder / INFO_FILE).is_file()
+
+
+def has_progress(work: Path) -> bool:
+    return any(work.glob("vae/ckpt-*")) or any(work.glob("flow/ckpt-*")) or (work / "vae" / "final").is_dir()
+
+
+def copy_pipeline(src: Path, out: Path) -> Path:
+    """Copy a finished pipeline folder to ``out`` atomically (temp folder, then rename)."""
+    out = out.expanduser().resolve()
+    if out == src.resolve():
+        return out
+    if out.exists() and any(out.iterdir()) and not (out / MODEL_INDEX).is_file():
+        raise UserError(f"--out {out} exists and is not a model folder; choose a new folder")
+    tmp = out.with_name(f".{out.name}.tmp")
+    shutil.rmtree(tmp, ignore_errors=True)
+    shutil.copytree(src, tmp)
+    if out.exists():
+        shutil.rmtree(out)
+    tmp.rename(out)
+    return out
+
+
+def pretrain(cfg: PretrainConfig, out: Path | None, name: str, resume: bool = False, progress: bool = True,
+             stop_at: int | None = None) -> Path:
+    """Train (or reuse) the teacher for ``cfg`` and return the path of the finished pipeline folder.
+
+    ``stop_at`` stops the flow stage after that step (with a checkpoint) by raising
+    :class:`~sd35flash.train.checkpoint.StopTraining`; ``resume=True`` continues from there.
+    """
+    root = teacher_dir(cfg, name)
+    final = root / "pipeline"
+    if is_finished(final):
+        print(f"reusing the cached teacher {final} (same config fingerprint {cfg.cache_key()})")
+        return copy_pipeline(final, out) if out is not None else final
+    work = root / "work"
+    if has_progress(work) and not resume:
+        raise UserError(f"an unfinished pretraining run for this config exists in {work}; "
+                        "pass --resume to continue it, or delete that folder to start over")
+    work.mkdir(parents=True, exist_ok=True)
+    (work / "config.json").write_text(json.dumps(to_dict(cfg), indent=1))
+    t0 = time.time()
+    acc = make_accelerator(cfg.runtime, work)
+    vae = VAETrainer(cfg, work, acc, progress).run()
+    vae_metrics = json.loads((work / "vae" / "metrics.json").read_text())
+    if acc.is_main_process:
+        print(f"VAE: PSNR {vae_metrics['psnr']:.2f} dB, judge accuracy on reconstructions "
+              f"{vae_metrics['judge_accuracy']:.3f}")
+    pipe = FlowTrainer(cfg, work, acc, progress, stop_at=stop_at).run(vae)
+    if acc.is_main_process:
+        info = {"name": name, "fingerprint": cfg.cache_key(), "commit": git_commit(), "config": to_dict(cfg),
+                "vae": vae_metrics, "train_seconds_this_session": round(time.time() - t0, 1),
+                "world_size": acc.num_processes}
+        save_pipeline(pipe, final, extra_files={INFO_FILE: json.dumps(info, indent=1)})
+    acc.wait_for_everyone()
+    return copy_pipeline(final, out) if out is not None and acc.is_main_process else final

@@ -1,0 +1,213 @@
+"""Prompt encoding and flow-matching Euler sampling with CFG for SD3 pipelines.
+
+The sampler reproduces ``StableDiffusion3Pipeline.__call__`` (same prompt encoding, same noise for
+the same seed, same Euler updates ``x_s = x_t + (s - t) * v``, same decoding) but takes an explicit
+timestep schedule, which few-step students need, and optionally routes each step to a different
+transformer (split-timestep branches). ``tests/test_sampling.py`` checks the equality.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
+
+import numpy as np
+import torch
+
+from . import flow
+
+
+@dataclass
+class PromptEmbeds:
+    """Text conditioning for the SD3 transformer: per-token ``embeds`` (B, L, D) and ``pooled`` (B, P)."""
+
+    embeds: torch.Tensor
+    pooled: torch.Tensor
+
+    def __len__(self) -> int:
+        return self.embeds.shape[0]
+
+    def index(self, idx: slice | torch.Tensor) -> PromptEmbeds:
+        return PromptEmbeds(self.embeds[idx], self.pooled[idx])
+
+    def to(self, *args, **kwargs) -> PromptEmbeds:
+        return PromptEmbeds(self.embeds.to(*args, **kwargs), self.pooled.to(*args, **kwargs))
+
+    @staticmethod
+    def cat(parts: Sequence[PromptEmbeds]) -> PromptEmbeds:
+        return PromptEmbeds(torch.cat([p.embeds for p in parts]), torch.cat([p.pooled for p in parts]))
+
+
+def t5_length(pipe) -> int:
+    """Number of T5 tokens the pipeline uses: the T5 tokenizer's ``model_max_length`` (capped at 512)."""
+    tok = getattr(pipe, "tokenizer_3", None)
+    n = getattr(tok, "model_max_length", 256) if tok is not None else 256
+    return int(min(n, 512))
+
+
+def clip_length(pipe) -> int:
+    return int(pipe.tokenizer.model_max_length)
+
+
+def encode_prompts(pipe, prompts: Sequence[str], use_t5: bool = True, device: torch.device | str | None = None) -> PromptEmbeds:
+    """Encode prompts exactly as ``StableDiffusion3Pipeline.encode_prompt`` does (no CFG batch).
+
+    Layout (SD3): ``[CLIP-L ++ CLIP-G penultimate hidden states, zero-padded to the T5 width]``
+    followed along the sequence by the T5 states; ``pooled = [CLIP-L pooled ++ CLIP-G pooled]``.
+    With ``use_t5=False`` (or no T5 loaded) the T5 block is zeros, as SD3 was trained with
+    independent encoder dropout.
+    """
+    if any(not isinstance(p, str) for p in prompts):
+        raise TypeError("prompts must be strings")
+    device = device or pipe._execution_device
+    t5 = pipe.text_encoder_3
+    if not use_t5:
+        pipe.text_encoder_3 = None
+    try:
+        embeds, _, pooled, _ = pipe.encode_prompt(
+            prompt=list(prompts),
+            prompt_2=None,
+            prompt_3=None,
+            device=device,
+            do_classifier_free_guidance=False,
+            max_sequence_length=t5_length(pipe),
+        )
+    finally:
+        pipe.text_encoder_3 = t5
+    return PromptEmbeds(embeds, pooled)
+
+
+def drop_encoders(pe: PromptEmbeds, clip_len: int, drop_clip: torch.Tensor, drop_t5: torch.Tensor) -> PromptEmbeds:
+    """Independent text-encoder dropout (SD3): zero the CLIP block (tokens and pooled) and/or the T5
+    block per sample, where ``drop_clip`` / ``drop_t5`` are boolean (B,) masks."""
+    embeds = pe.embeds.clone()
+    pooled = pe.pooled.clone()
+    keep_clip = (~drop_clip).to(embeds.dtype).view(-1, 1, 1)
+    keep_t5 = (~drop_t5).to(embeds.dtype).view(-1, 1, 1)
+    embeds = torch.cat([embeds[:, :clip_len] * keep_clip, embeds[:, clip_len:] * keep_t5], dim=1)
+    pooled = pooled * keep_clip.view(-1, 1)
+    return PromptEmbeds(embeds, pooled)
+
+
+def predict_velocity(transformer, x: torch.Tensor, t: torch.Tensor | float, cond: PromptEmbeds) -> torch.Tensor:
+    """``v(x_t, t, c)`` from a diffusers SD3 transformer (which takes ``timestep = 1000 * t``)."""
+    ts = flow.model_timestep(t, x.shape[0], x.device)
+    return transformer(
+        hidden_states=x,
+        timestep=ts,
+        encoder_hidden_states=cond.embeds,
+        pooled_projections=cond.pooled,
+        return_dict=False,
+    )[0]
+
+
+def guided_velocity(transformer, x: torch.Tensor, t: float, cond: PromptEmbeds, uncond: PromptEmbeds | None, guidance: float) -> torch.Tensor:
+    """Velocity with classifier-free guidance (one batched pass of [uncond, cond] when ``guidance > 1``)."""
+    if uncond is None or guidance <= 1.0:
+        return predict_velocity(transformer, x, t, cond)
+    both = PromptEmbeds.cat([uncond, cond])
+    v = predict_velocity(transformer, torch.cat([x, x]), t, both)
+    v_u, v_c = v.chunk(2)
+    return flow.apply_cfg(v_u, v_c, guidance)
+
+
+def scheduler_schedule(pipe, steps: int) -> list[float]:
+    """The ``steps + 1`` times the pipeline's own scheduler visits for ``num_inference_steps=steps``.
+
+    For SD3's ``FlowMatchEulerDiscreteScheduler`` these are ``linspace(1, sigma_min, steps)`` passed
+    through the shift, then 0 -- not the uniform grid of :func:`flow.sampling_schedule` (at 4 steps,
+    shift 3: 1, 0.858, 0.602, 0.009, 0). Teachers sample with this so that ``generate`` reproduces
+    ``StableDiffusion3Pipeline`` exactly; students carry their own schedule in ``sd35flash.json``.
+    """
+    from diffusers import FlowMatchEulerDiscreteScheduler
+
+    sched = FlowMatchEulerDiscreteScheduler.from_config(pipe.scheduler.config)
+    sched.set_timesteps(steps)
+    return [float(s) for s in sched.sigmas]
+
+
+TransformerFor = Callable[[int, float], torch.nn.Module]
+
+
+@torch.no_grad()
+def sample_latents(
+    transformer: torch.nn.Module | TransformerFor,
+    noise: torch.Tensor,
+    schedule: Sequence[float],
+    cond: PromptEmbeds,
+    uncond: PromptEmbeds | None = None,
+    guidance: float = 1.0,
+) -> torch.Tensor:
+    """Integrate from ``t = schedule[0]`` down to ``schedule[-1]`` with Euler steps.
+
+    ``schedule`` holds K + 1 times, descending, normally ending at 0. ``transformer`` is a module or
+    a function ``(step_index, t) -> module`` (used by unmerged split-timestep students).
+    """
+    x = noise
+    for i in range(len(schedule) - 1):
+        t, s = float(schedule[i]), float(schedule[i + 1])
+        model = transformer(i, t) if not isinstance(transformer, torch.nn.Module) else transformer
+        v = guided_velocity(model, x, t, cond, uncond, guidance)
+        x = flow.euler_step(x, v.to(x.dtype), t, s)
+    return x
+
+
+def latent_shape(pipe, height: int, width: int) -> tuple[int, int, int]:
+    scale = 2 ** (len(pipe.vae.config.block_out_channels) - 1)
+    return (pipe.transformer.config.in_channels, height // scale, width // scale)
+
+
+def make_noise(shape: tuple[int, int, int], seeds: Sequence[int], dtype=torch.float32, device="cpu") -> torch.Tensor:
+    """Per-image noise: image ``i`` uses ``torch.Generator().manual_seed(seeds[i])`` on the CPU, so an
+    image depends only on its own seed (the same noise the stock pipeline draws for that generator)."""
+    out = [torch.randn((1, *shape), generator=torch.Generator("cpu").manual_seed(int(s)), dtype=torch.float32) for s in seeds]
+    return torch.cat(out).to(device=device, dtype=dtype)
+
+
+@torch.no_grad()
+def decode_latents(vae, latents: torch.Tensor) -> np.ndarray:
+    """Latents -> uint8 images (B, H, W, 3): ``x = vae.decode(z / scaling + shift)``, then [-1, 1] -> [0, 255]."""
+    z = latents / vae.config.scaling_factor + (vae.config.shift_factor or 0.0)
+    img = vae.decode(z.to(vae.dtype), return_dict=False)[0]
+    img = (img.float() / 2 + 0.5).clamp(0, 1)
+    return (img.permute(0, 2, 3, 1).cpu().numpy() * 255).round().astype(np.uint8)
+
+
+@torch.no_grad()
+def generate(
+    pipe,
+    prompts: Sequence[str],
+    seeds: Sequence[int],
+    schedule: Sequence[float],
+    guidance: float = 1.0,
+    use_t5: bool = True,
+    batch_size: int = 32,
+    height: int | None = None,
+    width: int | None = None,
+    transformer: torch.nn.Module | TransformerFor | None = None,
+    progress: Callable[[int], None] | None = None,
+) -> np.ndarray:
+    """Generate one image per (prompt, seed) pair. Returns uint8 (N, H, W, 3)."""
+    if len(prompts) != len(seeds):
+        raise ValueError("need one seed per prompt")
+    size = pipe.transformer.config.sample_size * (2 ** (len(pipe.vae.config.block_out_channels) - 1))
+    height, width = height or size, width or size
+    device = pipe._execution_device
+    dtype = pipe.transformer.dtype
+    model = transformer if transformer is not None else pipe.transformer
+    out = []
+    uncond_cache: PromptEmbeds | None = None
+    for start in range(0, len(prompts), batch_size):
+        ps = list(prompts[start : start + batch_size])
+        cond = encode_prompts(pipe, ps, use_t5=use_t5, device=device).to(dtype=dtype)
+        uncond = None
+        if guidance > 1.0:
+            if uncond_cache is None:
+                uncond_cache = encode_prompts(pipe, [""], use_t5=use_t5, device=device).to(dtype=dtype)
+            uncond = PromptEmbeds(uncond_cache.embeds.expand(len(ps), -1, -1), uncond_cache.pooled.expand(len(ps), -1))
+        noise = make_noise(latent_shape(pipe, height, width), seeds[start : start + batch_size], dtype=dtype, device=device)
+        lat = sample_latents(model, noise, schedule, cond, uncond, guidance)
+        out.append(decode_latents(pipe.vae, lat))
+        if progress is not None:
+            progress(len(ps))
+    return np.concatenate(out)
