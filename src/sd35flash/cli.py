@@ -48,7 +48,13 @@ def build_parser() -> argparse.ArgumentParser:
     wc = wsub.add_parser("check", help="judge self-test on renders, mismatches and junk")
     wc.add_argument("--num", type=_positive_int("--num"), default=200, help="scenes per category (default 200)")
     wc.add_argument("--seed", type=int, default=0)
+    wc.add_argument("--degraded", action="store_true", help="also blur + noise the renders (like model output)")
     wc.add_argument("--json", dest="json_out", help="write the result JSON here")
+    wf = wsub.add_parser("fd-scale", help="FD anchors: renders vs renders (floor), mismatched specs, junk")
+    wf.add_argument("--split", default="test")
+    wf.add_argument("--num", type=_positive_int("--num"), default=200)
+    wf.add_argument("--seed", type=int, default=1)
+    wf.add_argument("--json", dest="json_out")
     ws = wsub.add_parser("specs", help="write a split's specs as JSONL")
     ws.add_argument("--split", required=True, help="train | val | test | heldout")
     ws.add_argument("--num", type=_positive_int("--num"), default=200)
@@ -100,11 +106,20 @@ def _cmd_world(args) -> int:
     if args.world_command == "check":
         from .world.selftest import run_selftest
 
-        res = run_selftest(args.num, seed=args.seed, progress=True)
+        res = run_selftest(args.num, seed=args.seed, progress=True, degraded=args.degraded)
         text = json.dumps(res, indent=1)
         if args.json_out:
             from .imaging import atomic_write_text
 
+            atomic_write_text(args.json_out, text)
+        print(text)
+        return 0
+    if args.world_command == "fd-scale":
+        from .evaluate.fd_scale import fd_scale
+        from .imaging import atomic_write_text
+
+        text = json.dumps(fd_scale(args.split, args.num, args.seed), indent=1)
+        if args.json_out:
             atomic_write_text(args.json_out, text)
         print(text)
         return 0
