@@ -95,6 +95,17 @@ def build_parser() -> argparse.ArgumentParser:
     e.add_argument("--json", dest="json_out", required=True)
     e.add_argument("--save-images", help="also write every image and a manifest.jsonl here")
 
+    ds = sub.add_parser("distill", help="distil a teacher into a 1/2/4-step student (trajectory guidance, DMD + GAN)")
+    ds.add_argument("--teacher", help="teacher SD3 pipeline folder or hub id (default: the cached `pretrain` teacher)")
+    ds.add_argument("--revision", help="hub revision of --teacher")
+    ds.add_argument("--out", required=True, help="folder for the student SD3 pipeline (+ sd35flash.json)")
+    ds.add_argument("--student-steps", type=int, choices=(1, 2, 4), help="student steps K (default: the config's)")
+    ds.add_argument("--preset", default="default", help="smoke | default")
+    ds.add_argument("--config", help="a YAML distill config instead of a preset")
+    ds.add_argument("--prompts", default="shapes", help="shapes (default) or a text / JSONL prompt file")
+    ds.add_argument("--resume", action="store_true", help="continue an unfinished run of the same config")
+    ds.add_argument("--no-progress", action="store_true")
+
     d = sub.add_parser("demo", help="the main job on the shapes world: teacher, evaluation, report")
     d.add_argument("--preset", default="quick", help="smoke | quick | default")
     d.add_argument("--out", default="runs/demo", help="output folder (report, evaluations)")
@@ -188,6 +199,21 @@ def _cmd_eval(args) -> int:
     return 0
 
 
+def _cmd_distill(args) -> int:
+    from .config import merge
+    from .distill.config import load_distill_config
+    from .distill.run import distill
+
+    cfg = load_distill_config(args.preset, args.config)
+    if args.student_steps is not None:
+        cfg = merge(cfg, {"student_steps": args.student_steps})
+    recipe = args.config or f"preset:{args.preset}"
+    out = distill(cfg, args.teacher, Path(args.out), prompts=args.prompts, revision=args.revision, recipe=recipe,
+                  resume=args.resume, progress=not args.no_progress)
+    print(f"student ready: {out} ({cfg.student_steps} steps)")
+    return 0
+
+
 def _cmd_demo(args) -> int:
     from .demo import run_demo
 
@@ -196,7 +222,7 @@ def _cmd_demo(args) -> int:
 
 
 COMMANDS = {"world": _cmd_world, "pretrain": _cmd_pretrain, "generate": _cmd_generate, "eval": _cmd_eval,
-            "demo": _cmd_demo}
+            "distill": _cmd_distill, "demo": _cmd_demo}
 
 
 def main(argv: list[str] | None = None) -> int:

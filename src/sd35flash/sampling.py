@@ -101,12 +101,15 @@ def predict_velocity(transformer, x: torch.Tensor, t: torch.Tensor | float, cond
     )[0]
 
 
-def guided_velocity(transformer, x: torch.Tensor, t: float, cond: PromptEmbeds, uncond: PromptEmbeds | None, guidance: float) -> torch.Tensor:
-    """Velocity with classifier-free guidance (one batched pass of [uncond, cond] when ``guidance > 1``)."""
+def guided_velocity(transformer, x: torch.Tensor, t: torch.Tensor | float, cond: PromptEmbeds, uncond: PromptEmbeds | None, guidance: float) -> torch.Tensor:
+    """Velocity with classifier-free guidance (one batched pass of [uncond, cond] when ``guidance > 1``).
+
+    ``t`` is a float or a per-sample (B,) tensor."""
     if uncond is None or guidance <= 1.0:
         return predict_velocity(transformer, x, t, cond)
     both = PromptEmbeds.cat([uncond, cond])
-    v = predict_velocity(transformer, torch.cat([x, x]), t, both)
+    tt = torch.cat([t, t]) if isinstance(t, torch.Tensor) and t.ndim == 1 else t
+    v = predict_velocity(transformer, torch.cat([x, x]), tt, both)
     v_u, v_c = v.chunk(2)
     return flow.apply_cfg(v_u, v_c, guidance)
 

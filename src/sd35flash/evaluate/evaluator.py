@@ -115,7 +115,7 @@ def evaluate(req: EvalRequest, json_out: str | Path, save_images: str | Path | N
     json_out = Path(json_out)
     grid_path = json_out.with_suffix(".png")
     n = min(len(images), 40)
-    marks = ["ok " if v.correct else "X  " for v in verdicts[:n]]
+    marks = ["[ok] " if v.correct else "[X] " for v in verdicts[:n]]
     save_png(grid_path, make_grid(images[:n], cols=8, scale=2, caption_width=150,
                                   captions=[m + p for m, p in zip(marks, prompts[:n])]))
     result["grid"] = str(grid_path)

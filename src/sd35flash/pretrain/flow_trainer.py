@@ -166,9 +166,9 @@ class FlowTrainer:
             if step % fc.checkpoint_every == 0 or step == fc.steps or step == self.stop_at:
                 ckpt.save(acc, step)
             if step == self.stop_at and step < fc.steps:
-                log.close()
+                log.close(end_training=False)
                 raise StopTraining(f"stopped at step {step} as asked; resume to continue")
-        log.close()
+        log.close(end_training=False)
         ema.copy_to(model.parameters())
         pipe.to("cpu")
         acc.free_memory()

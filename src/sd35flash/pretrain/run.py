@@ -85,4 +85,5 @@ def pretrain(cfg: PretrainConfig, out: Path | None, name: str, resume: bool = Fa
                 "world_size": acc.num_processes}
         save_pipeline(pipe, final, extra_files={INFO_FILE: json.dumps(info, indent=1)})
     acc.wait_for_everyone()
+    acc.end_training()
     return copy_pipeline(final, out) if out is not None and acc.is_main_process else final

@@ -103,7 +103,7 @@ class VAETrainer:
                 log.scalars(step, {"vae/loss": loss.item(), **parts, "vae/lr": sched.get_last_lr()[0]})
             if step % vcfg.checkpoint_every == 0 or step == vcfg.steps:
                 ckpt.save(acc, step)
-        log.close()
+        log.close(end_training=False)
         model = acc.unwrap_model(vae).vae
         model.eval()
         if acc.is_main_process:

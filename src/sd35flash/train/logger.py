@@ -57,9 +57,13 @@ class RunLogger:
         if self.main:
             self.bar.write(msg)
 
-    def close(self) -> None:
+    def close(self, end_training: bool = True) -> None:
+        """Close the bar and, unless ``end_training=False``, the trackers (accelerate's
+        ``end_training`` also tears down the process group, so callers that still synchronise
+        afterwards pass ``False`` and call ``accelerator.end_training()`` themselves)."""
         self.bar.close()
-        self.acc.end_training()
+        if end_training:
+            self.acc.end_training()
 
 
 def read_metrics(path: str | Path) -> list[dict]:

@@ -1,0 +1,131 @@
+"""``sd35flash distill``: resolve the teacher, prompts and work folder, build the banks, train, export.
+
+The work folder (checkpoints, TensorBoard logs, ``metrics.jsonl``, sample grids) is
+``<cache>/distill/<out name>-<fingerprint>``, keyed by the config, the teacher, the prompt source
+and the output folder. A run with checkpoints there is continued only with ``resume=True``.
+Teacher trajectories are cached in ``<cache>/trajectories/`` and reused by every later run with the
+same teacher, prompts and settings.
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+from tqdm.auto import tqdm
+
+from ..config import fingerprint, to_dict
+from ..errors import UserError
+from ..paths import cache_root
+from ..train.runtime import make_accelerator
+from .config import DistillConfig
+from .export import export_student, student_info
+from .models import DistillModels
+from .prompts import PromptSource, load_prompts
+from .real import RealBank, from_renders, from_teacher
+from .trajectory import TrajectoryBank, build_bank, cache_key, load_or_build, teacher_identity
+from .trainer import DistillTrainer
+
+
+def default_teacher() -> Path:
+    """The teacher ``sd35flash pretrain`` (default preset) caches; UserError if it is not there yet."""
+    from ..pretrain.config import load_pretrain_config
+    from ..pretrain.run import is_finished, teacher_dir
+
+    folder = teacher_dir(load_pretrain_config("default"), "default") / "pipeline"
+    if not is_finished(folder):
+        raise UserError("no --teacher given and no default teacher is cached; run `sd35flash pretrain --out DIR` "
+                        "first, or pass --teacher DIR_OR_HUB_ID")
+    return folder
+
+
+def work_dir(cfg: DistillConfig, teacher_id: str, prompts: str, out: Path) -> Path:
+    key = fingerprint({"config": to_dict(cfg), "teacher": teacher_id, "prompts": prompts, "out": str(out)})
+    return cache_root() / "distill" / f"{out.name}-{key}"
+
+
+def trajectory_bank(cfg: DistillConfig, models: DistillModels, source: PromptSource, teacher_id: str,
+                    work: Path, acc, progress: bool) -> TrajectoryBank:
+    """Build (main process) or reuse the cached teacher trajectories; every process then loads them."""
+    tc = cfg.trajectory
+    n = tc.num_trajectories
+    prompts = [source.prompts[m % len(source)] for m in range(n)]
+    schedule = cfg.student_schedule(models.shift)
+    settings = {"schedule": schedule, "teacher_steps": tc.teacher_steps, "guidance": cfg.guidance,
+                "shift": models.shift, "seed": cfg.runtime.seed, "shape": list(models.latent_shape())}
+    key = cache_key(teacher_id, prompts, settings)
+    path = (cache_root() / "trajectories" if tc.cache else work) / f"{key}.pt"
+    dev = acc.device
+
+    def build() -> TrajectoryBank:
+        models.pipe.to(dev)
+        bar = tqdm(total=n, desc="teacher trajectories", disable=not progress, leave=False)
+        bank = build_bank(models.teacher, lambda ps: models.conditioner.full(ps, dev),
+                          lambda b: models.conditioner.uncond(b, dev), prompts, schedule, tc.teacher_steps,
+                          models.shift, cfg.guidance, models.latent_shape(), cfg.runtime.seed * 1_000_003 + 17,
+                          batch_size=32, device=dev, progress=bar.update)
+        bar.close()
+        return bank
+
+    if acc.is_main_process:
+        _, reused = load_or_build(path, build)
+        if reused:
+            print(f"reusing cached teacher trajectories {path}")
+    acc.wait_for_everyone()
+    return load_or_build(path, build)[0]
+
+
+def real_bank(cfg: DistillConfig, models: DistillModels, source: PromptSource, bank: TrajectoryBank | None,
+              acc) -> RealBank | None:
+    if not cfg.gan.enabled:
+        return None
+    if cfg.gan.real == "teacher":
+        return from_teacher(bank)
+    size = int(models.teacher.config.sample_size) * 2 ** (len(models.pipe.vae.config.block_out_channels) - 1)
+    models.pipe.to(acc.device)
+    return from_renders(models.pipe.vae, source, cfg.gan.num_real, size, seed=7_000_000 + cfg.runtime.seed)
+
+
+def distill(cfg: DistillConfig, teacher: str | None, out: Path, prompts: str = "shapes", revision: str | None = None,
+            recipe: str = "", resume: bool = False, progress: bool = True, stop_at: int | None = None) -> Path:
+    """Distil ``teacher`` into a ``cfg.student_steps``-step student saved at ``out``; returns ``out``.
+
+    ``stop_at`` stops after that global step with a checkpoint (raising ``StopTraining``); ``resume``
+    continues from the newest checkpoint of the same run.
+    """
+    teacher = str(teacher) if teacher is not None else str(default_teacher())
+    out = Path(out).expanduser().resolve()
+    if out.exists() and not out.is_dir():
+        raise UserError(f"--out {out} is a file; pass a folder for the student")
+    if out.is_dir() and any(out.iterdir()) and not (out / "model_index.json").is_file():
+        raise UserError(f"--out {out} exists and is not a model folder; choose a new folder")
+    models = DistillModels.load(teacher, revision)
+    source = load_prompts(prompts, cfg.num_prompts, seed=cfg.runtime.seed)
+    teacher_id = teacher_identity(teacher, revision)
+    work = work_dir(cfg, teacher_id, prompts, out)
+    if any(work.glob("checkpoints/ckpt-*")) and not resume:
+        raise UserError(f"an unfinished distillation run for this config exists in {work}; pass --resume to "
+                        "continue it, or delete that folder to start over")
+    acc = make_accelerator(cfg.runtime, work)
+    if acc.is_main_process:
+        work.mkdir(parents=True, exist_ok=True)
+        (work / "config.json").write_text(json.dumps({"config": to_dict(cfg), "teacher": teacher, "prompts": prompts},
+                                                     indent=1))
+        print(f"distill: work folder {work}")
+    acc.wait_for_everyone()
+    needs_bank = cfg.trajectory.steps > 0 or (cfg.gan.enabled and cfg.gan.real == "teacher")
+    bank = trajectory_bank(cfg, models, source, teacher_id, work, acc, progress) if needs_bank else None
+    real = real_bank(cfg, models, source, bank, acc)
+    trainer = DistillTrainer(cfg, models, source, work, acc, bank=bank, real=real, progress=progress, stop_at=stop_at)
+    try:
+        student = trainer.run()
+        if acc.is_main_process:
+            info = student_info(cfg.student_schedule(models.shift), teacher, recipe, needs_t5=cfg.t5_dropout == 0.0,
+                                extra={"config": to_dict(cfg), "prompts": prompts, "world_size": acc.num_processes})
+            export_student(models.pipe, student, out, info)
+        acc.wait_for_everyone()
+    finally:
+        acc.end_training()
+        acc.free_memory()
+        acc._custom_objects.clear()
+    return out

@@ -1,0 +1,319 @@
+"""The staged distillation runner on accelerate.
+
+A run is a list of :class:`Stage` objects executed back to back on one global step counter:
+stage 0 trajectory guidance (:mod:`.trajectory`), stage 1 DMD + GAN (:mod:`.dmd`, :mod:`.fake`,
+:mod:`.adversarial`). A later stage (split-timestep branches) appends itself to the list.
+
+Every trainable module (student; critic = fake + discriminator heads) and every optimiser is
+prepared by accelerate; the student's EMA, the data samplers, the LR schedule and the collapse
+detectors are registered for checkpointing, so a checkpoint resumes exactly. Random draws come
+from :class:`.randomness.StepRandom`, so N processes reproduce one process with the same global
+batch.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import torch
+from accelerate import Accelerator
+from diffusers.training_utils import EMAModel
+
+from .. import flow
+from ..imaging import make_grid, save_png
+from ..sampling import PromptEmbeds, generate, guided_velocity, predict_velocity
+from ..train.alarms import CollapseDetector, check_finite
+from ..train.checkpoint import CheckpointManager, StopTraining
+from ..train.data import EpochSampler
+from ..train.logger import RunLogger
+from ..train.schedules import warmup_cosine
+from ..world import canonical_prompt, judge, split_specs
+from .adversarial import hinge_d_loss, hinge_g_loss, reinit_heads
+from .config import DistillConfig
+from .critic import Critic, split_logits
+from .dmd import dmd_loss, evaluation_point, evaluation_times
+from .fake import fake_flow_loss, fake_input
+from .models import DistillModels, params_frozen
+from .prompts import PromptSource
+from .randomness import StepRandom
+from .real import RealBank
+from .rollout import rollout_to_step, student_sample, times_at
+from .trajectory import TrajectoryBank, tg_loss
+
+Metrics = dict[str, torch.Tensor]
+
+
+@dataclass
+class Stage:
+    """One stage of the recipe: ``steps`` global steps, each running ``step(global_step)``."""
+
+    name: str
+    steps: int
+    step: Callable[[int], Metrics]
+
+
+def grad_norm(acc: Accelerator, params, clip: float) -> torch.Tensor:
+    """Total gradient norm (before clipping), clipped to ``clip``."""
+    return torch.as_tensor(acc.clip_grad_norm_(params, clip)).float()
+
+
+class DistillTrainer:
+    """Runs the stages, logs, probes, checkpoints; returns the EMA student transformer."""
+
+    def __init__(self, cfg: DistillConfig, models: DistillModels, prompts: PromptSource, work_dir: Path,
+                 accelerator: Accelerator, bank: TrajectoryBank | None = None, real: RealBank | None = None,
+                 progress: bool = True, stop_at: int | None = None) -> None:
+        self.cfg, self.m, self.source, self.acc = cfg, models, prompts, accelerator
+        self.work = Path(work_dir)
+        self.bank, self.real = bank, real
+        self.progress, self.stop_at = progress, stop_at
+        self.schedule = cfg.student_schedule(models.shift) + [0.0]
+        self.k = cfg.student_steps
+        self.shape = models.latent_shape()
+        self.dev = accelerator.device
+        self.rank, self.world = accelerator.process_index, accelerator.num_processes
+        if cfg.gan.enabled and real is None:
+            raise ValueError("the GAN needs a real bank")
+        if cfg.trajectory.steps > 0 and bank is None:
+            raise ValueError("trajectory guidance needs a trajectory bank")
+
+    # -- set-up ---------------------------------------------------------------------------------
+    def stages(self) -> list[Stage]:
+        return [Stage("trajectory", self.cfg.trajectory.steps, self.tg_step),
+                Stage("dmd", self.cfg.student.steps, self.dmd_step)]
+
+    def _setup(self) -> None:
+        cfg, acc, m = self.cfg, self.acc, self.m
+        critic = Critic(m.fake, cfg.gan)
+        opt_tg = torch.optim.AdamW(m.student.parameters(), lr=cfg.trajectory.lr, weight_decay=0.0)
+        opt_s = torch.optim.AdamW(m.student.parameters(), lr=cfg.student.lr, weight_decay=0.0)
+        opt_c = torch.optim.AdamW(critic.parameters(), lr=cfg.fake.lr, weight_decay=0.0)
+        # not prepared: accelerate would step it once per process
+        self.sched_s = warmup_cosine(opt_s, cfg.student.warmup, cfg.student.steps, min_ratio=1.0)
+        self.ema = EMAModel(m.student.parameters(), decay=cfg.ema_decay)
+        seed = cfg.runtime.seed
+        self.prompt_sampler = EpochSampler(len(self.source), seed=seed + 101)
+        self.tg_sampler = EpochSampler(len(self.bank) if self.bank is not None else 1, seed=seed + 102)
+        self.real_sampler = EpochSampler(len(self.real) if self.real is not None else 1, seed=seed + 103)
+        self.pixel_alarm = CollapseDetector("probe pixel std", cfg.collapse_ratio, cfg.collapse_patience)
+        self.align_alarm = CollapseDetector("probe alignment", cfg.collapse_ratio, cfg.collapse_patience)
+        self.student = m.student
+        self.critic = critic
+        self.student_p, self.critic_p, self.opt_tg, self.opt_s, self.opt_c = acc.prepare(
+            m.student, critic, opt_tg, opt_s, opt_c)
+        m.pipe.to(self.dev)
+        acc.register_for_checkpointing(self.ema, self.sched_s, self.prompt_sampler, self.tg_sampler,
+                                       self.real_sampler, self.pixel_alarm, self.align_alarm)
+
+    # -- batches --------------------------------------------------------------------------------
+    def _prompts(self, sampler: EpochSampler, names: list[str], batch: int) -> list[str]:
+        idx = sampler.next_local(batch, self.rank, self.world)
+        return [names[i] for i in idx.tolist()]
+
+    def _cond(self, prompts: list[str], r: StepRandom) -> tuple[PromptEmbeds, PromptEmbeds]:
+        """(full conditioning for teacher and fake, the student's with per-sample T5 dropout)."""
+        full = self.m.conditioner.full(prompts, self.dev)
+        drop = (r.rand() < self.cfg.t5_dropout).to(self.dev)
+        return full, self.m.conditioner.for_student(full, drop)
+
+    # -- stage 0 --------------------------------------------------------------------------------
+    def tg_step(self, step: int) -> Metrics:
+        """``L_TG``: each student step maps teacher state ``t_i`` to ``t_{i+1}`` in one Euler step."""
+        b = self.cfg.trajectory.batch_size
+        r = StepRandom(self.cfg.runtime.seed, step, "tg", b, self.rank, self.world)
+        idx = self.tg_sampler.next_local(b, self.rank, self.world)
+        states = self.bank.states[idx].to(self.dev)
+        _, scond = self._cond([self.bank.prompts[i] for i in idx.tolist()], r)
+        k_idx = r.randint(self.k).to(self.dev)
+        with self.acc.autocast():
+            loss = tg_loss(self.student_p, states, k_idx, self.schedule, scond)
+        self.acc.backward(loss)
+        gn = grad_norm(self.acc, self.student_p.parameters(), self.cfg.student.grad_clip)
+        self.opt_tg.step()
+        self.opt_tg.zero_grad(set_to_none=True)
+        return {"tg/loss": loss.detach(), "tg/grad_norm": gn}
+
+    # -- stage 1 --------------------------------------------------------------------------------
+    def dmd_step(self, step: int) -> Metrics:
+        critic: Metrics = {}
+        for u in range(self.cfg.fake.updates):
+            critic.update(self.critic_update(step, u))
+        return {**self.student_update(step), **critic}  # student first: the progress bar shows the first four
+
+    def critic_update(self, step: int, u: int) -> Metrics:
+        """Fake flow matching on detached student samples (+ hinge discriminator loss on features)."""
+        cfg, b = self.cfg, self.cfg.batch_size
+        r = StepRandom(cfg.runtime.seed, step, f"critic{u}", b, self.rank, self.world)
+        full, scond = self._cond(self._prompts(self.prompt_sampler, self.source.prompts, b), r)
+        noise, eps = r.randn(*self.shape).to(self.dev), r.randn(*self.shape).to(self.dev)
+        k_idx = r.randint(self.k).to(self.dev)
+        pts = evaluation_times(k_idx, self.schedule, cfg.dmd, r.rand().to(self.dev), r.rand().to(self.dev))
+        with self.acc.autocast():
+            x0_s = student_sample(self.student, noise, self.schedule, scond, k_idx)
+        x_fm = fake_input(x0_s, eps, pts.tau)
+        out: Metrics = {}
+        if cfg.gan.enabled:
+            ridx = self.real_sampler.next_local(b, self.rank, self.world)
+            x0_r = self.real.latents[ridx].to(self.dev)
+            rcond = self.m.conditioner.full([self.real.prompts[i] for i in ridx.tolist()], self.dev)
+            x_r = flow.interpolate(x0_r, r.randn(*self.shape).to(self.dev), pts.tau)
+            n = x_fm.shape[0]
+            with self.acc.autocast():
+                v, logits = self.critic_p(torch.cat([x_fm, x_r]), torch.cat([pts.tau, pts.tau]),
+                                          PromptEmbeds.cat([full, rcond]), features=True)
+            fake_lg, real_lg = split_logits(logits, [n, n])
+            d_loss = hinge_d_loss(real_lg, fake_lg)
+            v = v[:n]
+            out.update({"gan/d_loss": d_loss.detach(), "gan/d_real": torch.stack([x.mean() for x in real_lg]).mean().detach(),
+                        "gan/d_fake": torch.stack([x.mean() for x in fake_lg]).mean().detach()})
+        else:
+            with self.acc.autocast():
+                v, _ = self.critic_p(x_fm, pts.tau, full)
+            d_loss = torch.zeros((), device=self.dev)
+        fm = fake_flow_loss(v, x0_s, eps)
+        loss = cfg.fake.weight * fm + cfg.gan.discriminator_weight * d_loss
+        self.acc.backward(loss)
+        gn = grad_norm(self.acc, self.critic_p.parameters(), cfg.fake.grad_clip)
+        self.opt_c.step()
+        self.opt_c.zero_grad(set_to_none=True)
+        if cfg.gan.enabled and cfg.gan.reinit_prob > 0:
+            draws = [r.scalar() for _ in self.critic.disc.heads]
+            seed = (cfg.runtime.seed * 1_000_003 + step) * 10 + u
+            reinit_heads(self.critic.disc, self.opt_c, cfg.gan.reinit_prob, draws, seed * 97)
+        out.update({"fake/loss": fm.detach(), "fake/grad_norm": gn})
+        return out
+
+    def student_update(self, step: int) -> Metrics:
+        """``dmd.weight * L_dm + gan.generator_weight * L_G`` at the evaluation point of a random step."""
+        cfg, b = self.cfg, self.cfg.batch_size
+        r = StepRandom(cfg.runtime.seed, step, "student", b, self.rank, self.world)
+        full, scond = self._cond(self._prompts(self.prompt_sampler, self.source.prompts, b), r)
+        noise, eps = r.randn(*self.shape).to(self.dev), r.randn(*self.shape).to(self.dev)
+        k_idx = r.randint(self.k).to(self.dev)
+        pts = evaluation_times(k_idx, self.schedule, cfg.dmd, r.rand().to(self.dev), r.rand().to(self.dev))
+        with self.acc.autocast():
+            x_i = rollout_to_step(self.student, noise, self.schedule, scond, k_idx)
+            t_i = times_at(self.schedule, k_idx)
+            v = predict_velocity(self.student_p, x_i, t_i, scond).to(x_i.dtype)
+            x_tau, x0_hat = evaluation_point(x_i, v, t_i, pts, eps)
+            with torch.no_grad():
+                uncond = self.m.conditioner.uncond(x_i.shape[0], self.dev)
+                v_real = guided_velocity(self.m.teacher, x_tau.detach(), pts.tau, full, uncond, cfg.guidance)
+            with params_frozen(self.critic):
+                if cfg.gan.enabled:
+                    v_fake, logits = self.critic(x_tau, pts.tau, full, features=True)
+                else:
+                    with torch.no_grad():
+                        v_fake, logits = self.critic(x_tau.detach(), pts.tau, full)
+        dm = dmd_loss(x0_hat, x_tau, pts.tau, v_real, v_fake.detach())
+        g_loss = hinge_g_loss(logits) if logits else torch.zeros((), device=self.dev)
+        loss = cfg.dmd.weight * dm.loss + cfg.gan.generator_weight * g_loss
+        self.acc.backward(loss)
+        gn = grad_norm(self.acc, self.student_p.parameters(), cfg.student.grad_clip)
+        self.opt_s.step()
+        self.sched_s.step()
+        self.opt_s.zero_grad(set_to_none=True)
+        return {"dmd/loss": dm.loss.detach(), "dmd/grad_norm": dm.grad_norm.detach(), "gan/g_loss": g_loss.detach(),
+                "student/grad_norm": gn, "student/lr": torch.tensor(self.sched_s.get_last_lr()[0]),
+                "student/x0_std": x0_hat.detach().float().std()}
+
+    # -- probes and grids -----------------------------------------------------------------------
+    def probe_prompts(self) -> tuple[list[str], list | None]:
+        n = self.cfg.probe_images
+        if self.source.specs is not None:
+            specs = split_specs("val", n, seed=self.cfg.runtime.seed + 99)
+            return [canonical_prompt(s) for s in specs], specs
+        return [self.source.prompts[i % len(self.source)] for i in range(n)], None
+
+    def _ema_images(self, prompts: list[str]) -> np.ndarray:
+        self.ema.store(self.student.parameters())
+        self.ema.copy_to(self.student.parameters())
+        try:
+            return generate(self.m.pipe, prompts, list(range(len(prompts))), self.schedule, guidance=1.0,
+                            transformer=self.student, batch_size=32)
+        finally:
+            self.ema.restore(self.student.parameters())
+
+    def probe(self, step: int, log: RunLogger) -> None:
+        """EMA-student samples of fixed probe prompts: pixel std (and judge alignment for shapes).
+        Runs on every process (same weights, same numbers) so a collapse stops all of them."""
+        if self.cfg.probe_images < 1:
+            return
+        prompts, specs = self.probe_prompts()
+        imgs = self._ema_images(prompts)
+        vals = {"probe/pixel_std": float(imgs.astype(np.float32).std() / 255.0)}
+        if specs is not None:
+            vals["probe/alignment"] = float(np.mean([judge(im, s).correct for im, s in zip(imgs, specs)]))
+        log.scalars(step, vals, show=False)
+        self.pixel_alarm.update(step, vals["probe/pixel_std"])
+        if specs is not None:
+            self.align_alarm.update(step, vals["probe/alignment"])
+
+    def sample_grid(self, step: int, log: RunLogger) -> None:
+        if self.acc.is_main_process:
+            prompts = self.probe_prompts()[0][:8]
+            grid = make_grid(self._ema_images(prompts), cols=4, scale=2, captions=prompts)
+            save_png(self.work / "samples" / f"step{step:07d}.png", grid)
+            log.image(step, "samples", grid)
+        self.acc.wait_for_everyone()
+
+    # -- main loop ------------------------------------------------------------------------------
+    def run(self) -> torch.nn.Module:
+        cfg, acc = self.cfg, self.acc
+        self._setup()
+        stages = self.stages()
+        total = sum(s.steps for s in stages)
+        ckpt = CheckpointManager(self.work / "checkpoints")
+        step = ckpt.load(acc)
+        self.ema.to(self.dev)
+        log = RunLogger(acc, self.work, "distill", total=total, start=step, desc=f"distill {self.k}-step",
+                        config={"student_steps": self.k, "timestep_sharing": cfg.dmd.timestep_sharing})
+        log.write(f"distill: {self.k}-step student, schedule {[round(t, 4) for t in self.schedule]}, "
+                  + ", ".join(f"{s.name} {s.steps}" for s in stages) + (f"; resuming at step {step}" if step else ""))
+        try:
+            if step == 0:
+                self.probe(0, log)
+            while step < total:
+                stage = self._stage_at(stages, step)
+                metrics = stage.step(step)
+                values = self._reduce(metrics)
+                check_finite(step, **values)
+                self.ema.step(self.student.parameters())
+                step += 1
+                log.advance()
+                if step % cfg.log_every == 0 or step == total:
+                    log.scalars(step, values)
+                if cfg.probe_every > 0 and (step % cfg.probe_every == 0 or step == total):
+                    self.probe(step, log)
+                if cfg.sample_every > 0 and (step % cfg.sample_every == 0 or step == total):
+                    self.sample_grid(step, log)
+                if step % cfg.checkpoint_every == 0 or step == total or step == self.stop_at:
+                    ckpt.save(acc, step)
+                if step == self.stop_at and step < total:
+                    raise StopTraining(f"stopped at step {step} as asked; resume to continue")
+        finally:
+            log.close(end_training=False)  # the caller still exports and synchronises
+        student = self.acc.unwrap_model(self.student_p)
+        self.ema.copy_to(student.parameters())
+        return student
+
+    @staticmethod
+    def _stage_at(stages: list[Stage], step: int) -> Stage:
+        end = 0
+        for s in stages:
+            end += s.steps
+            if step < end:
+                return s
+        return stages[-1]
+
+    def _reduce(self, metrics: Metrics) -> dict[str, float]:
+        """Mean of each metric over processes (one all-reduce), as floats: every process then
+        sees the same numbers, so a NaN alarm stops all of them together."""
+        names = list(metrics)
+        vec = torch.stack([metrics[k].detach().float().reshape(()).to(self.dev) for k in names])
+        if self.world > 1:
+            vec = self.acc.reduce(vec, reduction="mean")
+        return dict(zip(names, vec.tolist()))

@@ -1,0 +1,43 @@
+"""Two gloo processes (torchrun) give the student one process gives with the same global batch."""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+
+import pytest
+import torch
+from diffusers import StableDiffusion3Pipeline
+
+SCRIPT = """
+import sys
+from pathlib import Path
+from sd35flash.config import merge
+from sd35flash.distill.config import load_distill_config
+from sd35flash.distill.run import distill
+cfg = merge(load_distill_config("smoke"), {"batch_size": 4, "trajectory": {"steps": 1, "batch_size": 4},
+            "student": {"steps": 2}, "runtime": {"device": "cpu", "num_threads": 1}})
+distill(cfg, sys.argv[1], Path(sys.argv[2]), progress=False)
+"""
+
+
+def _run(cmd: list[str], cache) -> None:
+    env = dict(os.environ, SD35FLASH_CACHE=str(cache), OMP_NUM_THREADS="1")
+    res = subprocess.run(cmd, capture_output=True, text=True, env=env, timeout=300)
+    assert res.returncode == 0, res.stderr[-6000:]
+
+
+@pytest.mark.timeout(400)
+def test_two_processes_match_one(smoke_teacher, tmp_path):
+    cache = tmp_path / "cache"
+    one, two = tmp_path / "one", tmp_path / "two"
+    _run([sys.executable, "-c", SCRIPT, str(smoke_teacher), str(one)], cache)
+    _run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2", "--no-python",
+          sys.executable, "-c", SCRIPT, str(smoke_teacher), str(two)], cache)
+    a = StableDiffusion3Pipeline.from_pretrained(one).transformer.state_dict()
+    b = StableDiffusion3Pipeline.from_pretrained(two).transformer.state_dict()
+    teacher = StableDiffusion3Pipeline.from_pretrained(smoke_teacher).transformer.state_dict()
+    assert any(not torch.equal(a[k], teacher[k]) for k in a)  # the student did train
+    for k in a:
+        assert torch.allclose(a[k], b[k], atol=1e-5, rtol=1e-4), (k, (a[k] - b[k]).abs().max())
