@@ -77,3 +77,18 @@ def test_generate_and_eval_smoke(tmp_path, smoke_teacher):
     spec_lines = [json.loads(x) for x in specs.read_text().splitlines()]
     assert [m["spec"] for m in manifest] == [spec_lines[i % 3] for i in range(5)]
     assert Path(res["grid"]).is_file()
+
+
+def test_report_lists_every_model(tmp_path, smoke_teacher):
+    from sd35flash.evaluate.evaluator import EvalRequest, evaluate
+    from sd35flash.evaluate.report import write_report
+
+    results = {}
+    for name, steps in (("teacher-3step", 3), ("teacher-1step", 1)):
+        req = EvalRequest(model=str(smoke_teacher), steps=steps, guidance=2.0, split="test", num_images=5, fd=False)
+        results[name] = evaluate(req, tmp_path / f"{name}.json", progress=False)
+    page = write_report(tmp_path / "report", "smoke", results, {"teacher": tmp_path / "missing.jsonl"})
+    html = page.read_text()
+    for name in results:
+        assert name in html and (tmp_path / "report" / f"grid-{name}.png").is_file()
+    assert (tmp_path / "report" / "categories.png").is_file() and (tmp_path / "report" / "alignment_vs_nfe.png").is_file()

@@ -149,7 +149,8 @@ def _cmd_pretrain(args) -> int:
     cfg = load_pretrain_config(args.preset, args.config)
     name = Path(args.config).stem if args.config else args.preset
     out = pretrain(cfg, Path(args.out), name, resume=args.resume, progress=not args.no_progress)
-    print(f"teacher ready: {out}")
+    if int(os.environ.get("RANK", "0")) == 0:
+        print(f"teacher ready: {out}")
     return 0
 
 

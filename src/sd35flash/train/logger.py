@@ -64,6 +64,11 @@ class RunLogger:
         self.bar.close()
         if end_training:
             self.acc.end_training()
+            return
+        if self.main:  # finish this run's trackers so a later stage's logger starts clean
+            for tracker in self.acc.trackers:
+                tracker.finish()
+        self.acc.trackers = []
 
 
 def read_metrics(path: str | Path) -> list[dict]:
