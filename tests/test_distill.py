@@ -256,3 +256,38 @@ def test_collapse_alarm_stops_and_keeps_the_last_good_checkpoint(smoke_teacher, 
     latest = CheckpointManager(work / "checkpoints").latest()
     assert latest is not None and latest.name.endswith("00000001")
     assert not (tmp_path / "s").exists()
+
+
+def test_gradient_statistics_separate_signal_from_noise():
+    from sd35flash.distill.grad_variance import gradient_statistics
+
+    g = torch.randn(1000)
+    same = gradient_statistics([g, g, g, g])
+    assert same.trace_cov == pytest.approx(0.0, abs=1e-9) and same.mean_cosine == pytest.approx(1.0)
+    noise = gradient_statistics([torch.randn(1000) for _ in range(16)])
+    assert 0.8 < noise.relative_variance < 1.2 and abs(noise.mean_cosine) < 0.05
+    mixed = gradient_statistics([g + 0.5 * torch.randn(1000) for _ in range(16)])
+    assert mixed.relative_variance == pytest.approx(0.25 / 1.25, abs=0.05)
+
+
+def test_grad_variance_at_a_checkpoint(smoke_teacher, straight):
+    from sd35flash.distill.grad_variance import load_trainer, measure, student_gradients
+    from sd35flash.distill.run import work_dir
+    from sd35flash.distill.trajectory import teacher_identity
+
+    work = work_dir(_tiny(), teacher_identity(str(smoke_teacher), None), "shapes", straight.resolve())
+    trainer, step = load_trainer(work)
+    try:
+        assert step == 4
+        a = list(student_gradients(trainer, [7, 8], sharing=True))
+        b = list(student_gradients(trainer, [7, 8], sharing=True))  # rewound: the same batches again
+        c = list(student_gradients(trainer, [7, 8], sharing=False))
+        assert all(torch.equal(x, y) for x, y in zip(a, b))
+        assert not torch.allclose(a[0], c[0])  # re-noising evaluates elsewhere
+        assert all(torch.isfinite(x).all() and x.abs().sum() > 0 for x in a + c)
+        stats = measure(trainer, batches=3)
+        for name in ("timestep_sharing", "renoise"):
+            s = stats[name]
+            assert s["batches"] == 3 and 0.0 < s["relative_variance"] < 1.6 and s["trace_cov"] > 0
+    finally:
+        trainer.acc._custom_objects.clear()

@@ -187,7 +187,19 @@ class DistillTrainer:
         return out
 
     def student_update(self, step: int) -> Metrics:
-        """``dmd.weight * L_dm + gan.generator_weight * L_G`` at the evaluation point of a random step."""
+        """One optimiser step of the student on :meth:`student_loss`."""
+        loss, out = self.student_loss(step)
+        self.acc.backward(loss)
+        gn = grad_norm(self.acc, self.student_p.parameters(), self.cfg.student.grad_clip)
+        self.opt_s.step()
+        self.sched_s.step()
+        self.opt_s.zero_grad(set_to_none=True)
+        first = {k: out.pop(k) for k in ("dmd/loss", "dmd/grad_norm", "gan/g_loss")}  # the bar shows four
+        return {**first, "student/grad_norm": gn, **out, "student/lr": torch.tensor(self.sched_s.get_last_lr()[0])}
+
+    def student_loss(self, step: int, gan: bool = True) -> tuple[torch.Tensor, Metrics]:
+        """``dmd.weight * L_dm + gan.generator_weight * L_G`` at the evaluation point of a random step
+        (``gan=False`` leaves out ``L_G``). Draws the step's prompts and noise; no backward."""
         cfg, b = self.cfg, self.cfg.batch_size
         r = StepRandom(cfg.runtime.seed, step, "student", b, self.rank, self.world)
         full, scond = self._cond(self._prompts(self.prompt_sampler, self.source.prompts, b), r)
@@ -209,16 +221,10 @@ class DistillTrainer:
                     with torch.no_grad():
                         v_fake, logits = self.critic(x_tau.detach(), pts.tau, full)
         dm = dmd_loss(x0_hat, x_tau, pts.tau, v_real, v_fake.detach())
-        g_loss = hinge_g_loss(logits) if logits else torch.zeros((), device=self.dev)
+        g_loss = hinge_g_loss(logits) if (logits and gan) else torch.zeros((), device=self.dev)
         loss = cfg.dmd.weight * dm.loss + cfg.gan.generator_weight * g_loss
-        self.acc.backward(loss)
-        gn = grad_norm(self.acc, self.student_p.parameters(), cfg.student.grad_clip)
-        self.opt_s.step()
-        self.sched_s.step()
-        self.opt_s.zero_grad(set_to_none=True)
-        return {"dmd/loss": dm.loss.detach(), "dmd/grad_norm": dm.grad_norm.detach(), "gan/g_loss": g_loss.detach(),
-                "student/grad_norm": gn, "student/lr": torch.tensor(self.sched_s.get_last_lr()[0]),
-                "student/x0_std": x0_hat.detach().float().std()}
+        return loss, {"dmd/loss": dm.loss.detach(), "dmd/grad_norm": dm.grad_norm.detach(),
+                      "gan/g_loss": g_loss.detach(), "student/x0_std": x0_hat.detach().float().std()}
 
     # -- probes and grids -----------------------------------------------------------------------
     def probe_prompts(self) -> tuple[list[str], list | None]:
