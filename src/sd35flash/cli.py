@@ -103,6 +103,8 @@ def build_parser() -> argparse.ArgumentParser:
     ds.add_argument("--preset", default="default", help="smoke | default")
     ds.add_argument("--config", help="a YAML distill config instead of a preset")
     ds.add_argument("--prompts", default="shapes", help="shapes (default) or a text / JSONL prompt file")
+    ds.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
+                    help="override one config value, e.g. --set dmd.timestep_sharing=false (repeatable)")
     ds.add_argument("--resume", action="store_true", help="continue an unfinished run of the same config")
     ds.add_argument("--no-progress", action="store_true")
 
@@ -200,15 +202,42 @@ def _cmd_eval(args) -> int:
     return 0
 
 
+def parse_overrides(items: list[str]) -> dict:
+    """``["a.b=1", "c=true"]`` -> ``{"a": {"b": 1}, "c": True}`` (values parsed as YAML scalars/lists)."""
+    import yaml
+
+    from .errors import ConfigError
+
+    out: dict = {}
+    for item in items:
+        key, sep, text = item.partition("=")
+        if not sep or not key or any(not part for part in key.split(".")):
+            raise ConfigError(f"--set expects KEY=VALUE with a dotted key (e.g. dmd.timestep_sharing=false), got {item!r}")
+        try:
+            value = yaml.safe_load(text)
+        except yaml.YAMLError:
+            raise ConfigError(f"--set {key}: cannot parse the value {text!r}") from None
+        node = out
+        *parents, leaf = key.split(".")
+        for part in parents:
+            node = node.setdefault(part, {})
+            if not isinstance(node, dict):
+                raise ConfigError(f"--set {key}: {part} is set both as a value and as a section")
+        node[leaf] = value
+    return out
+
+
 def _cmd_distill(args) -> int:
     from .config import merge
     from .distill.config import load_distill_config
     from .distill.run import distill
 
     cfg = load_distill_config(args.preset, args.config)
+    if args.overrides:
+        cfg = merge(cfg, parse_overrides(args.overrides), where="--set")
     if args.student_steps is not None:
         cfg = merge(cfg, {"student_steps": args.student_steps})
-    recipe = args.config or f"preset:{args.preset}"
+    recipe = (args.config or f"preset:{args.preset}") + "".join(f" --set {o}" for o in args.overrides)
     out = distill(cfg, args.teacher, Path(args.out), prompts=args.prompts, revision=args.revision, recipe=recipe,
                   resume=args.resume, progress=not args.no_progress)
     print(f"student ready: {out} ({cfg.student_steps} steps)")
