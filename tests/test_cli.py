@@ -92,3 +92,16 @@ def test_report_lists_every_model(tmp_path, smoke_teacher):
     for name in results:
         assert name in html and (tmp_path / "report" / f"grid-{name}.png").is_file()
     assert (tmp_path / "report" / "categories.png").is_file() and (tmp_path / "report" / "alignment_vs_nfe.png").is_file()
+
+
+def test_set_overrides_parse_to_a_nested_mapping():
+    from sd35flash.cli import parse_overrides
+    from sd35flash.errors import ConfigError
+
+    assert parse_overrides(["dmd.timestep_sharing=false", "student.lr=1.0e-4", "gan.blocks=[0, -1]", "student_steps=2"]) == {
+        "dmd": {"timestep_sharing": False}, "student": {"lr": 1e-4}, "gan": {"blocks": [0, -1]}, "student_steps": 2}
+    for bad in ("nokey", "=3", "a..b=1", "a=[1,"):
+        with pytest.raises(ConfigError):
+            parse_overrides([bad])
+    with pytest.raises(ConfigError):
+        parse_overrides(["dmd=1", "dmd.weight=2"])
