@@ -166,6 +166,17 @@ def test_resume_through_the_split_stage(smoke_teacher, split_run, tmp_path):
         assert all(torch.allclose(a[k], b[k], atol=1e-6) for k in a), sub
 
 
+def test_presplit_equals_a_run_without_stage_2(smoke_teacher, split_run, tmp_path):
+    """Stage 2 does not disturb stages 0-1: the kept pre-split student is the student a run with
+    ``split.steps: 0`` exports (so the no-split ablation needs no second run)."""
+    straight, _ = split_run
+    out = distill_run.distill(merge(_cfg(), {"split": {"steps": 0}}), str(smoke_teacher), tmp_path / "nosplit",
+                              progress=False)
+    assert read_student_info(out).split is None and not (out / "transformer_branch0").exists()
+    a, b = _state(straight, "transformer_presplit"), _state(out)
+    assert all(torch.equal(a[k], b[k]) for k in a)
+
+
 def _one_line(capsys, *needles):
     err = [ln for ln in capsys.readouterr().err.strip().splitlines()
            if ln.strip() and "it/s]" not in ln and not ln.startswith("Loading")]
@@ -194,6 +205,7 @@ def test_merge_sweep_and_merge_cli(split_run, tmp_path, capsys):
     um = tmp_path / "unmerged"
     assert main(["merge", "--student", str(out), "--ratio", "0.5", "--out", str(um), "--unmerged"]) == 0
     assert resolve_variant(um) == "unmerged" and resolve_variant(um, "merged") == "merged"
+    assert main(["generate", "--model", str(um), "a red circle", "--out", str(tmp_path / "g.png")]) == 0
     assert main(["eval", "--model", str(um), "--split", "val", "--num-images", "2", "--no-fd", "--json",
                  str(tmp_path / "e.json")]) == 0
     e = json.loads((tmp_path / "e.json").read_text())
