@@ -278,7 +278,7 @@ def test_grad_variance_at_a_checkpoint(smoke_teacher, straight):
     work = work_dir(_tiny(), teacher_identity(str(smoke_teacher), None), "shapes", straight.resolve())
     trainer, step = load_trainer(work)
     try:
-        assert step == 4
+        assert step == 6  # the smoke preset: trajectory 2 + DMD 2 + split 2
         a = list(student_gradients(trainer, [7, 8], sharing=True))
         b = list(student_gradients(trainer, [7, 8], sharing=True))  # rewound: the same batches again
         c = list(student_gradients(trainer, [7, 8], sharing=False))

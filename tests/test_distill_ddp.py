@@ -1,4 +1,5 @@
-"""Two gloo processes (torchrun) give the student one process gives with the same global batch."""
+"""Two gloo processes (torchrun) give the student one process gives with the same global batch,
+through every stage (the smoke preset includes split-timestep branches)."""
 
 from __future__ import annotations
 
@@ -41,3 +42,10 @@ def test_two_processes_match_one(smoke_teacher, tmp_path):
     assert any(not torch.equal(a[k], teacher[k]) for k in a)  # the student did train
     for k in a:
         assert torch.allclose(a[k], b[k], atol=1e-5, rtol=1e-4), (k, (a[k] - b[k]).abs().max())
+    from safetensors.torch import load_file
+
+    for sub in ("transformer_branch0", "transformer_branch1"):  # stage 2 trained the same branches
+        fa, fb = (load_file(str(d / sub / "diffusion_pytorch_model.safetensors")) for d in (one, two))
+        assert any(not torch.equal(fa[k], teacher[k]) for k in fa)
+        for k in fa:
+            assert torch.allclose(fa[k], fb[k], atol=1e-5, rtol=1e-4), (sub, k, (fa[k] - fb[k]).abs().max())

@@ -77,6 +77,7 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--guidance", type=_guidance)
     g.add_argument("--seed", type=int, default=0)
     g.add_argument("--no-t5", action="store_true", help="run without T5 (zeros in its place)")
+    g.add_argument("--variant", default="auto", help=VARIANT_HELP)
     g.add_argument("--out", required=True, help="output PNG")
 
     e = sub.add_parser("eval", help="alignment (judge), FD and timing on a split or a spec file")
@@ -92,15 +93,17 @@ def build_parser() -> argparse.ArgumentParser:
     e.add_argument("--batch-size", type=_positive_int("--batch-size"), default=32)
     e.add_argument("--no-t5", action="store_true")
     e.add_argument("--no-fd", action="store_true", help="skip the FD computation")
+    e.add_argument("--variant", default="auto", help=VARIANT_HELP)
     e.add_argument("--json", dest="json_out", required=True)
     e.add_argument("--save-images", help="also write every image and a manifest.jsonl here")
 
-    ds = sub.add_parser("distill", help="distil a teacher into a 1/2/4-step student (trajectory guidance, DMD + GAN)")
+    ds = sub.add_parser("distill", help="distil a teacher into a 1/2/4-step student (trajectory guidance, DMD + GAN, "
+                        "split-timestep branches)")
     ds.add_argument("--teacher", help="teacher SD3 pipeline folder or hub id (default: the cached `pretrain` teacher)")
     ds.add_argument("--revision", help="hub revision of --teacher")
     ds.add_argument("--out", required=True, help="folder for the student SD3 pipeline (+ sd35flash.json)")
     ds.add_argument("--student-steps", type=int, choices=(1, 2, 4), help="student steps K (default: the config's)")
-    ds.add_argument("--preset", default="default", help="smoke | default")
+    ds.add_argument("--preset", default="default", help="smoke | quick | default")
     ds.add_argument("--config", help="a YAML distill config instead of a preset")
     ds.add_argument("--prompts", default="shapes", help="shapes (default) or a text / JSONL prompt file")
     ds.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
@@ -108,11 +111,39 @@ def build_parser() -> argparse.ArgumentParser:
     ds.add_argument("--resume", action="store_true", help="continue an unfinished run of the same config")
     ds.add_argument("--no-progress", action="store_true")
 
-    d = sub.add_parser("demo", help="the main job on the shapes world: teacher, evaluation, report")
-    d.add_argument("--preset", default="quick", help="smoke | quick | default")
-    d.add_argument("--out", default="runs/demo", help="output folder (report, evaluations)")
+    m = sub.add_parser("merge", help="merge a split-timestep student's branches at a ratio (or weights)")
+    m.add_argument("--student", required=True, help="student folder with split-timestep branches")
+    m.add_argument("--out", required=True, help="folder for the merged student (branches kept)")
+    mw = m.add_mutually_exclusive_group(required=True)
+    mw.add_argument("--ratio", type=float, help="W = (1 - r) W_0 + r W_1; 0 = branch 0 (noisy t), 1 = branch 1")
+    mw.add_argument("--weights", help="comma-separated w_b (>= 0, sum 1), one per branch")
+    m.add_argument("--unmerged", action="store_true", help="make routing each step to its branch the default")
+
+    ms = sub.add_parser("merge-sweep", help="evaluate merge ratios on val, pick one, write the curve and the student")
+    ms.add_argument("--student", required=True, help="student folder with two split-timestep branches")
+    ms.add_argument("--out", required=True, help="folder for sweep.json, sweep.png, the evaluations and student/")
+    ms.add_argument("--ratios", default="0:1:0.1", help="start:stop:step (inclusive) or a list 0,0.3,1")
+    ms.add_argument("--split", default="val", help="val only (test and heldout are refused)")
+    ms.add_argument("--num-images", type=_positive_int("--num-images"), default=100)
+    ms.add_argument("--seed", type=int, default=0)
+    ms.add_argument("--batch-size", type=_positive_int("--batch-size"), default=32)
+    ms.add_argument("--fd-tolerance", type=float, default=0.1,
+                    help="admit ratios with FD <= (1 + tol) x the sweep's lowest FD (default 0.1)")
+
+    inf = sub.add_parser("info", help="a model folder's sd35flash.json and, for split students, branch memory")
+    inf.add_argument("model", help="model folder")
+
+    d = sub.add_parser("demo", help="the whole chain on the shapes world: teacher, distillation, evaluation, report")
+    d.add_argument("--preset", default="quick", choices=("smoke", "quick", "full"),
+                   help="smoke (tests, ~3 min) | quick (`make demo`) | full (cached default teacher, default recipe)")
+    d.add_argument("--out", default="runs/demo", help="output folder (report, evaluations, students)")
     d.add_argument("--num-images", type=_positive_int("--num-images"))
+    d.add_argument("--no-progress", action="store_true")
     return p
+
+
+VARIANT_HELP = ("split-timestep students: auto (the folder's default) | merged | unmerged (each step on its "
+                "branch) | presplit (before stage 2)")
 
 
 def _cmd_world(args) -> int:
@@ -169,6 +200,7 @@ def _read_prompts(path: str) -> list[str]:
 def _cmd_generate(args) -> int:
     from .evaluate.evaluator import resolve_sampling
     from .imaging import make_grid, save_png
+    from .models.branches import sampling_transformer
     from .models.pipeline_io import load_pipeline
     from .sampling import generate
 
@@ -182,7 +214,8 @@ def _cmd_generate(args) -> int:
     pipe = load_pipeline(args.model, revision=args.revision)
     schedule, steps, guidance = resolve_sampling(pipe, args.model, args.steps, args.guidance)
     seeds = [args.seed + i for i in range(len(prompts))]
-    imgs = generate(pipe, prompts, seeds, schedule, guidance=guidance, use_t5=not args.no_t5)
+    model = sampling_transformer(pipe, args.model, args.variant)
+    imgs = generate(pipe, prompts, seeds, schedule, guidance=guidance, use_t5=not args.no_t5, transformer=model)
     out = imgs[0] if len(imgs) == 1 else make_grid(imgs, scale=2, captions=prompts, caption_width=150)
     save_png(args.out, out)
     print(f"wrote {args.out} ({len(prompts)} image(s), {steps} steps, guidance {guidance})")
@@ -194,10 +227,12 @@ def _cmd_eval(args) -> int:
 
     req = EvalRequest(model=args.model, steps=args.steps, guidance=args.guidance, split=args.split,
                       specs_file=args.specs, num_images=args.num_images, seed=args.seed,
-                      batch_size=args.batch_size, use_t5=not args.no_t5, fd=not args.no_fd, revision=args.revision)
+                      batch_size=args.batch_size, use_t5=not args.no_t5, fd=not args.no_fd, revision=args.revision,
+                      variant=args.variant)
     res = evaluate(req, args.json_out, save_images=args.save_images)
     a = res["alignment"]
     print(json.dumps({"alignment": a, "fd_effnet": res.get("fd_effnet"), "seconds_per_image": res["seconds_per_image"],
+                      "variant": res["variant"], "transformer_bytes": res["transformer_bytes"],
                       "json": args.json_out, "grid": res["grid"]}, indent=1))
     return 0
 
@@ -244,15 +279,63 @@ def _cmd_distill(args) -> int:
     return 0
 
 
+def _cmd_merge(args) -> int:
+    from .distill.merge import ratio_weights, write_merged
+    from .models.branches import memory_report
+
+    if args.ratio is not None:
+        weights = ratio_weights(args.ratio)
+    else:
+        try:
+            weights = [float(x) for x in args.weights.split(",")]
+        except ValueError:
+            raise UserError(f"--weights {args.weights!r} must be comma-separated numbers") from None
+    out = write_merged(args.student, Path(args.out), weights, unmerged=True if args.unmerged else None,
+                       note={"source": str(args.student), "weights": weights})
+    print(json.dumps({"out": str(out), **memory_report(out)}, indent=1))
+    return 0
+
+
+def _cmd_merge_sweep(args) -> int:
+    from .evaluate.merge_sweep import SweepRequest, merge_sweep, parse_ratios
+
+    req = SweepRequest(student=args.student, out=args.out, ratios=parse_ratios(args.ratios), split=args.split,
+                       num_images=args.num_images, seed=args.seed, batch_size=args.batch_size,
+                       fd_tolerance=args.fd_tolerance)
+    res = merge_sweep(req)
+    print(json.dumps({"chosen_ratio": res["chosen_ratio"], "chosen_student": res["chosen_student"],
+                      "curve": [{"ratio": p["ratio"], "overall": p["alignment"]["overall"], "fd_effnet": p["fd_effnet"]}
+                                for p in res["points"]], "json": str(Path(args.out) / "sweep.json")}, indent=1))
+    return 0
+
+
+def _cmd_info(args) -> int:
+    from .models.branches import memory_report
+    from .models.pipeline_io import MODEL_INDEX
+    from .models.student_info import read_student_info
+
+    if not (Path(args.model) / MODEL_INDEX).is_file():
+        raise UserError(f"{args.model} is not a model folder (no {MODEL_INDEX})")
+    info = read_student_info(args.model)
+    out: dict = {"model": args.model, "student": info.to_dict() if info is not None else None}
+    if out["student"] is not None:
+        out["student"].pop("extra", None)  # the full recipe; read sd35flash.json for it
+    if info is not None and info.split is not None:
+        out["memory"] = memory_report(args.model)
+    print(json.dumps(out, indent=1))
+    return 0
+
+
 def _cmd_demo(args) -> int:
     from .demo import run_demo
 
-    run_demo(args.preset, Path(args.out), num_images=args.num_images)
+    run_demo(args.preset, Path(args.out), num_images=args.num_images, progress=not args.no_progress)
     return 0
 
 
 COMMANDS = {"world": _cmd_world, "pretrain": _cmd_pretrain, "generate": _cmd_generate, "eval": _cmd_eval,
-            "distill": _cmd_distill, "demo": _cmd_demo}
+            "distill": _cmd_distill, "merge": _cmd_merge, "merge-sweep": _cmd_merge_sweep, "info": _cmd_info,
+            "demo": _cmd_demo}
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -1,40 +1,137 @@
-"""``sd35flash demo``: the main job on the shapes world.
+"""``sd35flash demo``: the whole SD3.5-Flash chain on the shapes world, then an HTML report.
 
-For now (foundation): train or reuse the toy teacher, evaluate it at 28 steps with CFG and, for
-contrast, at 4 steps (the gap distillation must close), on the test and heldout splits, and write
-an HTML report.
+1. teacher: ``pretrain`` (or the cached one; ``full`` requires the cached default teacher);
+2. 4-step student: ``distill`` (trajectory guidance, DMD + GAN, split-timestep branches, merge at the
+   config's ratio; ``full`` then picks the ratio with ``merge-sweep`` on ``val``);
+3. 2-step student: a second ``distill`` (stages 0-1 only: with the boundary at t = 0.5 both of its
+   times, 1 and 0.75, fall in one branch);
+4. ``eval`` on the same ``test`` specs and seeds: teacher at 28 steps (CFG) and at 4 steps, the
+   4-step student (merged, unmerged and before the split), the 2-step student;
+5. ``report.html`` (``evaluate.report``) and ``demo.json`` (results and wall time per stage).
+
+Each stage is a library call with its own progress bar; finished stages are reused on a rerun
+(cached teacher, finished distillation checkpoints).
 """
 
 from __future__ import annotations
 
+import json
+import time
+from dataclasses import dataclass
 from pathlib import Path
 
+from .config import merge
+from .distill.config import load_distill_config
+from .distill.run import default_teacher, distill
 from .evaluate.evaluator import EvalRequest, evaluate
+from .evaluate.merge_sweep import SweepRequest, merge_sweep, parse_ratios
 from .evaluate.report import write_report
+from .imaging import atomic_write_text
+from .models.student_info import read_student_info
 from .pretrain.config import load_pretrain_config
 from .pretrain.run import pretrain, teacher_dir
 
-DEMO_IMAGES = {"smoke": 10, "quick": 100, "default": 200}
+
+@dataclass(frozen=True)
+class DemoPreset:
+    """``teacher``: pretrain preset; ``distill``: distill preset; ``num_images``: test images per
+    model; ``sweep``: merge ratios to sweep on ``val`` (None: keep the config's ratio)."""
+
+    teacher: str
+    distill: str
+    num_images: int
+    sweep: str | None = None
+    sweep_images: int = 0
 
 
-def run_demo(preset: str, out: Path, num_images: int | None = None) -> Path:
-    cfg = load_pretrain_config(preset)
-    n = num_images or DEMO_IMAGES.get(preset, 100)
-    teacher = pretrain(cfg, None, preset, resume=True)
+PRESETS = {
+    "smoke": DemoPreset("smoke", "smoke", 8),
+    "quick": DemoPreset("quick", "quick", 64),
+    "full": DemoPreset("default", "default", 200, sweep="0:1:0.1", sweep_images=100),
+}
+
+
+class _Clock:
+    """Numbered stage headers and wall time per stage."""
+
+    def __init__(self, total: int) -> None:
+        self.total, self.n, self.seconds = total, 0, {}
+
+    def run(self, name: str, fn):
+        self.n += 1
+        print(f"[{self.n}/{self.total}] {name}", flush=True)
+        t0 = time.perf_counter()
+        out = fn()
+        self.seconds[name] = round(time.perf_counter() - t0, 1)
+        return out
+
+
+def _teacher(preset: DemoPreset, progress: bool) -> tuple[Path, Path]:
+    """(teacher pipeline folder, its work folder with the VAE and flow metrics)."""
+    cfg = load_pretrain_config(preset.teacher)
+    if preset.teacher == "default":
+        return default_teacher(), teacher_dir(cfg, "default") / "work"  # never trains or continues it here
+    return pretrain(cfg, None, preset.teacher, resume=True, progress=progress), teacher_dir(cfg, preset.teacher) / "work"
+
+
+def run_demo(name: str, out: Path, num_images: int | None = None, progress: bool = True) -> Path:
+    """Run preset ``name`` (``smoke`` | ``quick`` | ``full``) into ``out``; returns the report path."""
+    preset = PRESETS[name]
+    n = num_images or preset.num_images
+    out = Path(out)
     out.mkdir(parents=True, exist_ok=True)
-    runs = {
-        "teacher-28step": dict(steps=28, guidance=None, split="test"),
-        "teacher-4step": dict(steps=4, guidance=None, split="test"),
-        "teacher-28step-heldout": dict(steps=28, guidance=None, split="heldout"),
-    }
-    results = {}
-    for name, kw in runs.items():
-        print(f"evaluating {name} on {n} {kw['split']} images")
-        req = EvalRequest(model=str(teacher), num_images=n, **kw)
-        results[name] = evaluate(req, out / f"eval-{name}.json", pipe=None)
-    work = teacher_dir(cfg, preset) / "work"
-    report = write_report(out, f"sd35flash demo ({preset})", results,
-                          {"VAE": work / "vae" / "metrics.jsonl", "teacher": work / "flow" / "metrics.jsonl"},
-                          notes=[f"teacher: {teacher}"])
-    print(f"report: {report}")
+    cfg4 = load_distill_config(preset.distill)
+    cfg2 = merge(cfg4, {"student_steps": 2, "split": {"steps": 0}})
+    recipe = f"preset:{preset.distill}"
+    clock = _Clock(5 + (preset.sweep is not None))
+
+    teacher, teacher_work = clock.run(f"teacher ({preset.teacher} preset)", lambda: _teacher(preset, progress))
+    s4 = clock.run("4-step student: trajectory guidance, DMD + GAN, split-timestep, merge", lambda: distill(
+        cfg4, str(teacher), out / "student-4step", recipe=recipe, resume=True, progress=progress))
+    if preset.sweep is not None:
+        sweep = clock.run("merge-ratio sweep on val", lambda: merge_sweep(SweepRequest(
+            student=str(s4), out=str(out / "merge-sweep"), ratios=parse_ratios(preset.sweep),
+            num_images=preset.sweep_images), progress=progress))
+        s4 = Path(sweep["chosen_student"])
+    s2 = clock.run("2-step student: trajectory guidance, DMD + GAN", lambda: distill(
+        cfg2, str(teacher), out / "student-2step", recipe=recipe + " (2 steps, no split)", resume=True,
+        progress=progress))
+
+    split = read_student_info(s4).split
+    runs = {"teacher-28step": dict(model=teacher, steps=28), "teacher-4step": dict(model=teacher, steps=4),
+            "student-4step": dict(model=s4, variant="merged")}
+    if split is not None:
+        runs["student-4step-unmerged"] = dict(model=s4, variant="unmerged")
+        if split.presplit:
+            runs["student-4step-presplit"] = dict(model=s4, variant="presplit")
+    runs["student-2step"] = dict(model=s2)
+
+    def evaluate_all() -> dict:
+        results = {}
+        for key, kw in runs.items():
+            req = EvalRequest(model=str(kw["model"]), steps=kw.get("steps"), split="test", num_images=n,
+                              variant=kw.get("variant", "auto"))
+            results[key] = evaluate(req, out / f"eval-{key}.json", save_images=out / "images" / key, progress=progress)
+            a = results[key]["alignment"]["overall"]
+            print(f"  {key}: alignment.overall {a:.3f}, fd_effnet {results[key].get('fd_effnet')}", flush=True)
+        return results
+
+    results = clock.run(f"evaluate {len(runs)} models on {n} test images", evaluate_all)
+    metric_files = {"VAE": teacher_work / "vae" / "metrics.jsonl", "teacher": teacher_work / "flow" / "metrics.jsonl"}
+    for key, folder in (("distill 4-step", s4), ("distill 2-step", s2)):
+        work = read_student_info(folder).extra.get("work_dir")
+        if work:
+            metric_files[key] = Path(work) / "metrics.jsonl"
+    figures = {"Merge-ratio sweep (val)": out / "merge-sweep" / "sweep.png"} if preset.sweep is not None else {}
+    notes = [f"preset {name}: teacher preset {preset.teacher}, distill preset {preset.distill}, {n} test images "
+             "per model (same specs and seeds for every model)", f"teacher: {teacher}", f"4-step student: {s4}",
+             f"2-step student: {s2} (stages 0-1; with the split boundary at t = 0.5 both of its times lie in one "
+             "branch)"]
+    if preset.teacher != "default":
+        notes.append("smoke / quick budgets are tiny: these models show the pipeline, not the method's quality")
+    report = clock.run("report", lambda: write_report(out, f"sd35flash demo ({name})", results, metric_files,
+                                                      notes=notes, figures=figures, timings=clock.seconds))
+    atomic_write_text(out / "demo.json", json.dumps({"preset": name, "seconds": clock.seconds, "report": str(report),
+                                                     "results": results}, indent=1))
+    print(f"report: {report}  ({sum(clock.seconds.values()):.0f} s in all)")
     return report

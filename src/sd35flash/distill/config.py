@@ -16,7 +16,7 @@ from ..errors import ConfigError, UserError
 from ..train.runtime import RuntimeConfig
 
 CONFIG_DIR = Path(__file__).resolve().parent.parent / "configs"
-PRESETS = ("smoke", "default")
+PRESETS = ("smoke", "quick", "default")
 STUDENT_STEPS = (1, 2, 4)
 
 
@@ -95,6 +95,72 @@ class StudentStageConfig:
 
 
 @dataclass
+class SplitConfig:
+    """Stage 2, split-timestep fine-tuning (METHOD.md, Stage 2). ``steps: 0`` (the default) skips it.
+
+    ``boundaries``: descending times in (0, 1) that cut (0, 1] into K = len + 1 branch ranges,
+    branch 0 the noisiest: ``[0.5]`` gives branch 0 = (0.5, 1] and branch 1 = (0, 0.5]. Every branch
+    starts from the stage-1 (EMA) student and, for ``steps`` global steps (all branches at every
+    step), is trained only on student steps whose time lies in its range, with
+    ``dmd_weight * L_dm + gan_weight * L_G`` (the stage-1 losses; ``L_G`` only when ``gan.enabled``)
+    at learning rate ``lr``; the fake model and heads keep training as in stage 1 on samples of the
+    routed student (each step by its own branch). Each branch keeps an EMA anchored at its start
+    weights: ``ema <- ema_decay * ema + (1 - ema_decay) * w`` from the first update, no warm-up.
+
+    Merging (``distill.merge``): ``W = sum_b w_b W_b``; for K = 2, ``w = [1 - merge_ratio,
+    merge_ratio]`` (ratio 0 = branch 0, ratio 1 = branch 1); for K > 2, ``merge_weights`` (K numbers
+    >= 0 summing to 1). ``unmerged``: the student folder's default sampling routes each step to its
+    branch instead of using the merged transformer (beyond the paper). ``keep_presplit`` also saves
+    the stage-1 student in the folder (``transformer_presplit/``), for before/after comparisons.
+    """
+
+    steps: int = 0
+    boundaries: list[float] = field(default_factory=lambda: [0.5])
+    lr: float = 2e-5
+    dmd_weight: float = 1.0
+    gan_weight: float = 0.01
+    ema_decay: float = 0.99
+    merge_ratio: float = 0.3
+    merge_weights: list[float] = field(default_factory=list)
+    unmerged: bool = False
+    keep_presplit: bool = True
+
+    @property
+    def num_branches(self) -> int:
+        return len(self.boundaries) + 1
+
+    def weights(self) -> list[float]:
+        """The merge weights ``w_b``: ``[1 - merge_ratio, merge_ratio]`` for K = 2, else ``merge_weights``."""
+        if self.merge_weights:
+            return [float(w) for w in self.merge_weights]
+        return [1.0 - self.merge_ratio, self.merge_ratio]
+
+    def check(self, gan_enabled: bool) -> None:
+        """Called by ``DistillConfig.validate`` (it needs ``gan.enabled``)."""
+        b = self.boundaries
+        if self.steps < 0:
+            raise ConfigError(f"split.steps must be >= 0, got {self.steps}")
+        if not b or any(not 0.0 < t < 1.0 for t in b) or any(y >= x for x, y in zip(b, b[1:])):
+            raise ConfigError(f"split.boundaries must be descending times in (0, 1), got {b}")
+        if not 0.0 <= self.merge_ratio <= 1.0:
+            raise ConfigError(f"split.merge_ratio must be in [0, 1], got {self.merge_ratio}")
+        if not 0.0 <= self.ema_decay < 1.0:
+            raise ConfigError(f"split.ema_decay must be in [0, 1), got {self.ema_decay}")
+        if self.merge_weights:
+            w = self.merge_weights
+            if len(w) != self.num_branches or any(x < 0 for x in w) or abs(sum(w) - 1.0) > 1e-6:
+                raise ConfigError(f"split.merge_weights must be {self.num_branches} numbers >= 0 summing to 1, got {w}")
+        elif self.num_branches != 2:
+            raise ConfigError(f"split.merge_weights must be given for {self.num_branches} branches "
+                              "(merge_ratio covers 2 branches only)")
+        if self.dmd_weight < 0 or self.gan_weight < 0:
+            raise ConfigError("split.dmd_weight and split.gan_weight must be >= 0")
+        if self.steps > 0 and self.dmd_weight == 0 and (self.gan_weight == 0 or not gan_enabled):
+            raise ConfigError("split: no loss left to train the branches; set split.dmd_weight > 0 "
+                              "(or split.gan_weight > 0 with gan.enabled)")
+
+
+@dataclass
 class DistillConfig:
     """Everything one distillation run needs besides the teacher and the output folder.
 
@@ -115,6 +181,7 @@ class DistillConfig:
     dmd: DMDConfig = field(default_factory=DMDConfig)
     fake: FakeConfig = field(default_factory=FakeConfig)
     gan: GANConfig = field(default_factory=GANConfig)
+    split: SplitConfig = field(default_factory=SplitConfig)
     num_prompts: int = 4000
     checkpoint_every: int = 100
     sample_every: int = 200
@@ -148,6 +215,7 @@ class DistillConfig:
             raise ConfigError(f"dmd.random_tau_range must satisfy 0 < lo < hi <= 1, got {[lo, hi]}")
         if self.gan.enabled and not self.gan.blocks:
             raise ConfigError("gan.blocks must name at least one transformer block when gan.enabled is true")
+        self.split.check(self.gan.enabled)
 
     def student_schedule(self, shift: float) -> list[float]:
         """The K student times ``t_1 = 1 > ... > t_K`` (no final 0): the configured list, or K
@@ -155,6 +223,21 @@ class DistillConfig:
         if self.schedule:
             return [float(t) for t in self.schedule]
         return flow.sampling_schedule(self.student_steps, shift)[:-1]
+
+    def branch_steps(self, shift: float) -> list[list[int]]:
+        """Per split branch, the indices of the student steps whose time lies in its range; a
+        ConfigError when stage 2 is on and some branch would get none (e.g. a 2-step student, times
+        1 and 0.75, with the boundary at 0.5)."""
+        from ..models.branches import branch_ranges, steps_in_range
+
+        times = self.student_schedule(shift)
+        out = [steps_in_range(times, lo, hi) for lo, hi in branch_ranges(self.split.boundaries)]
+        if self.split.steps > 0:
+            for (lo, hi), steps in zip(branch_ranges(self.split.boundaries), out):
+                if not steps:
+                    raise ConfigError(f"split branch ({lo:g}, {hi:g}] holds none of the student times "
+                                      f"{[round(t, 4) for t in times]}; change split.boundaries or set split.steps: 0")
+        return out
 
 
 def preset_path(name: str) -> Path:

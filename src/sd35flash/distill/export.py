@@ -3,7 +3,10 @@
 The folder holds the teacher's VAE, text encoders, tokenizers and scheduler with the student's
 (EMA) transformer, so ``StableDiffusion3Pipeline.from_pretrained`` loads it, and
 ``sd35flash.json`` records the schedule (without the final 0), the step count, guidance 1.0 and the
-provenance; ``sd35flash eval`` / ``generate`` read the schedule from it.
+provenance; ``sd35flash eval`` / ``generate`` read the schedule from it. A split-timestep student
+also keeps its branches (``transformer_branch<b>/``) and, optionally, the pre-split student
+(``transformer_presplit/``) as extra subfolders, listed in ``sd35flash.json`` under ``split``;
+``transformer/`` is their merge.
 """
 
 from __future__ import annotations
@@ -16,25 +19,32 @@ import torch
 from diffusers import StableDiffusion3Pipeline
 
 from ..models.pipeline_io import save_pipeline
-from ..models.student_info import FILENAME, StudentInfo, info_to_json
+from ..models.student_info import FILENAME, SplitInfo, StudentInfo, info_to_json
 from ..paths import git_commit
 
 
 def student_info(schedule: list[float], teacher: str, recipe: str, needs_t5: bool,
-                 extra: dict[str, Any] | None = None) -> StudentInfo:
+                 extra: dict[str, Any] | None = None, split: SplitInfo | None = None) -> StudentInfo:
     """The ``sd35flash.json`` record: ``timesteps`` = the K student times, guidance 1.0."""
     info = StudentInfo(timesteps=[float(t) for t in schedule], steps=len(schedule), guidance=1.0,
-                       needs_t5=needs_t5, teacher=teacher, recipe=recipe, commit=git_commit(), extra=extra or {})
+                       needs_t5=needs_t5, teacher=teacher, recipe=recipe, commit=git_commit(), extra=extra or {},
+                       split=split)
     info.validate()
     return info
 
 
+def _cpu_copy(module: torch.nn.Module) -> torch.nn.Module:
+    twin = copy.deepcopy(module).to("cpu").eval()
+    twin.requires_grad_(False)
+    return twin
+
+
 def export_student(pipe: StableDiffusion3Pipeline, transformer: torch.nn.Module, out: str | Path,
-                   info: StudentInfo) -> Path:
-    """Write ``out`` atomically: ``pipe``'s other components + a copy of ``transformer`` + ``sd35flash.json``."""
-    student = copy.deepcopy(transformer).to("cpu").eval()
-    student.requires_grad_(False)
+                   info: StudentInfo, extra_transformers: dict[str, torch.nn.Module] | None = None) -> Path:
+    """Write ``out`` atomically: ``pipe``'s other components + a copy of ``transformer`` + ``sd35flash.json``
+    (+ ``extra_transformers`` as subfolders: split-timestep branches, the pre-split student)."""
     components = dict(pipe.components)
-    components["transformer"] = student
+    components["transformer"] = _cpu_copy(transformer)
     folder = StableDiffusion3Pipeline(**components)
-    return save_pipeline(folder, out, extra_files={FILENAME: info_to_json(info)})
+    extras = {name: _cpu_copy(m) for name, m in (extra_transformers or {}).items()}
+    return save_pipeline(folder, out, extra_files={FILENAME: info_to_json(info)}, extra_models=extras)

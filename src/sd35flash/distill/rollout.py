@@ -2,16 +2,44 @@
 
 The schedule is the K student times followed by the final 0: ``t_1 = 1 > t_2 > ... > t_K > 0``.
 Step ``i`` (0-based here) goes from ``t_i`` to ``t_{i+1}`` with ``x_{i+1} = x_i + (t_{i+1} - t_i) v``.
+
+``student`` is a module, or (split-timestep stage) a router ``(step_index, t) -> module`` that sends
+each step to the branch of its time (``models.branches.BranchRouter``).
 """
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 
 import torch
 
 from .. import flow
 from ..sampling import PromptEmbeds, predict_velocity
+
+
+Student = torch.nn.Module | Callable[[int, float], torch.nn.Module]
+
+
+def model_at(student: Student, j: int, t: float) -> torch.nn.Module:
+    """The module that runs step ``j`` (at time ``t``): ``student`` itself, or what the router picks."""
+    return student if isinstance(student, torch.nn.Module) else student(j, t)
+
+
+def step_velocity(student: Student, x: torch.Tensor, schedule: Sequence[float], cond: PromptEmbeds,
+                  idx: torch.Tensor) -> torch.Tensor:
+    """``v(x, t_idx)`` with each sample at its own step ``idx``; a router runs each distinct step's
+    samples through that step's module."""
+    t = times_at(schedule, idx)
+    if isinstance(student, torch.nn.Module):
+        return predict_velocity(student, x, t, cond)
+    v = None
+    for j in sorted(set(idx.tolist())):
+        m = idx == j
+        vj = predict_velocity(student(j, float(schedule[j])), x[m], t[m], cond.index(m))
+        if v is None:
+            v = torch.empty((x.shape[0], *vj.shape[1:]), dtype=vj.dtype, device=vj.device)
+        v[m] = vj
+    return v
 
 
 def bcast(t: torch.Tensor, like: torch.Tensor) -> torch.Tensor:
@@ -25,7 +53,7 @@ def times_at(schedule: Sequence[float], idx: torch.Tensor) -> torch.Tensor:
 
 
 @torch.no_grad()
-def rollout_to_step(student: torch.nn.Module, noise: torch.Tensor, schedule: Sequence[float], cond: PromptEmbeds,
+def rollout_to_step(student: Student, noise: torch.Tensor, schedule: Sequence[float], cond: PromptEmbeds,
                     idx: torch.Tensor) -> torch.Tensor:
     """The student's state ``x_{t_i}`` for each sample's step index ``i = idx``, without gradients.
 
@@ -36,17 +64,17 @@ def rollout_to_step(student: torch.nn.Module, noise: torch.Tensor, schedule: Seq
     out = noise.clone()
     for j in range(int(idx.max().item()) if idx.numel() else 0):
         t, s = float(schedule[j]), float(schedule[j + 1])
-        v = predict_velocity(student, x, t, cond).to(x.dtype)
+        v = predict_velocity(model_at(student, j, t), x, t, cond).to(x.dtype)
         x = flow.euler_step(x, v, t, s)
         out = torch.where(bcast(idx == j + 1, x), x, out)
     return out
 
 
 @torch.no_grad()
-def student_sample(student: torch.nn.Module, noise: torch.Tensor, schedule: Sequence[float],
+def student_sample(student: Student, noise: torch.Tensor, schedule: Sequence[float],
                    cond: PromptEmbeds, idx: torch.Tensor) -> torch.Tensor:
     """A detached student sample: ``x0_hat = x_{t_i} - t_i v(x_{t_i}, t_i)`` at step ``i = idx``."""
     x_i = rollout_to_step(student, noise, schedule, cond, idx)
     t_i = times_at(schedule, idx)
-    v = predict_velocity(student, x_i, t_i, cond).to(x_i.dtype)
+    v = step_velocity(student, x_i, schedule, cond, idx).to(x_i.dtype)
     return flow.x0_from_v(x_i, v, t_i)

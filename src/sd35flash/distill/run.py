@@ -12,14 +12,18 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
+import torch
 from tqdm.auto import tqdm
 
 from ..config import fingerprint, to_dict
 from ..errors import UserError
+from ..models.branches import PRESPLIT_SUBFOLDER, branch_infos
+from ..models.student_info import SplitInfo
 from ..paths import cache_root
 from ..train.runtime import make_accelerator
 from .config import DistillConfig
 from .export import export_student, student_info
+from .merge import merged_transformer
 from .models import DistillModels
 from .prompts import PromptSource, load_prompts
 from .real import RealBank, from_renders, from_teacher
@@ -40,7 +44,12 @@ def default_teacher() -> Path:
 
 
 def work_dir(cfg: DistillConfig, teacher_id: str, prompts: str, out: Path) -> Path:
-    key = fingerprint({"config": to_dict(cfg), "teacher": teacher_id, "prompts": prompts, "out": str(out)})
+    """``<cache>/distill/<out name>-<fingerprint>``. A config without stage 2 (``split.steps: 0``)
+    leaves the ``split`` section out of the fingerprint, so its folder is the one earlier versions used."""
+    conf = to_dict(cfg)
+    if cfg.split.steps == 0:
+        conf.pop("split")
+    key = fingerprint({"config": conf, "teacher": teacher_id, "prompts": prompts, "out": str(out)})
     return cache_root() / "distill" / f"{out.name}-{key}"
 
 
@@ -86,9 +95,24 @@ def real_bank(cfg: DistillConfig, models: DistillModels, source: PromptSource, b
     return from_renders(models.pipe.vae, source, cfg.gan.num_real, size, seed=7_000_000 + cfg.runtime.seed)
 
 
+def split_outputs(cfg: DistillConfig, presplit, branches) -> tuple[SplitInfo, torch.nn.Module, dict]:
+    """(``sd35flash.json``'s ``split`` record, the merged transformer, the extra subfolders to save)."""
+    weights = cfg.split.weights()
+    infos = branch_infos(cfg.split.boundaries)
+    extras = {b.subfolder: m for b, m in zip(infos, branches)}
+    if cfg.split.keep_presplit:
+        extras[PRESPLIT_SUBFOLDER] = presplit
+    split = SplitInfo(branches=infos, merge_weights=weights, unmerged=cfg.split.unmerged,
+                      presplit=PRESPLIT_SUBFOLDER if cfg.split.keep_presplit else "")
+    return split, merged_transformer(branches, weights), extras
+
+
 def distill(cfg: DistillConfig, teacher: str | None, out: Path, prompts: str = "shapes", revision: str | None = None,
             recipe: str = "", resume: bool = False, progress: bool = True, stop_at: int | None = None) -> Path:
     """Distil ``teacher`` into a ``cfg.student_steps``-step student saved at ``out``; returns ``out``.
+
+    With stage 2 (``split.steps > 0``) the folder's ``transformer/`` is the merge of the branches at
+    ``split``'s weights, and the branches (and the pre-split student) are kept as subfolders.
 
     ``stop_at`` stops after that global step with a checkpoint (raising ``StopTraining``); ``resume``
     continues from the newest checkpoint of the same run.
@@ -100,6 +124,7 @@ def distill(cfg: DistillConfig, teacher: str | None, out: Path, prompts: str = "
     if out.is_dir() and any(out.iterdir()) and not (out / "model_index.json").is_file():
         raise UserError(f"--out {out} exists and is not a model folder; choose a new folder")
     models = DistillModels.load(teacher, revision)
+    cfg.branch_steps(models.shift)  # a split branch without student steps fails here, before any work
     source = load_prompts(prompts, cfg.num_prompts, seed=cfg.runtime.seed)
     teacher_id = teacher_identity(teacher, revision)
     work = work_dir(cfg, teacher_id, prompts, out)
@@ -119,10 +144,15 @@ def distill(cfg: DistillConfig, teacher: str | None, out: Path, prompts: str = "
     trainer = DistillTrainer(cfg, models, source, work, acc, bank=bank, real=real, progress=progress, stop_at=stop_at)
     try:
         student = trainer.run()
+        branches = trainer.branch_results()
         if acc.is_main_process:
+            split, merged, extras = None, student, {}
+            if branches:
+                split, merged, extras = split_outputs(cfg, student, branches)
             info = student_info(cfg.student_schedule(models.shift), teacher, recipe, needs_t5=cfg.t5_dropout == 0.0,
-                                extra={"config": to_dict(cfg), "prompts": prompts, "world_size": acc.num_processes})
-            export_student(models.pipe, student, out, info)
+                                extra={"config": to_dict(cfg), "prompts": prompts, "world_size": acc.num_processes,
+                                       "work_dir": str(work)}, split=split)
+            export_student(models.pipe, merged, out, info, extra_transformers=extras)
         acc.wait_for_everyone()
     finally:
         acc.end_training()

@@ -15,6 +15,7 @@ from .. import flow
 from ..errors import UserError
 from ..imaging import atomic_write_text, make_grid, save_png
 from ..models.pipeline_io import load_pipeline
+from ..models.branches import param_bytes, resolve_variant, sampling_transformer
 from ..models.student_info import read_student_info
 from ..sampling import generate, scheduler_schedule
 from ..world import canonical_prompt, render, split_specs
@@ -42,6 +43,7 @@ class EvalRequest:
     fd: bool = True
     revision: str | None = None
     device: str = "cpu"
+    variant: str = "auto"  # split-timestep students: merged | unmerged | presplit (models.branches)
 
 
 def load_specs(split: str | None, specs_file: str | None, n: int) -> list[SceneSpec]:
@@ -80,13 +82,15 @@ def evaluate(req: EvalRequest, json_out: str | Path, save_images: str | Path | N
     if pipe is None:
         pipe = load_pipeline(req.model, revision=req.revision, device=req.device)
     schedule, steps, guidance = resolve_sampling(pipe, req.model, req.steps, req.guidance)
+    variant = resolve_variant(req.model, req.variant)
+    model = sampling_transformer(pipe, req.model, variant)
     prompts = [canonical_prompt(s) for s in specs]
     seeds = [req.seed * 1_000_003 + i for i in range(len(specs))]
     bar = tqdm(total=len(specs), desc=f"generate ({steps} steps)", disable=not progress, leave=False)
     t0 = time.perf_counter()
     with torch.inference_mode():
         images = generate(pipe, prompts, seeds, schedule, guidance=guidance, use_t5=req.use_t5,
-                          batch_size=req.batch_size, progress=bar.update)
+                          batch_size=req.batch_size, progress=bar.update, transformer=model)
     seconds = time.perf_counter() - t0
     bar.close()
     verdicts = judge_all(images, specs)
@@ -99,6 +103,8 @@ def evaluate(req: EvalRequest, json_out: str | Path, save_images: str | Path | N
         "guidance": guidance,
         "schedule": schedule,
         "use_t5": req.use_t5,
+        "variant": variant,
+        "transformer_bytes": param_bytes(model),
         "seed": req.seed,
         "alignment": alignment_scores(verdicts, specs),
         "seconds_per_image": seconds / len(specs),

@@ -176,10 +176,14 @@ def save_pipeline(
     pipe: StableDiffusion3Pipeline,
     out_dir: str | os.PathLike[str],
     extra_files: dict[str, str | bytes] | None = None,
+    extra_models: dict[str, Any] | None = None,
 ) -> Path:
     """Save ``pipe`` (safetensors) plus ``extra_files`` to ``out_dir``, atomically.
 
-    ``extra_files`` maps paths relative to the folder (e.g. ``"sd35flash.json"``) to text or bytes.
+    ``extra_files`` maps paths relative to the folder (e.g. ``"sd35flash.json"``) to text or bytes;
+    ``extra_models`` maps subfolder names to diffusers models saved beside the pipeline's own
+    components (e.g. split-timestep branches; ``model_index.json`` does not list them, so stock
+    ``from_pretrained`` ignores them).
     Steps: write everything into ``.<name>.tmp-<id>`` next to ``out_dir``; move an existing
     ``out_dir`` aside to ``.<name>.old-<id>``; rename the new folder into place; delete the old one.
     If anything fails before the swap, ``out_dir`` is untouched and the temporary folder is removed.
@@ -189,7 +193,7 @@ def save_pipeline(
     if target.exists() and not target.is_dir():
         raise UserError(f"cannot save the model to {target}: it is a file; pass a folder path")
     extras = {rel: data for rel, data in (extra_files or {}).items()}
-    for rel in extras:
+    for rel in [*extras, *(extra_models or {})]:
         _check_extra_name(rel)
     parent = target.parent
     parent.mkdir(parents=True, exist_ok=True)
@@ -198,6 +202,8 @@ def save_pipeline(
     old = parent / f".{target.name}.old-{token}"
     try:
         pipe.save_pretrained(tmp, safe_serialization=True)
+        for rel, model in (extra_models or {}).items():
+            model.save_pretrained(tmp / _check_extra_name(rel), safe_serialization=True)
         for rel, data in extras.items():
             dest = tmp / _check_extra_name(rel)
             dest.parent.mkdir(parents=True, exist_ok=True)

@@ -38,6 +38,7 @@ from __future__ import annotations
 import json
 import math
 import os
+import re
 import uuid
 from dataclasses import asdict, dataclass, field, fields
 from pathlib import Path
@@ -48,6 +49,8 @@ from sd35flash.errors import UserError
 __all__ = [
     "FILENAME",
     "FORMAT_VERSION",
+    "BranchInfo",
+    "SplitInfo",
     "StudentInfo",
     "info_to_json",
     "read_student_info",
@@ -56,6 +59,88 @@ __all__ = [
 
 FILENAME = "sd35flash.json"
 FORMAT_VERSION = 1
+_SUBFOLDER = re.compile(r"^[A-Za-z0-9_][A-Za-z0-9_.-]*$")
+
+
+def _number(v: Any) -> bool:
+    return not isinstance(v, bool) and isinstance(v, (int, float)) and math.isfinite(v)
+
+
+@dataclass
+class BranchInfo:
+    """One split-timestep branch: a transformer subfolder that serves the steps with ``t_min < t <= t_max``."""
+
+    subfolder: str
+    t_min: float
+    t_max: float
+
+    def contains(self, t: float) -> bool:
+        return self.t_min < t <= self.t_max
+
+
+@dataclass
+class SplitInfo:
+    """The split-timestep branches a student folder keeps beside its merged ``transformer/``.
+
+    ``branches`` cover (0, 1] from the noisiest down (contiguous ranges); ``merge_weights`` are the
+    ``w_b`` of the merged ``transformer/`` (``W = sum_b w_b W_b``); ``unmerged`` makes routing each
+    step to its branch the folder's default sampling mode; ``presplit`` names the subfolder holding
+    the student before stage 2 ("" when it was not kept). Stock diffusers ignores all of this and
+    loads the merged ``transformer/``.
+    """
+
+    branches: list[BranchInfo]
+    merge_weights: list[float]
+    unmerged: bool = False
+    presplit: str = ""
+
+    def validate(self) -> None:
+        if not isinstance(self.branches, list) or len(self.branches) < 2:
+            raise UserError("'split.branches' must list at least two branches")
+        top = 1.0
+        for b in self.branches:
+            if not _SUBFOLDER.match(str(b.subfolder)) or not _number(b.t_min) or not _number(b.t_max):
+                raise UserError(f"malformed split branch {b}")
+            if not math.isclose(b.t_max, top, abs_tol=1e-9) or not 0.0 <= b.t_min < b.t_max:
+                raise UserError("'split.branches' must be contiguous ranges (t_min, t_max] from 1 down to 0, "
+                                f"got {[(x.t_min, x.t_max) for x in self.branches]}")
+            top = b.t_min
+        if not math.isclose(top, 0.0, abs_tol=1e-9):
+            raise UserError(f"the last split branch must reach t = 0, it stops at {top}")
+        w = self.merge_weights
+        if not isinstance(w, list) or len(w) != len(self.branches) or not all(_number(x) and x >= 0 for x in w) \
+                or not math.isclose(sum(w), 1.0, abs_tol=1e-6):
+            raise UserError(f"'split.merge_weights' must hold {len(self.branches)} numbers >= 0 summing to 1, got {w}")
+        if not isinstance(self.unmerged, bool):
+            raise UserError(f"'split.unmerged' must be true or false, got {self.unmerged!r}")
+        if self.presplit and not _SUBFOLDER.match(str(self.presplit)):
+            raise UserError(f"'split.presplit' must be a subfolder name, got {self.presplit!r}")
+
+    def branch_of(self, t: float) -> int:
+        """The index of the branch whose range holds ``t`` (``t_min < t <= t_max``)."""
+        for i, b in enumerate(self.branches):
+            if b.contains(t):
+                return i
+        raise ValueError(f"no split branch covers t = {t}")
+
+    @classmethod
+    def from_dict(cls, data: Any) -> SplitInfo:
+        if not isinstance(data, dict):
+            raise UserError(f"'split' must be an object, got {type(data).__name__}")
+        data = dict(data)
+        unknown = sorted(set(data) - {f.name for f in fields(cls)})
+        if unknown:
+            raise UserError(f"unknown key(s) {unknown} in 'split'")
+        raw = data.get("branches")
+        if not isinstance(raw, list) or not all(isinstance(b, dict) and set(b) == {"subfolder", "t_min", "t_max"}
+                                                for b in raw):
+            raise UserError("'split.branches' must be a list of {subfolder, t_min, t_max} objects")
+        data["branches"] = [BranchInfo(**b) for b in raw]
+        if "merge_weights" not in data:
+            raise UserError("'split' needs 'merge_weights'")
+        info = cls(**data)
+        info.validate()
+        return info
 
 
 @dataclass
@@ -70,6 +155,7 @@ class StudentInfo:
     recipe: str = ""
     commit: str = ""
     extra: dict[str, Any] = field(default_factory=dict)
+    split: SplitInfo | None = None  # split-timestep branches kept in the folder (None: a single transformer)
 
     def validate(self) -> None:
         """Raise :class:`UserError` unless the schedule and fields are well formed."""
@@ -94,6 +180,10 @@ class StudentInfo:
                 raise UserError(f"'{key}' must be a string")
         if not isinstance(self.extra, dict):
             raise UserError("'extra' must be an object")
+        if self.split is not None:
+            if not isinstance(self.split, SplitInfo):
+                raise UserError("'split' must describe the branches")
+            self.split.validate()
 
     def sigmas(self, shift: float = 3.0) -> list[float]:
         """Values for diffusers' ``sigmas=`` so a scheduler with static ``shift`` visits ``timesteps``.
@@ -130,6 +220,8 @@ class StudentInfo:
     def to_dict(self) -> dict[str, Any]:
         data = asdict(self)
         data["timesteps"] = [float(t) for t in self.timesteps]
+        if data["split"] is None:
+            del data["split"]  # folders without branches keep the original layout
         return {"format": FORMAT_VERSION, **data}
 
     @classmethod
@@ -148,6 +240,8 @@ class StudentInfo:
         missing = [k for k in ("timesteps", "steps") if k not in data]
         if missing:
             raise UserError(f"missing key(s) {missing}")
+        if data.get("split") is not None:
+            data["split"] = SplitInfo.from_dict(data["split"])
         info = cls(**data)
         info.validate()
         return info

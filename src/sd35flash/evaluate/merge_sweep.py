@@ -1,0 +1,132 @@
+"""``sd35flash merge-sweep``: choose the split-timestep merge ratio on ``val``.
+
+For each ratio ``r`` the student's two branches are merged, ``W = (1 - r) W_0 + r W_1``
+(:mod:`sd35flash.distill.merge`), and the merged transformer is evaluated (alignment and FD) on the
+``val`` split; ``test`` and ``heldout`` are refused, since the ratio is a model-selection choice.
+
+Choice (an FD guard, then alignment): a ratio is admissible when its ``fd_effnet`` is at most
+``(1 + fd_tolerance)`` times the lowest FD of the sweep; among admissible ratios the highest
+``alignment.overall`` wins, ties going to the lower FD, then the lower ratio. Writes ``sweep.json``
+(the curve and the choice), ``sweep.png`` (alignment and FD against the ratio) and the chosen merged
+student folder.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+from dataclasses import asdict, dataclass
+from pathlib import Path
+
+import matplotlib
+
+matplotlib.use("Agg")
+import matplotlib.pyplot as plt  # noqa: E402
+from tqdm.auto import tqdm  # noqa: E402
+
+from ..distill.merge import load_branches, merge_state_dicts, ratio_weights, write_merged  # noqa: E402
+from ..errors import UserError  # noqa: E402
+from ..imaging import atomic_write_text  # noqa: E402
+from ..models.pipeline_io import load_pipeline  # noqa: E402
+from ..models.student_info import read_student_info  # noqa: E402
+from .evaluator import EvalRequest, evaluate  # noqa: E402
+
+SELECTION_SPLIT = "val"
+
+
+def parse_ratios(text: str) -> list[float]:
+    """``start:stop:step`` (inclusive, e.g. ``0:1:0.1`` -> 0, 0.1, ..., 1) or a comma list ``0,0.3,1``;
+    UserError for anything malformed or outside [0, 1]."""
+    try:
+        if ":" in text:
+            start, stop, step = (float(x) for x in text.split(":"))
+            if step <= 0 or stop < start:
+                raise ValueError
+            n = int(math.floor((stop - start) / step + 1e-9)) + 1
+            vals = [round(start + i * step, 10) for i in range(n)]
+        else:
+            vals = [float(x) for x in text.split(",") if x.strip()]
+    except ValueError:
+        raise UserError(f"--ratios {text!r} is malformed; use start:stop:step (0:1:0.1) or a list (0,0.3,1)") from None
+    if not vals:
+        raise UserError(f"--ratios {text!r} holds no ratio")
+    for r in vals:
+        ratio_weights(r)  # UserError outside [0, 1]
+    return sorted(set(vals))
+
+
+@dataclass
+class SweepRequest:
+    student: str
+    out: str
+    ratios: list[float]
+    split: str = SELECTION_SPLIT
+    num_images: int = 100
+    seed: int = 0
+    batch_size: int = 32
+    fd_tolerance: float = 0.1
+    fd: bool = True
+
+
+def choose(points: list[dict], fd_tolerance: float) -> dict:
+    """The FD-guarded, alignment-maximising point (see the module docstring)."""
+    fds = [p["fd_effnet"] for p in points if p.get("fd_effnet") is not None]
+    limit = (1.0 + fd_tolerance) * min(fds) if fds else math.inf
+    ok = [p for p in points if p.get("fd_effnet") is None or p["fd_effnet"] <= limit + 1e-12]
+    return min(ok, key=lambda p: (-p["alignment"]["overall"], p.get("fd_effnet") or 0.0, p["ratio"]))
+
+
+def plot(points: list[dict], chosen: dict, path: Path) -> Path:
+    rs = [p["ratio"] for p in points]
+    fig, ax = plt.subplots(figsize=(5.5, 3.6))
+    ax.plot(rs, [p["alignment"]["overall"] for p in points], "o-", color="tab:blue", label="alignment.overall")
+    ax.axvline(chosen["ratio"], color="gray", ls="--", lw=1)
+    ax.set_xlabel("merge ratio r  (W = (1 - r) W_0 + r W_1)")
+    ax.set_ylabel("alignment.overall (val)", color="tab:blue")
+    if all(p.get("fd_effnet") is not None for p in points):
+        ax2 = ax.twinx()
+        ax2.plot(rs, [p["fd_effnet"] for p in points], "s--", color="tab:red", label="fd_effnet", ms=4)
+        ax2.set_ylabel("fd_effnet (val)", color="tab:red")
+    ax.set_title(f"merge-ratio sweep (chosen r = {chosen['ratio']:g})", fontsize=10)
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+    return path
+
+
+def merge_sweep(req: SweepRequest, progress: bool = True) -> dict:
+    """Evaluate every ratio on ``val``, choose one, write the curve, the plot and the chosen student."""
+    if req.split != SELECTION_SPLIT:
+        raise UserError(f"merge-sweep selects the ratio on the '{SELECTION_SPLIT}' split only; --split {req.split} "
+                        "would choose the model on the data it is reported on")
+    if req.fd_tolerance < 0:
+        raise UserError(f"--fd-tolerance must be >= 0, got {req.fd_tolerance}")
+    info = read_student_info(req.student) if Path(req.student).is_dir() else None
+    if info is None or info.split is None:
+        raise UserError(f"{req.student} has no split-timestep branches to merge (distil with split.steps > 0)")
+    if len(info.split.branches) != 2:
+        raise UserError(f"merge-sweep sweeps one ratio between 2 branches; {req.student} has "
+                        f"{len(info.split.branches)} (use `sd35flash merge --weights`)")
+    out = Path(req.out)
+    out.mkdir(parents=True, exist_ok=True)
+    pipe = load_pipeline(req.student)
+    states = [b.state_dict() for b in load_branches(req.student, pipe.transformer)]
+    points = []
+    for r in tqdm(req.ratios, desc="merge-sweep", disable=not progress):
+        pipe.transformer.load_state_dict(merge_state_dicts(states, ratio_weights(r)))
+        er = EvalRequest(model=req.student, split=req.split, num_images=req.num_images, seed=req.seed,
+                         batch_size=req.batch_size, fd=req.fd, variant="merged")
+        res = evaluate(er, out / f"eval-r{r:.3f}.json", pipe=pipe, progress=progress)
+        points.append({"ratio": r, "alignment": res["alignment"], "fd_effnet": res.get("fd_effnet"),
+                       "eval": str(out / f"eval-r{r:.3f}.json")})
+    best = choose(points, req.fd_tolerance)
+    chosen_dir = write_merged(req.student, out / "student", ratio_weights(best["ratio"]),
+                              note={"source": str(req.student), "ratio": best["ratio"], "selected_on": req.split,
+                                    "sweep": str(out / "sweep.json")})
+    plot(points, best, out / "sweep.png")
+    result = {"student": str(req.student), "request": asdict(req), "rule": f"max alignment.overall among ratios "
+              f"with fd_effnet <= (1 + {req.fd_tolerance}) x min fd_effnet; ties: lower FD, then lower ratio",
+              "points": points, "chosen_ratio": best["ratio"], "chosen_student": str(chosen_dir),
+              "plot": str(out / "sweep.png")}
+    atomic_write_text(out / "sweep.json", json.dumps(result, indent=1))
+    return result

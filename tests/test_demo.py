@@ -1,0 +1,36 @@
+"""`sd35flash demo --preset smoke`: the whole chain end to end (teacher, 4-step student with
+split-timestep branches, 2-step student, six evaluations, report)."""
+
+from __future__ import annotations
+
+import json
+import re
+
+from sd35flash.cli import main
+from sd35flash.models.student_info import read_student_info
+
+MODELS = ["teacher-28step", "teacher-4step", "student-4step", "student-4step-unmerged", "student-4step-presplit",
+          "student-2step"]
+
+
+def test_demo_smoke_end_to_end(smoke_teacher, tmp_path):
+    out = tmp_path / "demo"
+    assert main(["demo", "--preset", "smoke", "--out", str(out), "--no-progress"]) == 0
+    report = (out / "report.html").read_text()
+    table = report.split("<h2>Metrics</h2>")[1].split("</table>")[0]
+    side = report.split("<h2>Side by side")[1].split("</table>")[0]
+    for name in MODELS:  # every model in the metrics table and in the side-by-side comparison
+        assert f"<td>{name}</td>" in table, name
+        assert f"<th>{name}</th>" in side, name
+    assert len(re.findall(r"<img class='cmp", side)) == len(MODELS) * 8
+    for png in ("categories.png", "alignment_vs_nfe.png", "loss_curves.png"):
+        assert (out / png).stat().st_size > 0
+    demo = json.loads((out / "demo.json").read_text())
+    assert list(demo["results"]) == MODELS
+    nfe = {k: r["nfe_per_image"] for k, r in demo["results"].items()}
+    assert nfe == {"teacher-28step": 56, "teacher-4step": 8, "student-4step": 4, "student-4step-unmerged": 4,
+                   "student-4step-presplit": 4, "student-2step": 2}
+    r = demo["results"]
+    assert r["student-4step-unmerged"]["transformer_bytes"] == 2 * r["student-4step"]["transformer_bytes"]
+    assert read_student_info(out / "student-4step").split is not None
+    assert read_student_info(out / "student-2step").split is None and read_student_info(out / "student-2step").steps == 2

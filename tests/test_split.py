@@ -1,0 +1,236 @@
+"""Stage 2, split-timestep fine-tuning: branches see only their own times, exact resume, merging is
+an interpolation, unmerged students route every step to its branch, the merge-ratio sweep, and
+one-line errors for bad input."""
+
+from __future__ import annotations
+
+import copy
+import json
+
+import pytest
+import torch
+from diffusers import StableDiffusion3Pipeline
+
+from sd35flash.cli import main
+from sd35flash.config import merge
+from sd35flash.distill import run as distill_run
+from sd35flash.distill.config import load_distill_config
+from sd35flash.distill.merge import merge_state_dicts, merged_transformer, ratio_weights
+from sd35flash.distill.trainer import DistillTrainer, anchored_ema
+from sd35flash.errors import ConfigError, UserError
+from sd35flash.models.branches import BranchRouter, memory_report, resolve_variant, sampling_transformer
+from sd35flash.models.pipeline_io import load_pipeline
+from sd35flash.models.student_info import read_student_info
+from sd35flash.sampling import generate
+from sd35flash.train.checkpoint import StopTraining
+
+RANGES = [(0.5, 1.0), (0.0, 0.5)]
+TIMES = [1.0, 0.9, 0.75, 0.5]
+
+
+def _cfg():
+    cfg = load_distill_config("smoke")  # trajectory 2, DMD 2, split 2 steps
+    assert cfg.split.steps == 2 and cfg.split.boundaries == [0.5]
+    return cfg
+
+
+class RecordingTrainer(DistillTrainer):
+    """Records the time of every forward pass each branch runs, and whether it carried gradients."""
+
+    last: RecordingTrainer | None = None
+
+    def _setup_branches(self) -> None:
+        super()._setup_branches()
+        self.seen: list[list[tuple[float, bool]]] = [[] for _ in self.branches]
+        self.hooks = []
+        for b, mod in enumerate(self.branches):
+            def hook(module, args, kwargs, b=b):
+                ts = (kwargs["timestep"] / 1000.0).tolist()
+                self.seen[b].extend((round(t, 6), torch.is_grad_enabled()) for t in ts)
+            self.hooks.append(mod.register_forward_pre_hook(hook, with_kwargs=True))
+        RecordingTrainer.last = self
+
+
+@pytest.fixture(scope="module")
+def split_run(smoke_teacher, tmp_path_factory):
+    out = tmp_path_factory.mktemp("split") / "student"
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setattr(distill_run, "DistillTrainer", RecordingTrainer)
+        distill_run.distill(_cfg(), str(smoke_teacher), out, progress=False)
+    trainer = RecordingTrainer.last
+    for h in trainer.hooks:
+        h.remove()
+    return out, trainer.seen
+
+
+def _state(folder, sub="transformer"):
+    from safetensors.torch import load_file
+
+    return load_file(str(folder / sub / "diffusion_pytorch_model.safetensors"))
+
+
+def test_branches_only_see_their_own_times(split_run):
+    _, seen = split_run
+    for (lo, hi), calls in zip(RANGES, seen):
+        times = {t for t, _ in calls}
+        assert calls and all(lo < t <= hi for t in times), (lo, hi, sorted(times))
+        assert any(grad for _, grad in calls)  # the branch's own training step ran
+        assert all(lo < t <= hi for t, grad in calls if grad)
+    assert {t for t, _ in seen[0]} <= {1.0, 0.9, 0.75} and {t for t, _ in seen[1]} == {0.5}
+
+
+def test_split_folder_layout_and_merge(split_run):
+    out, _ = split_run
+    info = read_student_info(out)
+    assert info.split is not None and [b.subfolder for b in info.split.branches] == ["transformer_branch0",
+                                                                                       "transformer_branch1"]
+    assert [(b.t_min, b.t_max) for b in info.split.branches] == RANGES
+    assert info.split.merge_weights == pytest.approx([0.7, 0.3]) and info.split.presplit == "transformer_presplit"
+    b0, b1, merged, pre = (_state(out, s) for s in ("transformer_branch0", "transformer_branch1", "transformer",
+                                                    "transformer_presplit"))
+    expect = merge_state_dicts([b0, b1], info.split.merge_weights)
+    assert all(torch.allclose(merged[k], expect[k], atol=1e-6) for k in merged)
+    assert any(not torch.equal(b0[k], b1[k]) for k in b0)  # the branches were trained apart
+    assert any(not torch.equal(b0[k], pre[k]) for k in b0)
+    pipe = StableDiffusion3Pipeline.from_pretrained(out)  # stock diffusers loads the merged transformer
+    assert all(torch.equal(p, merged[k]) for k, p in pipe.transformer.state_dict().items())
+    mem = memory_report(out)
+    assert mem["unmerged_bytes"] == 2 * mem["merged_bytes"] and mem["unmerged_over_merged"] == 2.0
+
+
+def test_merge_is_an_interpolation(smoke_teacher):
+    a = load_pipeline(smoke_teacher).transformer
+    b = copy.deepcopy(a)
+    c = copy.deepcopy(a)
+    with torch.no_grad():
+        for p in b.parameters():
+            p.add_(torch.randn_like(p))
+        for p in c.parameters():
+            p.mul_(-2.0)
+    sa, sb = a.state_dict(), b.state_dict()
+    for r, want in ((0.0, sa), (1.0, sb)):
+        got = merged_transformer([a, b], ratio_weights(r)).state_dict()
+        assert all(torch.equal(got[k], want[k]) for k in want), r  # exactly the branch
+    mid = merged_transformer([a, b], ratio_weights(0.5)).state_dict()
+    assert all(torch.allclose(mid[k], (sa[k] + sb[k]) / 2, atol=1e-7, rtol=0) for k in sa)
+    third = merge_state_dicts([sa, sb, c.state_dict()], [0.2, 0.3, 0.5])
+    k = next(iter(sa))
+    assert torch.allclose(third[k], 0.2 * sa[k] + 0.3 * sb[k] + 0.5 * c.state_dict()[k], atol=1e-6)
+    for bad in (-0.1, 1.5, float("nan")):
+        with pytest.raises(UserError, match="outside"):
+            ratio_weights(bad)
+    with pytest.raises(UserError, match="summing to 1"):
+        merge_state_dicts([sa, sb], [0.5, 0.6])
+
+
+def test_anchored_ema_keeps_the_start():
+    lin = torch.nn.Linear(3, 2)
+    w0 = [p.detach().clone() for p in lin.parameters()]
+    ema = anchored_ema(lin.parameters(), 0.9)
+    with torch.no_grad():
+        for p in lin.parameters():
+            p.add_(1.0)
+    for _ in range(5):
+        ema.step(lin.parameters())
+    for s, p0, p in zip(ema.shadow_params, w0, lin.parameters()):  # 0.9^5 of the start remains
+        assert torch.allclose(s, 0.9**5 * p0 + (1 - 0.9**5) * p, atol=1e-6)
+
+
+def test_unmerged_student_routes_every_step_to_its_branch(split_run):
+    out, _ = split_run
+    pipe = load_pipeline(out)
+    router = sampling_transformer(pipe, out, "unmerged")
+    assert isinstance(router, BranchRouter) and len(router.modules) == 2
+    seen: list[list[float]] = [[], []]
+    hooks = [m.register_forward_pre_hook(lambda mod, a, kw, b=b: seen[b].extend((kw["timestep"] / 1000).tolist()),
+                                         with_kwargs=True) for b, m in enumerate(router.modules)]
+    sched = TIMES + [0.0]
+    imgs = generate(pipe, ["a red circle", "a blue square"], [0, 1], sched, transformer=router)
+    for h in hooks:
+        h.remove()
+    assert sorted({round(t, 6) for t in seen[0]}, reverse=True) == [1.0, 0.9, 0.75]
+    assert {round(t, 6) for t in seen[1]} == {0.5}
+    assert len(seen[0]) == 3 * 2 and len(seen[1]) == 2  # every step ran exactly once per image
+    merged = generate(pipe, ["a red circle", "a blue square"], [0, 1], sched)
+    assert not (imgs == merged).all()
+
+
+def test_resume_through_the_split_stage(smoke_teacher, split_run, tmp_path):
+    straight, _ = split_run
+    out = tmp_path / "resumed"
+    with pytest.raises(StopTraining):  # TG 2 + DMD 2 + one of the two split steps
+        distill_run.distill(_cfg(), str(smoke_teacher), out, progress=False, stop_at=5)
+    distill_run.distill(_cfg(), str(smoke_teacher), out, progress=False, resume=True)
+    for sub in ("transformer", "transformer_branch0", "transformer_branch1", "transformer_presplit"):
+        a, b = _state(straight, sub), _state(out, sub)
+        assert all(torch.allclose(a[k], b[k], atol=1e-6) for k in a), sub
+
+
+def test_presplit_equals_a_run_without_stage_2(smoke_teacher, split_run, tmp_path):
+    """Stage 2 does not disturb stages 0-1: the kept pre-split student is the student a run with
+    ``split.steps: 0`` exports (so the no-split ablation needs no second run)."""
+    straight, _ = split_run
+    out = distill_run.distill(merge(_cfg(), {"split": {"steps": 0}}), str(smoke_teacher), tmp_path / "nosplit",
+                              progress=False)
+    assert read_student_info(out).split is None and not (out / "transformer_branch0").exists()
+    a, b = _state(straight, "transformer_presplit"), _state(out)
+    assert all(torch.equal(a[k], b[k]) for k in a)
+
+
+def _one_line(capsys, *needles):
+    err = [ln for ln in capsys.readouterr().err.strip().splitlines()
+           if ln.strip() and "it/s]" not in ln and not ln.startswith("Loading")]
+    assert len(err) == 1, err
+    for n in needles:
+        assert n in err[0], err[0]
+
+
+def test_merge_sweep_and_merge_cli(split_run, tmp_path, capsys):
+    out, _ = split_run
+    sweep = tmp_path / "sweep"
+    assert main(["merge-sweep", "--student", str(out), "--ratios", "0,1", "--num-images", "2", "--out",
+                 str(sweep)]) == 0
+    res = json.loads((sweep / "sweep.json").read_text())
+    assert [p["ratio"] for p in res["points"]] == [0.0, 1.0] and res["chosen_ratio"] in (0.0, 1.0)
+    assert all(p["fd_effnet"] is not None and 0 <= p["alignment"]["overall"] <= 1 for p in res["points"])
+    assert (sweep / "sweep.png").stat().st_size > 0
+    chosen = read_student_info(sweep / "student")
+    r = res["chosen_ratio"]
+    assert chosen.split.merge_weights == [1 - r, r] and chosen.extra["merge"]["selected_on"] == "val"
+    branch = _state(out, "transformer_branch1" if r == 1.0 else "transformer_branch0")
+    got = _state(sweep / "student")
+    assert all(torch.equal(got[k], branch[k]) for k in branch)  # ratio 0 / 1 is exactly that branch
+    capsys.readouterr()
+    # an unmerged folder: auto routes each step, and eval reports the memory of both branches
+    um = tmp_path / "unmerged"
+    assert main(["merge", "--student", str(out), "--ratio", "0.5", "--out", str(um), "--unmerged"]) == 0
+    assert resolve_variant(um) == "unmerged" and resolve_variant(um, "merged") == "merged"
+    assert main(["generate", "--model", str(um), "a red circle", "--out", str(tmp_path / "g.png")]) == 0
+    assert main(["eval", "--model", str(um), "--split", "val", "--num-images", "2", "--no-fd", "--json",
+                 str(tmp_path / "e.json")]) == 0
+    e = json.loads((tmp_path / "e.json").read_text())
+    assert e["variant"] == "unmerged" and e["transformer_bytes"] == memory_report(um)["unmerged_bytes"]
+    capsys.readouterr()
+    for split in ("test", "heldout"):
+        assert main(["merge-sweep", "--student", str(out), "--split", split, "--out", str(tmp_path / "s2")]) == 2
+        _one_line(capsys, "val", f"--split {split}")
+    assert main(["merge-sweep", "--student", str(out), "--ratios", "0:1.5:0.5", "--out", str(tmp_path / "s2")]) == 2
+    _one_line(capsys, "1.5 is outside [0, 1]")
+    assert main(["merge", "--student", str(out), "--ratio", "-0.2", "--out", str(tmp_path / "m")]) == 2
+    _one_line(capsys, "outside [0, 1]")
+    assert main(["eval", "--model", str(out), "--split", "val",
+                 "--num-images", "1", "--variant", "nope", "--json", str(tmp_path / "x.json")]) == 2
+    _one_line(capsys, "unknown variant")
+
+
+def test_split_config_errors(smoke_teacher, tmp_path, capsys):
+    with pytest.raises(ConfigError, match="merge_ratio"):
+        merge(_cfg(), {"split": {"merge_ratio": 1.2}})
+    with pytest.raises(ConfigError, match="boundaries"):
+        merge(_cfg(), {"split": {"boundaries": [0.3, 0.6]}})
+    with pytest.raises(ConfigError, match="holds none of the student times"):
+        merge(_cfg(), {"student_steps": 2}).branch_steps(3.0)  # 2-step times 1 and 0.75 both lie above 0.5
+    assert main(["distill", "--teacher", str(smoke_teacher), "--out", str(tmp_path / "o"), "--preset", "smoke",
+                 "--student-steps", "2", "--no-progress"]) == 2
+    _one_line(capsys, "holds none of the student times")
+    assert merge(_cfg(), {"split": {"steps": 0}}).branch_steps(3.0) == [[0, 1, 2], [3]]
