@@ -397,7 +397,8 @@ class DistillTrainer:
         for ema in getattr(self, "branch_emas", []):
             ema.to(self.dev)
         log = RunLogger(acc, self.work, "distill", total=total, start=step, desc=f"distill {self.k}-step",
-                        config={"student_steps": self.k, "timestep_sharing": cfg.dmd.timestep_sharing})
+                        config={"student_steps": self.k, "timestep_sharing": cfg.dmd.timestep_sharing},
+                        progress=self.progress)
         log.write(f"distill: {self.k}-step student, schedule {[round(t, 4) for t in self.schedule]}, "
                   + ", ".join(f"{s.name} {s.steps}" for s in stages) + (f"; resuming at step {step}" if step else ""))
         try:

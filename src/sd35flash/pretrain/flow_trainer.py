@@ -134,7 +134,7 @@ class FlowTrainer:
         ckpt = CheckpointManager(self.dir)
         step = ckpt.load(acc)
         ema.to(acc.device)
-        log = RunLogger(acc, self.dir, "flow", total=fc.steps, start=step, desc="teacher")
+        log = RunLogger(acc, self.dir, "flow", total=fc.steps, start=step, desc="teacher", progress=self.progress)
         log.write(f"teacher: {sum(p.numel() for p in model.transformer.parameters()) / 1e6:.2f}M transformer "
                   f"parameters, {len(specs)} training scenes, resuming at step {step}" if step else
                   f"teacher: {sum(p.numel() for p in model.transformer.parameters()) / 1e6:.2f}M transformer "

@@ -82,7 +82,7 @@ class VAETrainer:
         acc.register_for_checkpointing(sampler)
         ckpt = CheckpointManager(self.dir)
         step = ckpt.load(acc)
-        log = RunLogger(acc, self.dir, "vae", total=vcfg.steps, start=step, desc="VAE")
+        log = RunLogger(acc, self.dir, "vae", total=vcfg.steps, start=step, desc="VAE", progress=self.progress)
         images = data.images
         vae.train()
         while step < vcfg.steps:

@@ -16,7 +16,7 @@ class RunLogger:
     """Logs scalars to TensorBoard and ``metrics.jsonl``; only the main process writes."""
 
     def __init__(self, accelerator: Accelerator, run_dir: str | Path, name: str, total: int, start: int = 0,
-                 desc: str | None = None, config: dict | None = None) -> None:
+                 desc: str | None = None, config: dict | None = None, progress: bool = True) -> None:
         self.acc = accelerator
         self.dir = Path(run_dir)
         self.name = name
@@ -27,7 +27,7 @@ class RunLogger:
         flat = {k: v for k, v in (config or {}).items() if isinstance(v, (int, float, str, bool))}
         accelerator.init_trackers(name, config=flat)
         self.path = self.dir / "metrics.jsonl"
-        self.bar = tqdm(total=total, initial=start, desc=desc or name, disable=not self.main, dynamic_ncols=True,
+        self.bar = tqdm(total=total, initial=start, desc=desc or name, disable=not (self.main and progress), dynamic_ncols=True,
                         smoothing=0.05)
         self._t0 = time.time()
 
