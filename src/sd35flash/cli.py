@@ -4,10 +4,12 @@ from __future__ import annotations
 
 import argparse
 import json
+import logging
 import os
 import sys
 from pathlib import Path
 
+from .deploy import commands as _deploy
 from .errors import UserError
 
 
@@ -106,6 +108,8 @@ def build_parser() -> argparse.ArgumentParser:
     ds.add_argument("--resume", action="store_true", help="continue an unfinished run of the same config")
     ds.add_argument("--no-progress", action="store_true")
 
+    COMMANDS.update(_deploy.register(sub, g, e))  # presets, bench; --preset on generate / eval
+
     d = sub.add_parser("demo", help="the main job on the shapes world: teacher, evaluation, report")
     d.add_argument("--preset", default="quick", help="smoke | quick | default")
     d.add_argument("--out", default="runs/demo", help="output folder (report, evaluations)")
@@ -177,10 +181,12 @@ def _cmd_generate(args) -> int:
         raise UserError("the prompt is empty; pass some text, e.g. \"a red circle\"")
     if not args.out.lower().endswith(".png"):
         raise UserError(f"--out must be a .png file, got {args.out}")
-    pipe = load_pipeline(args.model, revision=args.revision)
+    dp = _deploy.deployed_from_args(args)
+    pipe = dp.pipe if dp else load_pipeline(args.model, revision=args.revision)
     schedule, steps, guidance = resolve_sampling(pipe, args.model, args.steps, args.guidance)
     seeds = [args.seed + i for i in range(len(prompts))]
-    imgs = generate(pipe, prompts, seeds, schedule, guidance=guidance, use_t5=not args.no_t5)
+    imgs = generate(pipe, prompts, seeds, schedule, guidance=guidance, use_t5=not args.no_t5,
+                    **(dp.generate_kwargs(prompts, guidance) if dp else {}))
     out = imgs[0] if len(imgs) == 1 else make_grid(imgs, scale=2, captions=prompts, caption_width=150)
     save_png(args.out, out)
     print(f"wrote {args.out} ({len(prompts)} image(s), {steps} steps, guidance {guidance})")
@@ -193,7 +199,11 @@ def _cmd_eval(args) -> int:
     req = EvalRequest(model=args.model, steps=args.steps, guidance=args.guidance, split=args.split,
                       specs_file=args.specs, num_images=args.num_images, seed=args.seed,
                       batch_size=args.batch_size, use_t5=not args.no_t5, fd=not args.no_fd, revision=args.revision)
-    res = evaluate(req, args.json_out, save_images=args.save_images)
+    dp = _deploy.deployed_from_args(args)
+    req.use_t5 = dp.use_t5 if dp else req.use_t5
+    res = evaluate(req, args.json_out, save_images=args.save_images,
+                   **({"pipe": dp.pipe, "encoder": dp.encoder, "size": dp.size, "extra": {"preset": dp.preset.to_dict()}}
+                      if dp else {}))
     a = res["alignment"]
     print(json.dumps({"alignment": a, "fd_effnet": res.get("fd_effnet"), "seconds_per_image": res["seconds_per_image"],
                       "json": args.json_out, "grid": res["grid"]}, indent=1))
@@ -226,7 +236,24 @@ COMMANDS = {"world": _cmd_world, "pretrain": _cmd_pretrain, "generate": _cmd_gen
             "distill": _cmd_distill, "demo": _cmd_demo}
 
 
+class _DropRecords(logging.Filter):
+    def filter(self, record: logging.LogRecord) -> bool:
+        return False
+
+
+_DROP = _DropRecords()
+
+
+def _quiet_third_party() -> None:
+    """torchao (imported by diffusers when installed) logs optional CUDA extensions it cannot load
+    and a torch pytree deprecation at import; they would break the one-line error contract."""
+    for name in ("torchao", "torch.utils._pytree"):
+        if _DROP not in logging.getLogger(name).filters:
+            logging.getLogger(name).addFilter(_DROP)
+
+
 def main(argv: list[str] | None = None) -> int:
+    _quiet_third_party()
     args = build_parser().parse_args(argv)
     os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
     os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")  # e.g. "torchvision not installed" notices
