@@ -8,6 +8,7 @@ import os
 import sys
 from pathlib import Path
 
+from .deploy import commands as _deploy
 from .errors import UserError
 
 
@@ -133,6 +134,8 @@ def build_parser() -> argparse.ArgumentParser:
     inf = sub.add_parser("info", help="a model folder's sd35flash.json and, for split students, branch memory")
     inf.add_argument("model", help="model folder")
 
+    COMMANDS.update(_deploy.register(sub, g, e))  # presets, bench; --preset on generate / eval
+
     d = sub.add_parser("demo", help="the whole chain on the shapes world: teacher, distillation, evaluation, report")
     d.add_argument("--preset", default="quick", choices=("smoke", "quick", "full"),
                    help="smoke (tests, ~3 min) | quick (`make demo`) | full (cached default teacher, default recipe)")
@@ -211,11 +214,13 @@ def _cmd_generate(args) -> int:
         raise UserError("the prompt is empty; pass some text, e.g. \"a red circle\"")
     if not args.out.lower().endswith(".png"):
         raise UserError(f"--out must be a .png file, got {args.out}")
-    pipe = load_pipeline(args.model, revision=args.revision)
+    dp = _deploy.deployed_from_args(args)
+    pipe = dp.pipe if dp else load_pipeline(args.model, revision=args.revision)
     schedule, steps, guidance = resolve_sampling(pipe, args.model, args.steps, args.guidance)
     seeds = [args.seed + i for i in range(len(prompts))]
     model = sampling_transformer(pipe, args.model, args.variant)
-    imgs = generate(pipe, prompts, seeds, schedule, guidance=guidance, use_t5=not args.no_t5, transformer=model)
+    imgs = generate(pipe, prompts, seeds, schedule, guidance=guidance, use_t5=not args.no_t5, transformer=model,
+                    **(dp.generate_kwargs(prompts, guidance) if dp else {}))
     out = imgs[0] if len(imgs) == 1 else make_grid(imgs, scale=2, captions=prompts, caption_width=150)
     save_png(args.out, out)
     print(f"wrote {args.out} ({len(prompts)} image(s), {steps} steps, guidance {guidance})")
@@ -229,7 +234,11 @@ def _cmd_eval(args) -> int:
                       specs_file=args.specs, num_images=args.num_images, seed=args.seed,
                       batch_size=args.batch_size, use_t5=not args.no_t5, fd=not args.no_fd, revision=args.revision,
                       variant=args.variant)
-    res = evaluate(req, args.json_out, save_images=args.save_images)
+    dp = _deploy.deployed_from_args(args)
+    req.use_t5 = dp.use_t5 if dp else req.use_t5
+    res = evaluate(req, args.json_out, save_images=args.save_images,
+                   **({"pipe": dp.pipe, "encoder": dp.encoder, "size": dp.size, "extra": {"preset": dp.preset.to_dict()}}
+                      if dp else {}))
     a = res["alignment"]
     print(json.dumps({"alignment": a, "fd_effnet": res.get("fd_effnet"), "seconds_per_image": res["seconds_per_image"],
                       "variant": res["variant"], "transformer_bytes": res["transformer_bytes"],

@@ -189,8 +189,13 @@ def generate(
     width: int | None = None,
     transformer: torch.nn.Module | TransformerFor | None = None,
     progress: Callable[[int], None] | None = None,
+    encoder: Callable[[Sequence[str]], PromptEmbeds] | None = None,
 ) -> np.ndarray:
-    """Generate one image per (prompt, seed) pair. Returns uint8 (N, H, W, 3)."""
+    """Generate one image per (prompt, seed) pair. Returns uint8 (N, H, W, 3).
+
+    ``encoder`` (prompts -> :class:`PromptEmbeds`) replaces :func:`encode_prompts`, e.g. a cached
+    encoder whose text encoders were freed (``sd35flash.deploy.text_encoders``); ``use_t5`` is then
+    the encoder's business."""
     if len(prompts) != len(seeds):
         raise ValueError("need one seed per prompt")
     size = pipe.transformer.config.sample_size * (2 ** (len(pipe.vae.config.block_out_channels) - 1))
@@ -202,11 +207,12 @@ def generate(
     uncond_cache: PromptEmbeds | None = None
     for start in range(0, len(prompts), batch_size):
         ps = list(prompts[start : start + batch_size])
-        cond = encode_prompts(pipe, ps, use_t5=use_t5, device=device).to(dtype=dtype)
+        encode = encoder or (lambda p: encode_prompts(pipe, p, use_t5=use_t5, device=device))
+        cond = encode(ps).to(device=device, dtype=dtype)
         uncond = None
         if guidance > 1.0:
             if uncond_cache is None:
-                uncond_cache = encode_prompts(pipe, [""], use_t5=use_t5, device=device).to(dtype=dtype)
+                uncond_cache = encode([""]).to(device=device, dtype=dtype)
             uncond = PromptEmbeds(uncond_cache.embeds.expand(len(ps), -1, -1), uncond_cache.pooled.expand(len(ps), -1))
         noise = make_noise(latent_shape(pipe, height, width), seeds[start : start + batch_size], dtype=dtype, device=device)
         lat = sample_latents(model, noise, schedule, cond, uncond, guidance)

@@ -76,8 +76,11 @@ def resolve_sampling(pipe, model: str, steps: int | None, guidance: float | None
 
 
 def evaluate(req: EvalRequest, json_out: str | Path, save_images: str | Path | None = None,
-             pipe=None, progress: bool = True) -> dict:
-    """Run one evaluation and write ``json_out`` (and a grid PNG beside it) atomically."""
+             pipe=None, progress: bool = True, encoder=None, size: int | None = None, extra: dict | None = None) -> dict:
+    """Run one evaluation and write ``json_out`` (and a grid PNG beside it) atomically.
+
+    ``encoder`` (a ``deploy.text_encoders.PromptEncoder``) and ``size`` come from a device preset;
+    ``extra`` is merged into the result (e.g. the preset)."""
     specs = load_specs(req.split, req.specs_file, req.num_images)
     if pipe is None:
         pipe = load_pipeline(req.model, revision=req.revision, device=req.device)
@@ -88,9 +91,12 @@ def evaluate(req: EvalRequest, json_out: str | Path, save_images: str | Path | N
     seeds = [req.seed * 1_000_003 + i for i in range(len(specs))]
     bar = tqdm(total=len(specs), desc=f"generate ({steps} steps)", disable=not progress, leave=False)
     t0 = time.perf_counter()
+    if encoder is not None:
+        encoder.preload(prompts + ([""] if guidance > 1.0 else []))
     with torch.inference_mode():
         images = generate(pipe, prompts, seeds, schedule, guidance=guidance, use_t5=req.use_t5,
-                          batch_size=req.batch_size, progress=bar.update, transformer=model)
+                          batch_size=req.batch_size, progress=bar.update, transformer=model, encoder=encoder,
+                          height=size, width=size)
     seconds = time.perf_counter() - t0
     bar.close()
     verdicts = judge_all(images, specs)
@@ -112,6 +118,7 @@ def evaluate(req: EvalRequest, json_out: str | Path, save_images: str | Path | N
         "batch_size": req.batch_size,
         "device": str(pipe._execution_device),
         "torch_threads": torch.get_num_threads(),
+        **(extra or {}),
     }
     if req.fd:
         from .fd import FDScorer

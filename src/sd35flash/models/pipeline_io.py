@@ -117,18 +117,21 @@ def load_pipeline(
     revision: str | None = None,
     torch_dtype: torch.dtype = torch.float32,
     device: str | torch.device = "cpu",
+    **components: Any,
 ) -> StableDiffusion3Pipeline:
     """Load a ``StableDiffusion3Pipeline`` from a local folder or a hub id, onto ``device``.
 
     ``revision`` applies to hub ids only (a branch, tag or commit). A local folder must contain a
-    ``model_index.json`` naming ``StableDiffusion3Pipeline``.
+    ``model_index.json`` naming ``StableDiffusion3Pipeline``. ``components`` replace parts at load
+    time, as in ``from_pretrained`` (``text_encoder_3=None`` never loads T5; a ready module is used
+    as given).
     """
     name = os.fspath(model)
     if is_local_path(name):
         folder = Path(name).expanduser()
         _check_pipeline_folder(folder, name)
         try:
-            pipe = StableDiffusion3Pipeline.from_pretrained(folder, **_dtype_kwarg(torch_dtype))
+            pipe = StableDiffusion3Pipeline.from_pretrained(folder, **_dtype_kwarg(torch_dtype), **components)
         except (OSError, ValueError, KeyError) as exc:
             raise UserError(
                 f"{name} could not be loaded as an SD3 pipeline ({type(exc).__name__}: {_first_line(exc)}); "
@@ -136,7 +139,8 @@ def load_pipeline(
             ) from exc
     else:
         try:
-            pipe = StableDiffusion3Pipeline.from_pretrained(name, revision=revision, **_dtype_kwarg(torch_dtype))
+            pipe = StableDiffusion3Pipeline.from_pretrained(name, revision=revision, **_dtype_kwarg(torch_dtype),
+                                                            **components)
         except _hub_errors() as exc:
             raise UserError(
                 f"model {name}{'@' + revision if revision else ''} could not be downloaded from the Hugging Face hub "
