@@ -88,6 +88,12 @@ def test_generate_through_ort_matches_pytorch(tiny_model, fp32_export, monkeypat
     want = generate(ref, PROMPTS, [3, 4], schedule, guidance=3.0)
     got = generate(pipe, PROMPTS, [3, 4], schedule, guidance=3.0)
     assert np.abs(want.astype(int) - got.astype(int)).max() <= 1
+    # the stock diffusers pipeline runs on the swapped modules too
+    kw = dict(num_inference_steps=3, guidance_scale=2.0, height=16, width=16, output_type="np",
+              max_sequence_length=TINY.text_max_length)
+    stock_ref = ref(PROMPTS[0], generator=torch.Generator().manual_seed(5), **kw).images
+    stock_ort = pipe(PROMPTS[0], generator=torch.Generator().manual_seed(5), **kw).images
+    assert np.abs(stock_ref - stock_ort).max() < 2e-3
     # a changed weight is a different model
     ref.transformer.proj_out.bias.data += 1e-3
     assert pipeline_fingerprint(ref) != pipeline_fingerprint(load_pipeline(tiny_model))

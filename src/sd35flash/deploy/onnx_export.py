@@ -17,16 +17,16 @@ export with a symbolic length, and every symbolic axis makes the export several 
 The wrappers check these sizes and name the mismatch.
 
 Exporter: ``torch.onnx.export(..., dynamo=True)``, the ``torch.export``-based exporter that is the
-default since torch 2.9 (the TorchScript exporter also works on torch 2.13 and is about 20x faster on
-tiny models, but it is deprecated, so it is not used). Graphs are exported in float32 on the CPU;
+default since torch 2.9 (the TorchScript exporter also works on torch 2.13 and was ~15x faster on the
+tiny transformer, but it is deprecated, so it is not used). Graphs are exported in float32 on the CPU;
 modules in another dtype or on another device are copied to float32 CPU first (so exporting an
 SD3.5-size model needs its float32 size in host memory once). Graphs above 1 GiB keep their weights
 in an external data file beside the ``.onnx`` file (ONNX protobufs stop at 2 GiB).
 
 int8: ``onnxruntime.quantization.quantize_dynamic`` with int8 weights on ``MatMul`` and ``Gather``
 (linear layers and embedding tables) of the transformer and the text encoders; activations are
-quantised on the fly per tensor. The VAE decoder stays float32 (its convolutions lose visible
-quality and ``ConvInteger`` is slow on CPU).
+quantised on the fly per tensor. The VAE decoder stays float32, the "fp32 rest" of the
+``cpu-onnx-int8`` recipe (``ConvInteger`` quantisation of its convolutions was not tried).
 """
 
 from __future__ import annotations
