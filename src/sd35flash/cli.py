@@ -135,6 +135,7 @@ def build_parser() -> argparse.ArgumentParser:
     inf.add_argument("model", help="model folder")
 
     COMMANDS.update(_deploy.register(sub, g, e))  # presets, bench; --preset on generate / eval
+    _add_export_plan_commands(sub)
 
     d = sub.add_parser("demo", help="the whole chain on the shapes world: teacher, distillation, evaluation, report")
     d.add_argument("--preset", default="quick", choices=("smoke", "quick", "full"),
@@ -147,6 +148,51 @@ def build_parser() -> argparse.ArgumentParser:
 
 VARIANT_HELP = ("split-timestep students: auto (the folder's default) | merged | unmerged (each step on its "
                 "branch) | presplit (before stage 2)")
+def _add_export_plan_commands(sub) -> None:
+    """`export` (ONNX, optional int8) and `plan` (memory planner); handlers in deploy/."""
+    x = sub.add_parser("export", help="export a pipeline's transformer, VAE decoder and text encoders (ONNX)")
+    x.add_argument("--model", required=True, help="SD3 pipeline folder or hub id")
+    x.add_argument("--format", required=True, choices=("onnx",), help="onnx (Core ML is not implemented)")
+    x.add_argument("--out", required=True, help="output folder (*.onnx + sd35flash-onnx.json)")
+    x.add_argument("--int8", action="store_true", help="onnxruntime int8 dynamic quantization (not the VAE)")
+    x.add_argument("--resolution", type=_positive_int("--resolution"), help="image size in pixels (default: the model's)")
+    x.add_argument("--no-progress", action="store_true")
+    pl = sub.add_parser("plan", help="predict the memory a preset needs (weights, activations, peak)")
+    pl.add_argument("--config", required=True, help="sd35-medium | sd35-large | an SD3 pipeline folder")
+    pl.add_argument("--preset", required=True, help="desktop-16bit-t5 | laptop-8bit-no-t5 | mobile-6bit-no-t5 | cpu-onnx-int8")
+    pl.add_argument("--resolution", type=_positive_int("--resolution"), default=1024, help="image size in pixels")
+    pl.add_argument("--cfg", action="store_true", help="classifier-free guidance (batch 2 per image; teachers)")
+    pl.add_argument("--batch", type=_positive_int("--batch"), default=1, help="images per batch")
+    pl.add_argument("--json", dest="json_out", help="write the plan JSON here")
+
+
+def _cmd_export(args) -> int:
+    from .deploy.onnx_export import check_export_parts, copy_export, read_manifest
+    from .deploy.onnx_runtime import cached_export
+    from .models.pipeline_io import is_local_path, load_pipeline
+    from .paths import cache_root
+
+    if is_local_path(args.model):
+        check_export_parts(args.model)
+    pipe = load_pipeline(args.model)
+    cached = cached_export(pipe, cache_root() / "onnx", int8=args.int8, resolution=args.resolution,
+                           progress=not args.no_progress)
+    out = copy_export(cached, args.out)
+    graphs = read_manifest(out)["graphs"]
+    sizes = ", ".join(f"{g} {info['bytes'] / 2**20:.1f} MiB" for g, info in graphs.items())
+    print(f"wrote {out} ({'int8' if args.int8 else 'fp32'}): {sizes}")
+    return 0
+
+
+def _cmd_plan(args) -> int:
+    from .deploy.plan import plan_memory, plan_to_text
+    from .imaging import atomic_write_text
+
+    res = plan_memory(args.config, args.preset, args.resolution, cfg=args.cfg, batch=args.batch)
+    if args.json_out:
+        atomic_write_text(args.json_out, json.dumps(res, indent=1))
+    print(plan_to_text(res))
+    return 0
 
 
 def _cmd_world(args) -> int:
@@ -345,6 +391,7 @@ def _cmd_demo(args) -> int:
 COMMANDS = {"world": _cmd_world, "pretrain": _cmd_pretrain, "generate": _cmd_generate, "eval": _cmd_eval,
             "distill": _cmd_distill, "merge": _cmd_merge, "merge-sweep": _cmd_merge_sweep, "info": _cmd_info,
             "demo": _cmd_demo}
+COMMANDS.update({"export": _cmd_export, "plan": _cmd_plan})
 
 
 def main(argv: list[str] | None = None) -> int:
