@@ -1,6 +1,7 @@
 #!/usr/bin/env bash
-# Issue 3 figures (docs/RESULTS.md, "Distillation"): from one teacher, with the default toy recipe
-# (configs/toy-distill-default.yaml) and the same seed and budget for every run:
+# Issue 3 figures (docs/RESULTS.md, "Distillation"): from one teacher, with stages 0-1 of the default
+# toy recipe (configs/toy-distill-default.yaml with split.steps=0) and the same seed and budget for
+# every run:
 #   s4-share    4-step student, timestep sharing (the default)
 #   s4-renoise  4-step student, vanilla DMD re-noising (--set dmd.timestep_sharing=false)
 #   s2-share    2-step student, timestep sharing
@@ -25,7 +26,7 @@ run() {  # NAME STEPS [--set ...]
   [ -n "${!core_var:-}" ] && pin=(taskset -c "${!core_var}")
   local t0=$SECONDS
   "${pin[@]}" "$SD" distill --teacher "$T" --out "$R/students/$name" --student-steps "$steps" \
-    --no-progress "$@" > "$R/$name.distill.log" 2>&1
+    --set split.steps=0 --no-progress "$@" > "$R/$name.distill.log" 2>&1
   echo "{\"wall_seconds\": $((SECONDS - t0))}" > "$R/$name.time.json"
   for split in test heldout; do
     "${pin[@]}" "$SD" eval --model "$R/students/$name" --split $split --num-images 200 --seed 0 \

@@ -348,10 +348,8 @@ def measure(job: _Job) -> dict:
 def _worker_main(argv: list[str]) -> int:
     import argparse
 
-    from ..cli import _quiet_third_party
-    from ..imaging import atomic_write_text
+    from ..imaging import atomic_write_text  # importing sd35flash also quiets torchao's import logs
 
-    _quiet_third_party()
     p = argparse.ArgumentParser(prog="sd35flash.deploy.bench")
     p.add_argument("--worker", required=True)
     p.add_argument("--out", required=True)
