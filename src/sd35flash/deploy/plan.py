@@ -287,16 +287,19 @@ def transformer_activation_elements(cfg: dict[str, Any], resolution: int, text_t
       caller) and normalised inputs (``2 N D``; a dual block's second normalised image input adds
       ``N_i D``), per-stream q, k, v (``3 N D``), their concatenation along the sequence (``3 N D``)
       and the attention output (``N D``);
-    * MLP: ``(12 + 2 dual) N_i D + 3 N_t D`` -- image: the block input and the residual after
+    * MLP: ``(13 + dual) N_i D + 3 N_t D`` -- image: the block input and the residual after
       attention (``2``), the modulated normalised input (``1``), the gated attention output the block
       still holds (``1``; a dual block also holds its second attention output and normalised input,
       ``2``), the ``4 D`` hidden before and after GELU (``8``); text: its block input, normalised
-      input and attention output (``3``).
+      input and attention output (``3``). That is ``12 + 2 dual`` for a full block; the last block
+      (``context_pre_only``) has no text output projection, so its text attention output is a view
+      that keeps the whole ``N D`` attention output alive: ``13 N_i D + 3 N_t D``. The larger of the
+      two is ``(13 + dual) N_i D + 3 N_t D``.
 
     Plus the inputs: latents ``C (resolution / vae_scale)^2`` and text states ``N_t * joint_dim``.
     ``batch`` counts samples per forward (2 per image with classifier-free guidance). The fused
     attention (``scaled_dot_product_attention``) keeps no ``N x N`` matrix. At SD3.5 sizes the MLP
-    moment of a dual block dominates (Medium at 1024 px: 0.17 GiB in bf16). Checked against
+    moment dominates (Medium at 1024 px: 0.17 GiB in bf16). Checked against
     ``torch.distributed._tools.mem_tracker.MemTracker`` (``python -m sd35flash.deploy.plan_check``).
     """
     side = resolution // vae_scale
@@ -306,7 +309,7 @@ def transformer_activation_elements(cfg: dict[str, Any], resolution: int, text_t
     d = cfg["num_attention_heads"] * cfg["attention_head_dim"]
     dual = 1 if cfg.get("dual_attention_layers") else 0
     attention = 9 * n * d + dual * n_img * d
-    mlp = (12 + 2 * dual) * n_img * d + 3 * n_txt * d
+    mlp = (13 + dual) * n_img * d + 3 * n_txt * d
     inputs = cfg["in_channels"] * side * side + n_txt * cfg["joint_attention_dim"]
     return batch * (max(attention, mlp) + inputs)
 
