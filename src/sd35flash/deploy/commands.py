@@ -9,19 +9,6 @@ import json
 from collections.abc import Callable
 
 
-def _positive_int(name: str):
-    def parse(text: str) -> int:
-        try:
-            v = int(text)
-        except ValueError:
-            raise argparse.ArgumentTypeError(f"{name} must be an integer, got {text!r}") from None
-        if v < 1:
-            raise argparse.ArgumentTypeError(f"{name} must be >= 1, got {v}")
-        return v
-
-    return parse
-
-
 def _add_runtime_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--preset", help="a device preset (precision, quantization, T5, ...); see `sd35flash presets`")
     p.add_argument("--device", default="auto", help="auto (CUDA if present) | cpu | cuda | cuda:N; used with --preset")
@@ -30,6 +17,8 @@ def _add_runtime_args(p: argparse.ArgumentParser) -> None:
 
 def register(sub, generate_parser: argparse.ArgumentParser, eval_parser: argparse.ArgumentParser) -> dict[str, Callable]:
     """Add the runtime options and subcommands; returns ``{command: handler}`` for ``cli.COMMANDS``."""
+    from ..cli import _positive_int  # cli imports this module first; it is complete by the time it calls us
+
     _add_runtime_args(generate_parser)
     _add_runtime_args(eval_parser)
     ps = sub.add_parser("presets", help="list the device presets (precision, quantization, T5, backend)")
