@@ -29,4 +29,6 @@ def test_gpu_bench_tiny_on_cpu_writes_json(tmp_path):
     assert row["teacher"]["guidance"] > 1 and row["student"]["guidance"] == 1.0
     assert row["precisions"]["int8"]["seconds_per_image"] > 0
     assert "compute capability" in row["precisions"]["fp8"]["error"]  # recorded, not fatal
+    laptop = row["laptop_8bit_no_t5"]  # int8 transformer, no T5: the planner predicts less than bf16 with T5
+    assert laptop["peak_memory_gib"] > 0 and 0 < laptop["planned_peak_gib"] < row["student"]["planned_peak_gib"]
     assert res["params"]["transformer"] > 0 and res["params"]["text_encoder_3"] > 0

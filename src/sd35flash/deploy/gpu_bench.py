@@ -17,7 +17,9 @@ latency and memory as trained ones. Per resolution, in one process so that ratio
   prediction (``plan_memory``), so the planner is checked on the GPU too;
 * ``precisions``: the student's latency with the transformer in bf16, torchao int8 weight-only and
   torchao fp8 (dynamic activations, CUDA compute capability >= 8.9 only); a precision that cannot
-  run is recorded with its reason instead of stopping the run.
+  run is recorded with its reason instead of stopping the run;
+* ``laptop_8bit_no_t5``: the student's peak memory with the int8 transformer and no T5 (the
+  ``laptop-8bit-no-t5`` recipe), beside the planner's prediction and as a fraction of bf16 with T5.
 
 ``--tiny`` swaps in a toy-size architecture (and 32/64 px) so that the whole path runs on a CPU in
 seconds (``tests/test_gpu_bench.py``). The JSON is rewritten after every section, so a run that is
@@ -255,6 +257,29 @@ def run_bench(out: str | Path, arch: Architecture, device: torch.device, dtype: 
             planned = plan_memory(no_t5_arch, desktop, res, cfg=g > 1)["peak_gib"]
             row["no_t5"][name] = {"peak_memory_gib": peak, "planned_peak_gib": planned}
             log(f"{res}px {name} without T5: peak {peak:.2f} GiB (planned {planned:.2f})")
+        save()
+    # the laptop preset: int8 weight-only transformer, no T5 (the bf16 transformer is dropped first so
+    # that the allocator's peak holds only the int8 weights)
+    if "int8" in precisions:
+        try:
+            int8 = _quantized_copy(pipe.transformer, "int8", device)
+            pipe.transformer = None
+            if device.type == "cuda":
+                torch.cuda.empty_cache()
+            pipe.transformer = int8
+            schedule = runs["student"][0]
+            for res in resolutions:
+                one = lambda: generate(pipe, [PROMPT], [0], schedule, height=res, width=res)  # noqa: E731
+                peak = _peak(one, device, resident())
+                planned = plan_memory(arch, "laptop-8bit-no-t5", res)["peak_gib"]
+                row = result["resolutions"][str(res)]
+                row["laptop_8bit_no_t5"] = {"peak_memory_gib": peak, "planned_peak_gib": planned,
+                                            "over_desktop": peak / row["student"]["peak_memory_gib"]}
+                log(f"{res}px student int8 without T5 (laptop-8bit-no-t5): peak {peak:.2f} GiB (planned {planned:.2f}),"
+                    f" {row['laptop_8bit_no_t5']['over_desktop']:.2f} of bf16 with T5")
+        except Exception as exc:  # keep what was measured
+            result["laptop_8bit_no_t5_error"] = f"{type(exc).__name__}: {str(exc).splitlines()[0] if str(exc) else ''}"
+            log(f"laptop-8bit-no-t5 section skipped ({result['laptop_8bit_no_t5_error']})")
         save()
     result["finished"] = True
     save()
