@@ -30,6 +30,7 @@ from __future__ import annotations
 
 import argparse
 import copy
+import gc
 import json
 import statistics
 import time
@@ -121,7 +122,9 @@ def _weights_bytes(module: torch.nn.Module) -> int:
 
 def _peak(fn: Callable[[], Any], device: torch.device, resident: int) -> float:
     """Peak memory (GiB) while ``fn`` runs: the CUDA allocator's peak, or on the CPU ``resident`` weight
-    bytes plus the growth of the resident set."""
+    bytes plus the growth of the resident set. Unreachable objects are collected first: a quantised
+    copy of the transformer lives in reference cycles, and would otherwise count towards a later peak."""
+    gc.collect()
     if device.type == "cuda":
         torch.cuda.empty_cache()
         torch.cuda.reset_peak_memory_stats(device)
@@ -221,7 +224,7 @@ def run_bench(out: str | Path, arch: Architecture, device: torch.device, dtype: 
             planned = plan_memory(arch, desktop, res, cfg=g > 1)["peak_gib"]
             row[name] = {"steps": len(schedule) - 1, "guidance": g, "seconds_per_image": e2e,
                          "transformer_seconds_per_step": loop / (len(schedule) - 1), "peak_memory_gib": peak,
-                         "planned_peak_gib": planned}
+                         "planned_peak_gib": planned, "resident_weights_gib": resident() / GIB}
             log(f"{res}px {name}: {e2e:.3f} s/image, {loop / (len(schedule) - 1) * 1e3:.1f} ms/step, peak {peak:.2f} GiB"
                 + f" (planned {planned:.2f})")
             save()
@@ -237,6 +240,7 @@ def run_bench(out: str | Path, arch: Architecture, device: torch.device, dtype: 
                 log(f"{res}px student {prec}: {sec:.3f} s/image")
                 if model is not pipe.transformer:
                     del model
+                gc.collect()
             except Exception as exc:  # record why a precision cannot run here, keep going
                 row["precisions"][prec] = {"error": f"{type(exc).__name__}: {str(exc).splitlines()[0] if str(exc) else ''}"}
                 log(f"{res}px student {prec}: skipped ({row['precisions'][prec]['error']})")
@@ -255,7 +259,8 @@ def run_bench(out: str | Path, arch: Architecture, device: torch.device, dtype: 
             one = lambda s=schedule, g=g: generate(pipe, [PROMPT], [0], s, guidance=g, height=res, width=res)  # noqa: E731
             peak = _peak(one, device, resident())
             planned = plan_memory(no_t5_arch, desktop, res, cfg=g > 1)["peak_gib"]
-            row["no_t5"][name] = {"peak_memory_gib": peak, "planned_peak_gib": planned}
+            row["no_t5"][name] = {"peak_memory_gib": peak, "planned_peak_gib": planned,
+                                  "resident_weights_gib": resident() / GIB}
             log(f"{res}px {name} without T5: peak {peak:.2f} GiB (planned {planned:.2f})")
         save()
     # the laptop preset: int8 weight-only transformer, no T5 (the bf16 transformer is dropped first so
@@ -264,6 +269,7 @@ def run_bench(out: str | Path, arch: Architecture, device: torch.device, dtype: 
         try:
             int8 = _quantized_copy(pipe.transformer, "int8", device)
             pipe.transformer = None
+            gc.collect()
             if device.type == "cuda":
                 torch.cuda.empty_cache()
             pipe.transformer = int8
@@ -274,6 +280,7 @@ def run_bench(out: str | Path, arch: Architecture, device: torch.device, dtype: 
                 planned = plan_memory(arch, "laptop-8bit-no-t5", res)["peak_gib"]
                 row = result["resolutions"][str(res)]
                 row["laptop_8bit_no_t5"] = {"peak_memory_gib": peak, "planned_peak_gib": planned,
+                                            "resident_weights_gib": _stored_gib(int8) or resident() / GIB,
                                             "over_desktop": peak / row["student"]["peak_memory_gib"]}
                 log(f"{res}px student int8 without T5 (laptop-8bit-no-t5): peak {peak:.2f} GiB (planned {planned:.2f}),"
                     f" {row['laptop_8bit_no_t5']['over_desktop']:.2f} of bf16 with T5")
