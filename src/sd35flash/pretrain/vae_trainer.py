@@ -127,7 +127,8 @@ class VAETrainer:
         variance, as SD3's VAE config does."""
         zs = []
         for i in range(0, min(n, len(images)), 256):
-            zs.append(vae.encode(images_to_tensor(images[i : i + 256])).latent_dist.mean)
+            x = images_to_tensor(images[i : i + 256]).to(vae.device, vae.dtype)
+            zs.append(vae.encode(x).latent_dist.mean.float())
         z = torch.cat(zs)
         mean, std = z.mean().item(), z.std().item()
         if not math.isfinite(std) or std <= 0:
@@ -142,9 +143,9 @@ def evaluate_vae(vae: AutoencoderKL, n: int, seed: int, size: int) -> dict:
     imgs = np.stack([render(s, seed=seed * 7919 + i, size=size) for i, s in enumerate(specs)])
     recs = []
     for i in range(0, n, 64):
-        x = images_to_tensor(imgs[i : i + 64])
-        r = vae.decode(vae.encode(x).latent_dist.mean).sample
-        recs.append(((r / 2 + 0.5).clamp(0, 1) * 255).round().byte().permute(0, 2, 3, 1).numpy())
+        x = images_to_tensor(imgs[i : i + 64]).to(vae.device, vae.dtype)
+        r = vae.decode(vae.encode(x).latent_dist.mean).sample.float()
+        recs.append(((r / 2 + 0.5).clamp(0, 1) * 255).round().byte().permute(0, 2, 3, 1).cpu().numpy())
     rec = np.concatenate(recs)
     mse = ((rec.astype(np.float64) - imgs.astype(np.float64)) ** 2).mean()
     psnr = 10 * math.log10(255.0**2 / max(mse, 1e-12))
