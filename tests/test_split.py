@@ -176,6 +176,18 @@ def test_presplit_equals_a_run_without_stage_2(smoke_teacher, split_run, tmp_pat
     a, b = _state(straight, "transformer_presplit"), _state(out)
     assert all(torch.equal(a[k], b[k]) for k in a)
 
+    # --init-from: stage 2 started from that run's end-of-stage-1 checkpoint is the straight run
+    work = json.loads((out / "sd35flash.json").read_text())["extra"]["work_dir"]
+    init = distill_run.distill(_cfg(), str(smoke_teacher), tmp_path / "init", progress=False, init=work)
+    for sub in ("transformer", "transformer_branch0", "transformer_branch1", "transformer_presplit"):
+        a, b = _state(straight, sub), _state(init, sub)
+        assert all(torch.allclose(a[k], b[k], atol=1e-6) for k in a), sub
+    other = merge(_cfg(), {"dmd": {"timestep_sharing": False}})
+    with pytest.raises(UserError, match="dmd.timestep_sharing"):  # only the split section may differ
+        distill_run.distill(other, str(smoke_teacher), tmp_path / "bad", progress=False, init=work)
+    with pytest.raises(UserError, match="not a distillation work folder"):
+        distill_run.distill(_cfg(), str(smoke_teacher), tmp_path / "bad2", progress=False, init=tmp_path)
+
 
 def _one_line(capsys, *needles):
     err = [ln for ln in capsys.readouterr().err.strip().splitlines()

@@ -110,6 +110,8 @@ def build_parser() -> argparse.ArgumentParser:
     ds.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
                     help="override one config value, e.g. --set dmd.timestep_sharing=false (repeatable)")
     ds.add_argument("--resume", action="store_true", help="continue an unfinished run of the same config")
+    ds.add_argument("--init-from", metavar="WORK", help="start at stage 2 (split-timestep) from the end of stage 1 "
+                    "of another run of this config (its work folder), instead of redoing stages 0-1")
     ds.add_argument("--no-progress", action="store_true")
 
     m = sub.add_parser("merge", help="merge a split-timestep student's branches at a ratio (or weights)")
@@ -329,7 +331,7 @@ def _cmd_distill(args) -> int:
         cfg = merge(cfg, {"student_steps": args.student_steps})
     recipe = (args.config or f"preset:{args.preset}") + "".join(f" --set {o}" for o in args.overrides)
     out = distill(cfg, args.teacher, Path(args.out), prompts=args.prompts, revision=args.revision, recipe=recipe,
-                  resume=args.resume, progress=not args.no_progress)
+                  resume=args.resume, progress=not args.no_progress, init=args.init_from)
     print(f"student ready: {out} ({cfg.student_steps} steps)")
     return 0
 

@@ -10,6 +10,7 @@ same teacher, prompts and settings.
 from __future__ import annotations
 
 import json
+import shutil
 from pathlib import Path
 
 import torch
@@ -20,6 +21,7 @@ from ..errors import UserError
 from ..models.branches import PRESPLIT_SUBFOLDER, branch_infos
 from ..models.student_info import SplitInfo
 from ..paths import cache_root
+from ..train.checkpoint import CheckpointManager, read_meta
 from ..train.runtime import make_accelerator
 from .config import DistillConfig
 from .export import export_student, student_info
@@ -51,6 +53,56 @@ def work_dir(cfg: DistillConfig, teacher_id: str, prompts: str, out: Path) -> Pa
         conf.pop("split")
     key = fingerprint({"config": conf, "teacher": teacher_id, "prompts": prompts, "out": str(out)})
     return cache_root() / "distill" / f"{out.name}-{key}"
+
+
+def init_from(source: Path, work: Path, cfg: DistillConfig, teacher: str, prompts: str) -> Path:
+    """Copy the end-of-stage-1 checkpoint of the distillation run in work folder ``source`` into
+    ``work``, so that this run starts at stage 2 (split-timestep) instead of redoing stages 0-1.
+
+    ``source`` must hold a run of this config up to its ``split`` section (same teacher, prompts,
+    stage 0-1 settings and seed) whose newest checkpoint is the end of stage 1. The copy is atomic.
+    Returns the copied checkpoint."""
+    source = Path(source).expanduser()
+    if not (source / "config.json").is_file():
+        raise UserError(f"--init-from {source} is not a distillation work folder (no config.json); pass the "
+                        "folder `sd35flash distill` printed as 'work folder'")
+    if cfg.split.steps == 0:
+        raise UserError("--init-from starts stage 2 from a finished stage 1; this config has split.steps 0")
+    theirs = json.loads((source / "config.json").read_text())
+    mine = {"config": to_dict(cfg), "teacher": teacher, "prompts": prompts}
+    for side in (theirs, mine):
+        side["config"].pop("split", None)
+        if Path(side["teacher"]).expanduser().exists():
+            side["teacher"] = str(Path(side["teacher"]).expanduser().resolve())
+    if theirs != mine:
+        diff = _differences(theirs, mine)
+        raise UserError(f"--init-from {source} was run with a different config ({', '.join(diff[:5])}); "
+                        "only the split section may differ")
+    latest = CheckpointManager(source / "checkpoints").latest()
+    end = cfg.trajectory.steps + cfg.student.steps
+    if latest is None or int(read_meta(latest)["step"]) != end:
+        raise UserError(f"--init-from {source} has no checkpoint at the end of stage 1 (step {end}); finish that "
+                        "run first (`sd35flash distill ... --resume`)")
+    if any((work / "checkpoints").glob("ckpt-*")):
+        raise UserError(f"{work} already has checkpoints; pass --resume instead of --init-from")
+    dest = work / "checkpoints" / latest.name
+    tmp = dest.with_name(dest.name + ".tmp")
+    shutil.rmtree(tmp, ignore_errors=True)
+    shutil.copytree(latest, tmp)
+    tmp.rename(dest)
+    return dest
+
+
+def _differences(a: dict, b: dict, prefix: str = "") -> list[str]:
+    """Dotted keys whose values differ between two nested dicts."""
+    out = []
+    for k in sorted(set(a) | set(b)):
+        va, vb = a.get(k), b.get(k)
+        if isinstance(va, dict) and isinstance(vb, dict):
+            out += _differences(va, vb, f"{prefix}{k}.")
+        elif va != vb:
+            out.append(f"{prefix}{k}: {va!r} vs {vb!r}")
+    return out
 
 
 def trajectory_bank(cfg: DistillConfig, models: DistillModels, source: PromptSource, teacher_id: str,
@@ -108,14 +160,16 @@ def split_outputs(cfg: DistillConfig, presplit, branches) -> tuple[SplitInfo, to
 
 
 def distill(cfg: DistillConfig, teacher: str | None, out: Path, prompts: str = "shapes", revision: str | None = None,
-            recipe: str = "", resume: bool = False, progress: bool = True, stop_at: int | None = None) -> Path:
+            recipe: str = "", resume: bool = False, progress: bool = True, stop_at: int | None = None,
+            init: str | Path | None = None) -> Path:
     """Distil ``teacher`` into a ``cfg.student_steps``-step student saved at ``out``; returns ``out``.
 
     With stage 2 (``split.steps > 0``) the folder's ``transformer/`` is the merge of the branches at
     ``split``'s weights, and the branches (and the pre-split student) are kept as subfolders.
 
     ``stop_at`` stops after that global step with a checkpoint (raising ``StopTraining``); ``resume``
-    continues from the newest checkpoint of the same run.
+    continues from the newest checkpoint of the same run; ``init`` (a work folder) starts stage 2 from
+    the end of stage 1 of another run of this config (:func:`init_from`).
     """
     teacher = str(teacher) if teacher is not None else str(default_teacher())
     out = Path(out).expanduser().resolve()
@@ -134,6 +188,8 @@ def distill(cfg: DistillConfig, teacher: str | None, out: Path, prompts: str = "
     acc = make_accelerator(cfg.runtime, work)
     if acc.is_main_process:
         work.mkdir(parents=True, exist_ok=True)
+        if init is not None and not any(work.glob("checkpoints/ckpt-*")):  # with --resume: continue this run
+            print(f"distill: starting stage 2 from {init_from(Path(init), work, cfg, teacher, prompts)}")
         (work / "config.json").write_text(json.dumps({"config": to_dict(cfg), "teacher": teacher, "prompts": prompts},
                                                      indent=1))
         print(f"distill: work folder {work}")

@@ -28,7 +28,8 @@ from .. import flow
 from ..imaging import make_grid, save_png
 from ..sampling import PromptEmbeds, generate, guided_velocity, predict_velocity
 from ..train.alarms import CollapseDetector, check_finite
-from ..train.checkpoint import CheckpointManager, StopTraining
+from ..errors import UserError
+from ..train.checkpoint import CheckpointManager, StopTraining, read_meta, saved_models
 from ..train.data import EpochSampler
 from ..train.logger import RunLogger
 from ..train.schedules import warmup_cosine
@@ -76,6 +77,15 @@ class Generator:
     stream: str
     dmd_weight: float
     gan_weight: float
+
+
+def checkpoint_branches(path: Path) -> int:
+    """How many split-timestep branches checkpoint ``path`` holds: its meta's ``branches``, or for a
+    checkpoint written before that was recorded, the models beyond the student and the critic."""
+    meta = read_meta(path)
+    if "branches" in meta:
+        return int(meta["branches"])
+    return max(0, saved_models(path) - 2)
 
 
 def anchored_ema(params, decay: float) -> EMAModel:
@@ -144,8 +154,6 @@ class DistillTrainer:
         m.pipe.to(self.dev)
         acc.register_for_checkpointing(self.ema, self.sched_s, self.prompt_sampler, self.tg_sampler,
                                        self.real_sampler, self.pixel_alarm, self.align_alarm)
-        if self.split_on:
-            self._setup_branches()
 
     def _setup_branches(self) -> None:
         """K branch copies with their optimisers and anchored EMAs, prepared and registered after
@@ -392,7 +400,7 @@ class DistillTrainer:
         stages = self.stages()
         total = sum(s.steps for s in stages)
         ckpt = CheckpointManager(self.work / "checkpoints")
-        step = ckpt.load(acc)
+        step = self._load(ckpt)
         self.ema.to(self.dev)
         for ema in getattr(self, "branch_emas", []):
             ema.to(self.dev)
@@ -420,7 +428,7 @@ class DistillTrainer:
                 if cfg.sample_every > 0 and (step % cfg.sample_every == 0 or step == total):
                     self.sample_grid(step, log)
                 if step % cfg.checkpoint_every == 0 or step == total or step == self.stop_at:
-                    ckpt.save(acc, step)
+                    ckpt.save(acc, step, meta={"branches": len(self.ranges) if self.split_on else 0})
                 if step == self.stop_at and step < total:
                     raise StopTraining(f"stopped at step {step} as asked; resume to continue")
         finally:
@@ -428,6 +436,23 @@ class DistillTrainer:
         student = self.acc.unwrap_model(self.student_p)
         self.ema.copy_to(student.parameters())
         return student
+
+    def _load(self, ckpt: CheckpointManager) -> int:
+        """Restore the newest checkpoint and return its step. The stage-2 branches are prepared before
+        it is loaded when it holds them, after it otherwise: a checkpoint of a run without stage 2 (the
+        end of stage 1, copied in by ``distill --init-from``) restores everything but the branches,
+        which stage 2 starts from the stage-1 EMA student anyway."""
+        latest = ckpt.latest()
+        pre_split = self.split_on and latest is not None and checkpoint_branches(latest) == 0
+        if self.split_on and not pre_split:
+            self._setup_branches()
+        step = ckpt.load(self.acc)
+        if pre_split:
+            if step > self.split_start:
+                raise UserError(f"checkpoint {latest} is past the end of stage 1 (step {self.split_start}) but has no "
+                                "split-timestep branches; it does not belong to this config")
+            self._setup_branches()
+        return step
 
     @staticmethod
     def _stage_at(stages: list[Stage], step: int) -> Stage:

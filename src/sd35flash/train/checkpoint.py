@@ -10,12 +10,24 @@ a resume would pick up.
 from __future__ import annotations
 
 import json
+import re
 import shutil
 from pathlib import Path
 
 from accelerate import Accelerator
 
 PREFIX = "ckpt-"
+
+
+def read_meta(path: str | Path) -> dict:
+    """The ``meta.json`` of checkpoint ``path`` (its step and whatever the trainer added)."""
+    return json.loads((Path(path) / "meta.json").read_text())
+
+
+def saved_models(path: str | Path) -> int:
+    """How many prepared models ``Accelerator.save_state`` wrote into checkpoint ``path``."""
+    pattern = re.compile(r"(model|pytorch_model)(_\d+)?\.(safetensors|bin)")
+    return sum(1 for p in Path(path).iterdir() if pattern.fullmatch(p.name))
 
 
 class StopTraining(Exception):
@@ -66,4 +78,4 @@ class CheckpointManager:
         if path is None:
             return 0
         accelerator.load_state(str(path))
-        return int(json.loads((path / "meta.json").read_text())["step"])
+        return int(read_meta(path)["step"])
