@@ -17,15 +17,18 @@ Three ingredients:
 activations)``. Not counted: the CUDA context and allocator fragmentation (add ~0.3-1 GiB on a GPU),
 the Python process and libraries on a CPU (RSS).
 
-The preset recipes (precision, T5, freeing encoders) are defined by the device-preset registry of
-``deploy/presets.py``; :data:`PRESET_MEMORY` restates what the planner needs of them so that this
-module stands alone. When both exist the lead engineer will make it read the registry.
+The preset recipes (precision, quantization, T5, freeing encoders, backend) come from the
+device-preset registry of ``deploy/presets.py``: :func:`memory_recipe` turns each into the weight
+formats the planner counts (:data:`PRESET_MEMORY`). A preset with an error budget (mixed precision)
+is planned as if every linear layer were quantized; the layers its sensitivity scan keeps in 16-bit
+add to that.
 """
 
 from __future__ import annotations
 
 import functools
 import json
+import dataclasses
 import math
 import os
 from dataclasses import asdict, dataclass
@@ -35,6 +38,7 @@ from typing import Any
 import torch
 import yaml
 
+from sd35flash.deploy.presets import PRESETS, Preset
 from sd35flash.errors import UserError
 
 __all__ = [
@@ -90,8 +94,12 @@ class WeightFormat:
 
 BF16 = WeightFormat("bf16", 16, 2)
 FP32 = WeightFormat("fp32", 32, 4)
+FP16 = WeightFormat("fp16", 16, 2)
 INT8_WEIGHT_ONLY = WeightFormat("int8 weight-only, per-row bf16 scales", 8, 2, None, 2)
 INT6_GROUP32 = WeightFormat("int6 packed, bf16 scale per 32 weights", 6, 2, 32, 2)
+INT4_GROUP32 = WeightFormat("int4 packed, bf16 scale per 32 weights", 4, 2, 32, 2)
+QINT4_GROUP128 = WeightFormat("quanto qint4 packed, bf16 scale and shift per 128 weights", 4, 2, 128, 4)
+FP8_ROWWISE = WeightFormat("fp8 e4m3, per-row fp32 scales", 8, 2, None, 4)
 ORT_INT8 = WeightFormat("onnxruntime int8 dynamic, per-tensor scale", 8, 4, 0, 5, embeddings=True)
 
 
@@ -107,20 +115,35 @@ class PresetMemory:
     text_encoders: WeightFormat
     vae: WeightFormat
     free_encoders: bool = False  # encoders run first and are freed before the transformer and VAE load
+    t5: WeightFormat | None = None  # T5's format when it differs from the CLIPs'
+
+    @property
+    def t5_format(self) -> WeightFormat:
+        return self.t5 or self.text_encoders
 
 
-PRESET_MEMORY: dict[str, PresetMemory] = {
-    p.name: p
-    for p in (
-        PresetMemory("desktop-16bit-t5", "bf16 everything, T5 on", True, 2, BF16, BF16, BF16),
-        PresetMemory("laptop-8bit-no-t5", "int8 weight-only transformer, no T5, bf16 CLIPs and VAE", False, 2,
-                     INT8_WEIGHT_ONLY, BF16, BF16),
-        PresetMemory("mobile-6bit-no-t5", "6-bit transformer, no T5, 16-bit CLIPs and VAE, encoders freed after use",
-                     False, 2, INT6_GROUP32, BF16, BF16, free_encoders=True),
-        PresetMemory("cpu-onnx-int8", "onnxruntime: int8 transformer and text encoders (T5 on), fp32 VAE and activations",
-                     True, 4, ORT_INT8, ORT_INT8, FP32),
-    )
-}
+PRECISION_FORMATS = {"fp32": FP32, "bf16": BF16, "fp16": FP16}
+QUANT_FORMATS = {"int8-weight": INT8_WEIGHT_ONLY, "int8-dynamic": INT8_WEIGHT_ONLY, "int6-weight": INT6_GROUP32,
+                 "int4-weight": INT4_GROUP32, "qint4": QINT4_GROUP128, "fp8": FP8_ROWWISE}
+
+
+def memory_recipe(preset: Preset) -> PresetMemory:
+    """The weight formats of a device preset (``deploy/presets.py``) as the planner counts them: the
+    onnx backend quantizes the transformer and the text encoders to onnxruntime int8 (``onnx_export``),
+    torchao / quanto quantize the transformer's linear layers, ``t5: int8`` stores T5 int8 weight-only,
+    and everything else is kept in the preset's precision."""
+    base = PRECISION_FORMATS[preset.precision]
+    act = 4 if preset.precision == "fp32" else 2
+    if preset.backend == "onnx":
+        return PresetMemory(preset.name, preset.summary, preset.use_t5, act, ORT_INT8, ORT_INT8, base,
+                            preset.free_encoders)
+    transformer = QUANT_FORMATS.get(preset.quantization, base)
+    t5 = INT8_WEIGHT_ONLY if preset.t5 == "int8" else None
+    return PresetMemory(preset.name, preset.summary, preset.use_t5, act, transformer, base, base,
+                        preset.free_encoders, t5)
+
+
+PRESET_MEMORY: dict[str, PresetMemory] = {name: memory_recipe(p) for name, p in PRESETS.items()}
 
 
 # ----------------------------------------------------------------------------- architectures
@@ -369,11 +392,13 @@ def _preset(name: str) -> PresetMemory:
 
 
 def plan_memory(config: str | os.PathLike[str] | Architecture, preset: str, resolution: int, cfg: bool = False,
-                batch: int = 1) -> dict[str, Any]:
+                batch: int = 1, free_encoders: bool | None = None) -> dict[str, Any]:
     """The memory plan as a JSON-ready dict: ``peak_gib``, ``weights_gib``, ``activations_gib``,
     ``phases`` (GiB per phase), ``components`` (params, buffers, bytes, format, loaded, activation
-    bytes per part) and the assumptions behind them."""
+    bytes per part) and the assumptions behind them. ``free_encoders`` overrides the preset's."""
     p = _preset(preset)
+    if free_encoders is not None:
+        p = dataclasses.replace(p, free_encoders=free_encoders)
     arch = config if isinstance(config, Architecture) else load_architecture(config)
     vae_cfg = arch.configs["vae"]
     vae_scale = 2 ** (len(vae_cfg["block_out_channels"]) - 1)
@@ -385,7 +410,7 @@ def plan_memory(config: str | os.PathLike[str] | Architecture, preset: str, reso
     per_forward = batch * (2 if cfg else 1)
     ab = p.activation_bytes
     formats = {"transformer": p.transformer, "clip_l": p.text_encoders, "clip_g": p.text_encoders,
-               "t5": p.text_encoders, "vae": p.vae}
+               "t5": p.t5_format, "vae": p.vae}
     acts = {
         "transformer": transformer_activation_elements(tr_cfg, resolution, text_tokens, per_forward, vae_scale) * ab,
         "clip_l": text_encoder_activation_elements("clip", arch.configs["text_encoder"], arch.clip_tokens, batch) * ab,
