@@ -355,6 +355,20 @@ def _replace_dir(tmp: Path, target: Path) -> None:
 # ----------------------------------------------------------------------------- export
 
 
+@contextmanager
+def staged_dir(target: Path) -> Iterator[Path]:
+    """A new temporary sibling folder of ``target`` that replaces ``target`` when the block completes
+    and is removed when it fails, so an interrupted write leaves nothing behind."""
+    tmp = target.parent / f".{target.name}.tmp-{uuid.uuid4().hex[:8]}"
+    tmp.mkdir()
+    try:
+        yield tmp
+        _replace_dir(tmp, target)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+
+
 def _write_manifest(folder: Path, manifest: dict[str, Any]) -> None:
     (folder / MANIFEST).write_text(json.dumps(manifest, indent=1), encoding="utf-8")
 
@@ -380,9 +394,7 @@ def export_onnx(pipe, out_dir: str | os.PathLike[str], int8: bool = False, resol
             return quantize_export(fp32, target, progress=progress)
     settings = _export_settings(pipe, resolution)
     specs = _graph_specs(pipe, resolution)
-    tmp = target.parent / f".{target.name}.tmp-{uuid.uuid4().hex[:8]}"
-    tmp.mkdir()
-    try:
+    with staged_dir(target) as tmp:
         graphs: dict[str, Any] = {}
         opset = 0
         for graph, spec in tqdm(list(specs.items()), desc="ONNX export", disable=not progress):
@@ -398,10 +410,6 @@ def export_onnx(pipe, out_dir: str | os.PathLike[str], int8: bool = False, resol
             "graphs": graphs,
         }
         _write_manifest(tmp, manifest)
-        _replace_dir(tmp, target)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
     return target
 
 
@@ -438,9 +446,7 @@ def quantize_export(src_dir: str | os.PathLike[str], out_dir: str | os.PathLike[
         raise UserError(f"{src} is already an int8 export")
     target = Path(out_dir).expanduser()
     ensure_writable_dir(target.parent, "output folder")
-    tmp = target.parent / f".{target.name}.tmp-{uuid.uuid4().hex[:8]}"
-    tmp.mkdir()
-    try:
+    with staged_dir(target) as tmp:
         for graph, info in tqdm(list(manifest["graphs"].items()), desc="int8 quantization", disable=not progress):
             if graph in QUANTIZED_GRAPHS:
                 external = info["bytes"] > EXTERNAL_DATA_BYTES
@@ -453,10 +459,6 @@ def quantize_export(src_dir: str | os.PathLike[str], out_dir: str | os.PathLike[
             info["bytes"] = _folder_bytes(tmp, graph)
         manifest["int8"] = True
         _write_manifest(tmp, manifest)
-        _replace_dir(tmp, target)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
     return target
 
 
@@ -469,7 +471,6 @@ def copy_export(src_dir: str | os.PathLike[str], out_dir: str | os.PathLike[str]
     if target.exists() and not target.is_dir():
         raise UserError(f"--out {target} is a file; pass a folder")
     ensure_writable_dir(target.parent, "output folder")
-    tmp = target.parent / f".{target.name}.tmp-{uuid.uuid4().hex[:8]}"
 
     def link_or_copy(a: str, b: str) -> None:
         try:
@@ -477,10 +478,6 @@ def copy_export(src_dir: str | os.PathLike[str], out_dir: str | os.PathLike[str]
         except OSError:
             shutil.copy2(a, b)
 
-    try:
-        shutil.copytree(src, tmp, copy_function=link_or_copy)
-        _replace_dir(tmp, target)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
+    with staged_dir(target) as tmp:
+        shutil.copytree(src, tmp, copy_function=link_or_copy, dirs_exist_ok=True)
     return target
