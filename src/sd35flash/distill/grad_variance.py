@@ -133,7 +133,7 @@ def load_trainer(work: Path, checkpoint: int | None = None):
     trainer = DistillTrainer(cfg, models, source, work, acc, bank=bank, real=real_bank(cfg, models, source, bank, acc),
                              progress=False)
     trainer._setup()
-    step = ckpts.load(acc, path)
+    step = trainer.restore(ckpts, path)
     return trainer, step
 
 

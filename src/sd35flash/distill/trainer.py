@@ -25,10 +25,10 @@ from accelerate import Accelerator
 from diffusers.training_utils import EMAModel
 
 from .. import flow
+from ..errors import UserError
 from ..imaging import make_grid, save_png
 from ..sampling import PromptEmbeds, generate, guided_velocity, predict_velocity
 from ..train.alarms import CollapseDetector, check_finite
-from ..errors import UserError
 from ..train.checkpoint import CheckpointManager, StopTraining, read_meta, saved_models
 from ..train.data import EpochSampler
 from ..train.logger import RunLogger
@@ -400,7 +400,7 @@ class DistillTrainer:
         stages = self.stages()
         total = sum(s.steps for s in stages)
         ckpt = CheckpointManager(self.work / "checkpoints")
-        step = self._load(ckpt)
+        step = self.restore(ckpt)
         self.ema.to(self.dev)
         for ema in getattr(self, "branch_emas", []):
             ema.to(self.dev)
@@ -437,16 +437,17 @@ class DistillTrainer:
         self.ema.copy_to(student.parameters())
         return student
 
-    def _load(self, ckpt: CheckpointManager) -> int:
-        """Restore the newest checkpoint and return its step. The stage-2 branches are prepared before
-        it is loaded when it holds them, after it otherwise: a checkpoint of a run without stage 2 (the
-        end of stage 1, copied in by ``distill --init-from``) restores everything but the branches,
-        which stage 2 starts from the stage-1 EMA student anyway."""
-        latest = ckpt.latest()
+    def restore(self, ckpt: CheckpointManager, path: Path | None = None) -> int:
+        """Restore checkpoint ``path`` (default: the newest) after :meth:`_setup` and return its step
+        (0 without one). The stage-2 branches are prepared before it is loaded when it holds them,
+        after it otherwise: a checkpoint of a run without stage 2 (the end of stage 1, copied in by
+        ``distill --init-from``) restores everything but the branches, which stage 2 starts from the
+        stage-1 EMA student anyway."""
+        latest = path or ckpt.latest()
         pre_split = self.split_on and latest is not None and checkpoint_branches(latest) == 0
         if self.split_on and not pre_split:
             self._setup_branches()
-        step = ckpt.load(self.acc)
+        step = ckpt.load(self.acc, latest)
         if pre_split:
             if step > self.split_start:
                 raise UserError(f"checkpoint {latest} is past the end of stage 1 (step {self.split_start}) but has no "
