@@ -82,6 +82,8 @@ def test_generate_through_ort_matches_pytorch(tiny_model, fp32_export, monkeypat
     monkeypatch.setattr(onnx_runtime, "export_onnx", lambda *a, **k: pytest.fail("exported twice"))
     pipe = apply_onnx_backend(load_pipeline(tiny_model), cache_root() / "onnx", int8=False)
     assert isinstance(pipe.transformer, OrtTransformer) and pipe.text_encoder_3.is_onnx
+    graph = pipe.transformer.path  # bench's weights_gib counts the graph files, which hold the weights
+    assert pipe.transformer.file_bytes == sum(f.stat().st_size for f in graph.parent.glob(graph.stem + "*")) > 0
     a, b = encode_prompts(ref, PROMPTS), encode_prompts(pipe, PROMPTS)
     assert torch.allclose(a.embeds, b.embeds, atol=1e-5) and torch.allclose(a.pooled, b.pooled, atol=1e-5)
     schedule = scheduler_schedule(ref, 4)

@@ -23,8 +23,9 @@ Method (one row per preset, plus a ``teacher`` row with ``--teacher``):
      the timed runs and before the evaluation; ``baseline_rss_gib`` is the resident set after the
      imports, before loading (Python + torch + libraries), and ``model_memory_gib`` the difference.
      On a GPU, ``torch.cuda.max_memory_allocated`` (``peak_rss_gib`` is reported beside it);
-   - ``weights_gib``: the weights the preset holds: file size of the saved quantized checkpoints,
-     plus parameters x bytes of every other component it loads (T5 not counted when off);
+   - ``weights_gib``: the weights the preset holds: file size of the saved quantized checkpoints
+     and of the ONNX graphs (onnx backend), plus parameters x bytes of every other component it
+     loads (T5 not counted when off);
    - ``alignment`` (overall, with ``alignment_by_category``) and ``fd_effnet`` from
      ``evaluate.evaluator.evaluate`` on the first ``eval_images`` specs of the test split, with
      the same encoder and resolution.
@@ -250,8 +251,9 @@ def _weights_gib(dp, checkpoints: dict[str, str]) -> float:
             total += (Path(checkpoints[name]) / WEIGHTS_FILE).stat().st_size
             continue
         module = getattr(dp.pipe, name, None)
-        if module is not None:
-            total += weight_bytes(module)
+        if module is not None:  # an onnxruntime module (the onnx backend) counts its graph files
+            file_bytes = getattr(module, "file_bytes", None)
+            total += file_bytes if file_bytes is not None else weight_bytes(module)
     return total / GIB
 
 

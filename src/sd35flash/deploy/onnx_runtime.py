@@ -84,6 +84,7 @@ class OrtModel(torch.nn.Module):
         self.session = ort.InferenceSession(str(self.path), sess_options=opts, providers=providers or default_providers())
         self.config = FrozenDict(info.get("config", {}))
         self.int8 = bool(info.get("int8", False))
+        self.file_bytes = int(info.get("bytes", 0))  # the graph's files (.onnx + external data) on disk
         self._inputs = [(i.name, i.shape) for i in self.session.get_inputs()]
         self._outputs = [o.name for o in self.session.get_outputs()]
 
