@@ -26,9 +26,9 @@ add to that.
 
 from __future__ import annotations
 
+import dataclasses
 import functools
 import json
-import dataclasses
 import math
 import os
 from dataclasses import asdict, dataclass
