@@ -41,7 +41,7 @@ from typing import Any
 
 import torch
 
-from sd35flash.deploy.plan import GIB, PRESET_MEMORY, Architecture, load_architecture, plan_memory
+from sd35flash.deploy.plan import GIB, Architecture, load_architecture, plan_memory
 
 __all__ = ["build_random_pipeline", "run_bench", "tiny_architecture"]
 
@@ -209,7 +209,7 @@ def run_bench(out: str | Path, arch: Architecture, device: torch.device, dtype: 
     def resident() -> int:
         return sum(_weights_bytes(m) for m in pipe.components.values() if isinstance(m, torch.nn.Module))
 
-    desktop = PRESET_MEMORY["desktop-16bit-t5"].name
+    desktop = "desktop-16bit-t5"  # the planner preset the bf16 rows are compared with
     for res in resolutions:
         row: dict[str, Any] = {}
         result["resolutions"][str(res)] = row
