@@ -4,35 +4,17 @@ from __future__ import annotations
 
 import argparse
 import json
+import math
 import os
 import sys
 from pathlib import Path
 
+from . import args as A
 from .deploy import commands as _deploy
 from .errors import UserError
+from .io import check_model_output, check_writable_output, read_text
 
-
-def _positive_int(name: str):
-    def parse(text: str) -> int:
-        try:
-            v = int(text)
-        except ValueError:
-            raise argparse.ArgumentTypeError(f"{name} must be an integer, got {text!r}") from None
-        if v < 1:
-            raise argparse.ArgumentTypeError(f"{name} must be >= 1, got {v}")
-        return v
-
-    return parse
-
-
-def _guidance(text: str) -> float:
-    try:
-        v = float(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"--guidance must be a number, got {text!r}") from None
-    if v < 0:
-        raise argparse.ArgumentTypeError(f"--guidance must be >= 0, got {v}")
-    return v
+_positive_int = A.positive_int  # kept for modules that registered their options with it
 
 
 class _Parser(argparse.ArgumentParser):
@@ -47,19 +29,19 @@ def build_parser() -> argparse.ArgumentParser:
     w = sub.add_parser("world", help="the shapes world: judge self-test, spec files")
     wsub = w.add_subparsers(dest="world_command", required=True, parser_class=_Parser)
     wc = wsub.add_parser("check", help="judge self-test on renders, mismatches and junk")
-    wc.add_argument("--num", type=_positive_int("--num"), default=200, help="scenes per category (default 200)")
-    wc.add_argument("--seed", type=int, default=0)
+    wc.add_argument("--num", type=A.integer("--num", 1, 100_000), default=200, help="scenes per category (default 200)")
+    wc.add_argument("--seed", type=A.seed, default=0)
     wc.add_argument("--degraded", action="store_true", help="also blur + noise the renders (like model output)")
     wc.add_argument("--json", dest="json_out", help="write the result JSON here")
     wf = wsub.add_parser("fd-scale", help="FD anchors: renders vs renders (floor), mismatched specs, junk")
     wf.add_argument("--split", default="test")
-    wf.add_argument("--num", type=_positive_int("--num"), default=200)
-    wf.add_argument("--seed", type=int, default=1)
+    wf.add_argument("--num", type=A.integer("--num", 1, 100_000), default=200)
+    wf.add_argument("--seed", type=A.seed, default=1)
     wf.add_argument("--json", dest="json_out")
     ws = wsub.add_parser("specs", help="write a split's specs as JSONL")
     ws.add_argument("--split", required=True, help="train | val | test | heldout")
-    ws.add_argument("--num", type=_positive_int("--num"), default=200)
-    ws.add_argument("--seed", type=int, default=0)
+    ws.add_argument("--num", type=A.integer("--num", 1, A.MAX_COUNT), default=200)
+    ws.add_argument("--seed", type=A.seed, default=0)
     ws.add_argument("--out", required=True)
 
     pt = sub.add_parser("pretrain", help="train (or reuse) the toy teacher on the shapes world")
@@ -74,9 +56,9 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--model", required=True, help="SD3 pipeline folder or hub id")
     g.add_argument("--revision")
     g.add_argument("--prompts", help="a text file, one prompt per line; writes a grid")
-    g.add_argument("--steps", type=_positive_int("--steps"))
-    g.add_argument("--guidance", type=_guidance)
-    g.add_argument("--seed", type=int, default=0)
+    g.add_argument("--steps", type=A.steps)
+    g.add_argument("--guidance", type=A.guidance)
+    g.add_argument("--seed", type=A.seed, default=0)
     g.add_argument("--no-t5", action="store_true", help="run without T5 (zeros in its place)")
     g.add_argument("--variant", default="auto", help=VARIANT_HELP)
     g.add_argument("--out", required=True, help="output PNG")
@@ -84,14 +66,14 @@ def build_parser() -> argparse.ArgumentParser:
     e = sub.add_parser("eval", help="alignment (judge), FD and timing on a split or a spec file")
     e.add_argument("--model", required=True)
     e.add_argument("--revision")
-    e.add_argument("--steps", type=_positive_int("--steps"))
-    e.add_argument("--guidance", type=_guidance)
+    e.add_argument("--steps", type=A.steps)
+    e.add_argument("--guidance", type=A.guidance)
     src = e.add_mutually_exclusive_group(required=True)
     src.add_argument("--split", help="test | heldout | val | train")
     src.add_argument("--specs", help="a JSONL spec file; one image per line, cycling")
-    e.add_argument("--num-images", type=_positive_int("--num-images"), default=200)
-    e.add_argument("--seed", type=int, default=0)
-    e.add_argument("--batch-size", type=_positive_int("--batch-size"), default=32)
+    e.add_argument("--num-images", type=A.integer("--num-images", 1, 100_000), default=200)
+    e.add_argument("--seed", type=A.seed, default=0)
+    e.add_argument("--batch-size", type=A.batch_size, default=32)
     e.add_argument("--no-t5", action="store_true")
     e.add_argument("--no-fd", action="store_true", help="skip the FD computation")
     e.add_argument("--variant", default="auto", help=VARIANT_HELP)
@@ -112,13 +94,15 @@ def build_parser() -> argparse.ArgumentParser:
     ds.add_argument("--resume", action="store_true", help="continue an unfinished run of the same config")
     ds.add_argument("--init-from", metavar="WORK", help="start at stage 2 (split-timestep) from the end of stage 1 "
                     "of another run of this config (its work folder), instead of redoing stages 0-1")
+    ds.add_argument("--from-work", metavar="WORK", help="use the work folder of an earlier run of this config: "
+                    "continue it, or export its finished student to --out without training")
     ds.add_argument("--no-progress", action="store_true")
 
     m = sub.add_parser("merge", help="merge a split-timestep student's branches at a ratio (or weights)")
     m.add_argument("--student", required=True, help="student folder with split-timestep branches")
     m.add_argument("--out", required=True, help="folder for the merged student (branches kept)")
     mw = m.add_mutually_exclusive_group(required=True)
-    mw.add_argument("--ratio", type=float, help="W = (1 - r) W_0 + r W_1; 0 = branch 0 (noisy t), 1 = branch 1")
+    mw.add_argument("--ratio", type=A.number("--ratio", 0.0, 1.0), help="W = (1 - r) W_0 + r W_1; 0 = branch 0 (noisy t), 1 = branch 1")
     mw.add_argument("--weights", help="comma-separated w_b (>= 0, sum 1), one per branch")
     m.add_argument("--unmerged", action="store_true", help="make routing each step to its branch the default")
 
@@ -127,10 +111,10 @@ def build_parser() -> argparse.ArgumentParser:
     ms.add_argument("--out", required=True, help="folder for sweep.json, sweep.png, the evaluations and student/")
     ms.add_argument("--ratios", default="0:1:0.1", help="start:stop:step (inclusive) or a list 0,0.3,1")
     ms.add_argument("--split", default="val", help="val only (test and heldout are refused)")
-    ms.add_argument("--num-images", type=_positive_int("--num-images"), default=100)
-    ms.add_argument("--seed", type=int, default=0)
-    ms.add_argument("--batch-size", type=_positive_int("--batch-size"), default=32)
-    ms.add_argument("--fd-tolerance", type=float, default=0.1,
+    ms.add_argument("--num-images", type=A.integer("--num-images", 1, 100_000), default=100)
+    ms.add_argument("--seed", type=A.seed, default=0)
+    ms.add_argument("--batch-size", type=A.batch_size, default=32)
+    ms.add_argument("--fd-tolerance", type=A.number("--fd-tolerance", 0.0, 100.0), default=0.1,
                     help="admit ratios with FD <= (1 + tol) x the sweep's lowest FD (default 0.1)")
 
     inf = sub.add_parser("info", help="a model folder's sd35flash.json and, for split students, branch memory")
@@ -143,7 +127,7 @@ def build_parser() -> argparse.ArgumentParser:
     d.add_argument("--preset", default="quick", choices=("smoke", "quick", "full"),
                    help="smoke (tests, ~3 min) | quick (`make demo`) | full (cached default teacher, default recipe)")
     d.add_argument("--out", default="runs/demo", help="output folder (report, evaluations, students)")
-    d.add_argument("--num-images", type=_positive_int("--num-images"))
+    d.add_argument("--num-images", type=A.integer("--num-images", 1, 100_000))
     d.add_argument("--no-progress", action="store_true")
     return p
 
@@ -157,23 +141,24 @@ def _add_export_plan_commands(sub) -> None:
     x.add_argument("--format", required=True, choices=("onnx",), help="onnx (Core ML is not implemented)")
     x.add_argument("--out", required=True, help="output folder (*.onnx + sd35flash-onnx.json)")
     x.add_argument("--int8", action="store_true", help="onnxruntime int8 dynamic quantization (not the VAE)")
-    x.add_argument("--resolution", type=_positive_int("--resolution"), help="image size in pixels (default: the model's)")
+    x.add_argument("--resolution", type=A.resolution, help="image size in pixels (default: the model's)")
     x.add_argument("--no-progress", action="store_true")
     pl = sub.add_parser("plan", help="predict the memory a preset needs (weights, activations, peak)")
     pl.add_argument("--config", required=True, help="sd35-medium | sd35-large | an SD3 pipeline folder")
     pl.add_argument("--preset", required=True, help="desktop-16bit-t5 | laptop-8bit-no-t5 | mobile-6bit-no-t5 | cpu-onnx-int8")
-    pl.add_argument("--resolution", type=_positive_int("--resolution"), default=1024, help="image size in pixels")
+    pl.add_argument("--resolution", type=A.resolution, default=1024, help="image size in pixels")
     pl.add_argument("--cfg", action="store_true", help="classifier-free guidance (batch 2 per image; teachers)")
-    pl.add_argument("--batch", type=_positive_int("--batch"), default=1, help="images per batch")
+    pl.add_argument("--batch", type=A.integer("--batch", 1, A.MAX_BATCH), default=1, help="images per batch")
     pl.add_argument("--json", dest="json_out", help="write the plan JSON here")
 
 
 def _cmd_export(args) -> int:
-    from .deploy.onnx_export import check_export_parts, copy_export, read_manifest
+    from .deploy.onnx_export import check_export_output, check_export_parts, copy_export, read_manifest
     from .deploy.onnx_runtime import cached_export
     from .models.pipeline_io import is_local_path, load_pipeline
     from .paths import cache_root
 
+    check_export_output(args.out)
     if is_local_path(args.model):
         check_export_parts(args.model)
     pipe = load_pipeline(args.model)
@@ -188,39 +173,44 @@ def _cmd_export(args) -> int:
 
 def _cmd_plan(args) -> int:
     from .deploy.plan import plan_memory, plan_to_text
-    from .imaging import atomic_write_text
+    from .io import atomic_write_json
 
+    if args.json_out:
+        check_writable_output(args.json_out, "file", "--json")
     res = plan_memory(args.config, args.preset, args.resolution, cfg=args.cfg, batch=args.batch)
     if args.json_out:
-        atomic_write_text(args.json_out, json.dumps(res, indent=1))
+        atomic_write_json(args.json_out, res, "--json")
     print(plan_to_text(res))
     return 0
 
 
 def _cmd_world(args) -> int:
-    if args.world_command == "check":
-        from .world.selftest import run_selftest
+    from .io import atomic_write_json, to_json
 
-        res = run_selftest(args.num, seed=args.seed, progress=True, degraded=args.degraded)
-        text = json.dumps(res, indent=1)
+    if args.world_command in ("check", "fd-scale"):
         if args.json_out:
-            from .imaging import atomic_write_text
+            check_writable_output(args.json_out, "file", "--json")
+        if args.world_command == "check":
+            from .world.selftest import run_selftest
 
-            atomic_write_text(args.json_out, text)
-        print(text)
-        return 0
-    if args.world_command == "fd-scale":
-        from .evaluate.fd_scale import fd_scale
-        from .imaging import atomic_write_text
+            res = run_selftest(args.num, seed=args.seed, progress=True, degraded=args.degraded)
+        else:
+            from .evaluate.fd_scale import fd_scale
+            from .world import SPLITS
 
-        text = json.dumps(fd_scale(args.split, args.num, args.seed), indent=1)
+            if args.split not in SPLITS:
+                raise UserError(f"unknown split {args.split!r}; choose one of {', '.join(SPLITS)}")
+            res = fd_scale(args.split, args.num, args.seed)
         if args.json_out:
-            atomic_write_text(args.json_out, text)
-        print(text)
+            atomic_write_json(args.json_out, res, "--json")
+        print(to_json(res))
         return 0
-    from .world import split_specs
+    from .world import SPLITS, split_specs
     from .world.spec import write_jsonl
 
+    if args.split not in SPLITS:
+        raise UserError(f"unknown split {args.split!r}; choose one of {', '.join(SPLITS)}")
+    check_writable_output(args.out, "file")
     write_jsonl(args.out, split_specs(args.split, args.num, seed=args.seed))
     print(f"wrote {args.num} {args.split} specs to {args.out}")
     return 0
@@ -231,6 +221,7 @@ def _cmd_pretrain(args) -> int:
     from .pretrain.run import pretrain
 
     cfg = load_pretrain_config(args.preset, args.config)
+    check_model_output(args.out)
     name = Path(args.config).stem if args.config else args.preset
     out = pretrain(cfg, Path(args.out), name, resume=args.resume, progress=not args.no_progress)
     if int(os.environ.get("RANK", "0")) == 0:
@@ -240,9 +231,7 @@ def _cmd_pretrain(args) -> int:
 
 def _read_prompts(path: str) -> list[str]:
     p = Path(path)
-    if not p.is_file():
-        raise UserError(f"prompt file {p} does not exist")
-    prompts = [line.strip() for line in p.read_text().splitlines() if line.strip()]
+    prompts = [line.strip() for line in read_text(p, "prompt file").splitlines() if line.strip()]
     if not prompts:
         raise UserError(f"prompt file {p} holds no prompts; write one prompt per line")
     return prompts
@@ -262,8 +251,9 @@ def _cmd_generate(args) -> int:
         raise UserError("the prompt is empty; pass some text, e.g. \"a red circle\"")
     if not args.out.lower().endswith(".png"):
         raise UserError(f"--out must be a .png file, got {args.out}")
+    check_writable_output(args.out, "file")
     dp = _deploy.deployed_from_args(args)
-    pipe = dp.pipe if dp else load_pipeline(args.model, revision=args.revision)
+    pipe = dp.pipe if dp else load_pipeline(args.model, revision=args.revision, device=_plain_device(args))
     schedule, steps, guidance = resolve_sampling(pipe, args.model, args.steps, args.guidance)
     seeds = [args.seed + i for i in range(len(prompts))]
     model = sampling_transformer(pipe, args.model, args.variant)
@@ -276,12 +266,16 @@ def _cmd_generate(args) -> int:
 
 
 def _cmd_eval(args) -> int:
-    from .evaluate.evaluator import EvalRequest, evaluate
+    from .evaluate.evaluator import EvalRequest, evaluate, load_specs
 
+    check_writable_output(args.json_out, "file", "--json")
+    if args.save_images:
+        check_writable_output(args.save_images, "dir", "--save-images")
+    load_specs(args.split, args.specs, 1)  # a bad split or spec file fails before the model loads
     req = EvalRequest(model=args.model, steps=args.steps, guidance=args.guidance, split=args.split,
                       specs_file=args.specs, num_images=args.num_images, seed=args.seed,
                       batch_size=args.batch_size, use_t5=not args.no_t5, fd=not args.no_fd, revision=args.revision,
-                      variant=args.variant)
+                      variant=args.variant, device=_plain_device(args))
     dp = _deploy.deployed_from_args(args)
     req.use_t5 = dp.use_t5 if dp else req.use_t5
     res = evaluate(req, args.json_out, save_images=args.save_images,
@@ -325,13 +319,16 @@ def _cmd_distill(args) -> int:
     from .distill.run import distill
 
     cfg = load_distill_config(args.preset, args.config)
+    if args.prompts != "shapes" and not Path(args.prompts).is_file():
+        raise UserError(f"--prompts {args.prompts} is not a file; pass shapes or a text / JSONL prompt file")
     if args.overrides:
         cfg = merge(cfg, parse_overrides(args.overrides), where="--set")
     if args.student_steps is not None:
         cfg = merge(cfg, {"student_steps": args.student_steps})
     recipe = (args.config or f"preset:{args.preset}") + "".join(f" --set {o}" for o in args.overrides)
+    check_model_output(args.out)
     out = distill(cfg, args.teacher, Path(args.out), prompts=args.prompts, revision=args.revision, recipe=recipe,
-                  resume=args.resume, progress=not args.no_progress, init=args.init_from)
+                  resume=args.resume, progress=not args.no_progress, init=args.init_from, from_work=args.from_work)
     print(f"student ready: {out} ({cfg.student_steps} steps)")
     return 0
 
@@ -347,6 +344,13 @@ def _cmd_merge(args) -> int:
             weights = [float(x) for x in args.weights.split(",")]
         except ValueError:
             raise UserError(f"--weights {args.weights!r} must be comma-separated numbers") from None
+        if len(weights) > 64 or any(not math.isfinite(w) or w < 0 for w in weights):
+            raise UserError(f"--weights {args.weights!r} must be up to 64 finite numbers >= 0 summing to 1")
+    student = Path(args.student).expanduser()
+    if not student.is_dir():
+        raise UserError(f"--student {student} {'is a file' if student.exists() else 'does not exist'}; "
+                        "pass a split-timestep student folder")
+    check_model_output(args.out)
     out = write_merged(args.student, Path(args.out), weights, unmerged=True if args.unmerged else None,
                        note={"source": str(args.student), "weights": weights})
     print(json.dumps({"out": str(out), **memory_report(out)}, indent=1))
@@ -354,11 +358,12 @@ def _cmd_merge(args) -> int:
 
 
 def _cmd_merge_sweep(args) -> int:
-    from .evaluate.merge_sweep import SweepRequest, merge_sweep, parse_ratios
+    from .evaluate.merge_sweep import SweepRequest, check_request, merge_sweep, parse_ratios
 
     req = SweepRequest(student=args.student, out=args.out, ratios=parse_ratios(args.ratios), split=args.split,
                        num_images=args.num_images, seed=args.seed, batch_size=args.batch_size,
                        fd_tolerance=args.fd_tolerance)
+    check_request(req)
     res = merge_sweep(req)
     print(json.dumps({"chosen_ratio": res["chosen_ratio"], "chosen_student": res["chosen_student"],
                       "curve": [{"ratio": p["ratio"], "overall": p["alignment"]["overall"], "fd_effnet": p["fd_effnet"]}
@@ -371,6 +376,8 @@ def _cmd_info(args) -> int:
     from .models.pipeline_io import MODEL_INDEX
     from .models.student_info import read_student_info
 
+    if not Path(args.model).exists():
+        raise UserError(f"{args.model} does not exist; pass a model folder")
     if not (Path(args.model) / MODEL_INDEX).is_file():
         raise UserError(f"{args.model} is not a model folder (no {MODEL_INDEX})")
     info = read_student_info(args.model)
@@ -386,6 +393,7 @@ def _cmd_info(args) -> int:
 def _cmd_demo(args) -> int:
     from .demo import run_demo
 
+    check_writable_output(args.out, "dir")
     run_demo(args.preset, Path(args.out), num_images=args.num_images, progress=not args.no_progress)
     return 0
 
@@ -396,6 +404,23 @@ COMMANDS = {"world": _cmd_world, "pretrain": _cmd_pretrain, "generate": _cmd_gen
 COMMANDS.update({"export": _cmd_export, "plan": _cmd_plan})
 
 
+def _one_line(text: str) -> str:
+    return " ".join(text.split()) or "failed"
+
+
+def _check_device(args) -> None:
+    """Any ``--device`` is resolved before work starts: a device this machine lacks is an error."""
+    if getattr(args, "device", None) not in (None, "auto"):
+        from .deploy.pipeline import resolve_device
+
+        resolve_device(args.device)
+
+
+def _plain_device(args) -> str:
+    """The device of a run without ``--preset``: ``--device`` when given, else the CPU."""
+    return "cpu" if getattr(args, "device", "auto") in (None, "auto") else args.device
+
+
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
@@ -403,9 +428,14 @@ def main(argv: list[str] | None = None) -> int:
     os.environ.setdefault("DIFFUSERS_VERBOSITY", "error")
     os.environ.setdefault("HF_HUB_DISABLE_PROGRESS_BARS", "1")
     try:
+        _check_device(args)
         return COMMANDS[args.command](args)
     except UserError as e:
-        print(f"sd35flash: error: {e}", file=sys.stderr)
+        print(f"sd35flash: error: {_one_line(str(e))}", file=sys.stderr)
+        return 2
+    except OSError as e:  # a path problem no check above foresaw: still one line, never a traceback
+        where = f" ({e.filename})" if e.filename else ""
+        print(f"sd35flash: error: {e.strerror or e}{where}", file=sys.stderr)
         return 2
     except KeyboardInterrupt:
         print("sd35flash: interrupted; checkpoints written so far are kept (use --resume)", file=sys.stderr)

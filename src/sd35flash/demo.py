@@ -15,7 +15,6 @@ Each stage is a library call with its own progress bar; finished stages are reus
 
 from __future__ import annotations
 
-import json
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -26,7 +25,7 @@ from .distill.run import default_teacher, distill
 from .evaluate.evaluator import EvalRequest, evaluate
 from .evaluate.merge_sweep import SweepRequest, merge_sweep, parse_ratios
 from .evaluate.report import write_report
-from .imaging import atomic_write_text
+from .io import atomic_write_json
 from .models.student_info import read_student_info
 from .pretrain.config import load_pretrain_config
 from .pretrain.run import pretrain, teacher_dir
@@ -131,7 +130,7 @@ def run_demo(name: str, out: Path, num_images: int | None = None, progress: bool
         notes.append("smoke / quick budgets are tiny: these models show the pipeline, not the method's quality")
     report = clock.run("report", lambda: write_report(out, f"sd35flash demo ({name})", results, metric_files,
                                                       notes=notes, figures=figures, timings=clock.seconds))
-    atomic_write_text(out / "demo.json", json.dumps({"preset": name, "seconds": clock.seconds, "report": str(report),
-                                                     "results": results}, indent=1))
+    atomic_write_json(out / "demo.json", {"preset": name, "seconds": clock.seconds, "report": str(report),
+                                                     "results": results})
     print(f"report: {report}  ({sum(clock.seconds.values()):.0f} s in all)")
     return report

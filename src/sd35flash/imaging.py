@@ -2,13 +2,13 @@
 
 from __future__ import annotations
 
-import os
-import tempfile
 from collections.abc import Sequence
 from pathlib import Path
 
 import numpy as np
 from PIL import Image, ImageDraw, ImageFont
+
+from .io import atomic_write, atomic_write_text  # noqa: F401  (atomic_write_text: kept importable from here)
 
 
 def make_grid(images: np.ndarray | Sequence[np.ndarray], cols: int | None = None, pad: int = 2,
@@ -53,25 +53,6 @@ def make_grid(images: np.ndarray | Sequence[np.ndarray], cols: int | None = None
 
 
 def save_png(path: str | Path, image: np.ndarray) -> Path:
-    """Write a PNG atomically (temp file in the same folder, then rename)."""
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(suffix=".png", dir=path.parent)
-    os.close(fd)
-    try:
-        Image.fromarray(np.asarray(image, dtype=np.uint8)).save(tmp, format="PNG")
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
-    return path
-
-
-def atomic_write_text(path: str | Path, text: str) -> Path:
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(suffix=".tmp", dir=path.parent)
-    with os.fdopen(fd, "w") as f:
-        f.write(text)
-    os.replace(tmp, path)
-    return path
+    """Write a PNG atomically (:func:`sd35flash.io.atomic_write`)."""
+    arr = np.asarray(image, dtype=np.uint8)
+    return atomic_write(path, lambda tmp: Image.fromarray(arr).save(tmp, format="PNG"), "image")

@@ -162,7 +162,9 @@ def _run_worker(job: _Job) -> dict:
     job_file = folder / "job.json"
     out_file = folder / "row.json"
     out_file.unlink(missing_ok=True)
-    job_file.write_text(json.dumps(asdict(job), indent=1))
+    from ..io import atomic_write_json
+
+    atomic_write_json(job_file, asdict(job))
     cmd = [sys.executable, "-m", "sd35flash.deploy.bench", "--worker", str(job_file), "--out", str(out_file)]
     proc = subprocess.run(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=dict(os.environ))
     if proc.returncode != 0 or not out_file.is_file():
@@ -174,7 +176,7 @@ def _run_worker(job: _Job) -> dict:
 
 def run_bench(req: BenchRequest) -> dict:
     """Measure every preset (and the teacher) and write ``req.json_out`` atomically."""
-    from ..imaging import atomic_write_text
+    from ..io import atomic_write_json
     from .pipeline import resolve_device
     from .presets import check_runnable, get_preset
 
@@ -207,7 +209,7 @@ def run_bench(req: BenchRequest) -> dict:
             result["teacher"] = {"model": model, **row}
         else:
             result["presets"][name] = row
-    atomic_write_text(req.json_out, json.dumps(result, indent=1))
+    atomic_write_json(req.json_out, result, "bench JSON")
     return result
 
 
@@ -350,7 +352,7 @@ def measure(job: _Job) -> dict:
 def _worker_main(argv: list[str]) -> int:
     import argparse
 
-    from ..imaging import atomic_write_text  # importing sd35flash also quiets torchao's import logs
+    from ..io import atomic_write_json  # importing sd35flash also quiets torchao's import logs
 
     p = argparse.ArgumentParser(prog="sd35flash.deploy.bench")
     p.add_argument("--worker", required=True)
@@ -362,7 +364,7 @@ def _worker_main(argv: list[str]) -> int:
     except UserError as e:
         print(f"sd35flash: error: {e}", file=sys.stderr)
         return 2
-    atomic_write_text(args.out, json.dumps(row, indent=1))
+    atomic_write_json(args.out, row)
     return 0
 
 

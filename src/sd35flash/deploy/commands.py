@@ -11,13 +11,13 @@ from collections.abc import Callable
 
 def _add_runtime_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--preset", help="a device preset (precision, quantization, T5, ...); see `sd35flash presets`")
-    p.add_argument("--device", default="auto", help="auto (CUDA if present) | cpu | cuda | cuda:N; used with --preset")
+    p.add_argument("--device", default="auto", help="auto (CUDA if present with --preset, else CPU) | cpu | cuda | cuda:N")
     p.add_argument("--no-embed-cache", action="store_true", help="with --preset: do not cache prompt embeddings on disk")
 
 
 def register(sub, generate_parser: argparse.ArgumentParser, eval_parser: argparse.ArgumentParser) -> dict[str, Callable]:
     """Add the runtime options and subcommands; returns ``{command: handler}`` for ``cli.COMMANDS``."""
-    from ..cli import _positive_int  # cli imports this module first; it is complete by the time it calls us
+    from .. import args as A
 
     _add_runtime_args(generate_parser)
     _add_runtime_args(eval_parser)
@@ -30,13 +30,13 @@ def register(sub, generate_parser: argparse.ArgumentParser, eval_parser: argpars
     b.add_argument("--presets", required=True, help="comma-separated preset names")
     b.add_argument("--json", dest="json_out", required=True)
     b.add_argument("--teacher", help="also measure this teacher folder (one row, `teacher`)")
-    b.add_argument("--teacher-steps", type=_positive_int("--teacher-steps"), default=28)
+    b.add_argument("--teacher-steps", type=A.integer("--teacher-steps", 1, A.MAX_STEPS), default=28)
     b.add_argument("--teacher-preset", default="reference-fp32", help="preset for the teacher row")
-    b.add_argument("--steps", type=_positive_int("--steps"), help="model steps (default: its sd35flash.json)")
-    b.add_argument("--guidance", type=float, help="model guidance (default: its sd35flash.json)")
-    b.add_argument("--num-images", type=_positive_int("--num-images"), default=4, help="images per timed run (one batch)")
-    b.add_argument("--runs", type=_positive_int("--runs"), default=3, help="timed runs after one warm-up (median)")
-    b.add_argument("--eval-images", type=_positive_int("--eval-images"), default=100,
+    b.add_argument("--steps", type=A.steps, help="model steps (default: its sd35flash.json)")
+    b.add_argument("--guidance", type=A.guidance, help="model guidance (default: its sd35flash.json)")
+    b.add_argument("--num-images", type=A.integer("--num-images", 1, A.MAX_BATCH), default=4, help="images per timed run (one batch)")
+    b.add_argument("--runs", type=A.integer("--runs", 1, 1000), default=3, help="timed runs after one warm-up (median)")
+    b.add_argument("--eval-images", type=A.integer("--eval-images", 1, 100_000), default=100,
                    help="test-split specs for alignment and FD")
     b.add_argument("--no-fd", action="store_true")
     b.add_argument("--device", default="auto")
@@ -58,21 +58,26 @@ def deployed_from_args(args):
 
 
 def cmd_presets(args) -> int:
+    from ..io import atomic_write_json, check_writable_output
     from .pipeline import resolve_device
     from .presets import PRESETS, presets_table
 
     dev = resolve_device(args.device)
+    if args.json_out:
+        check_writable_output(args.json_out, "file", "--json")
     print(presets_table(dev))
     if args.json_out:
-        from ..imaging import atomic_write_text
-
-        atomic_write_text(args.json_out, json.dumps({n: p.to_dict() for n, p in PRESETS.items()}, indent=1))
+        atomic_write_json(args.json_out, {n: p.to_dict() for n, p in PRESETS.items()}, "--json")
     return 0
 
 
 def cmd_bench(args) -> int:
+    from ..io import check_writable_output
     from .bench import BenchRequest, run_bench
 
+    check_writable_output(args.json_out, "file", "--json")
+    if args.work:
+        check_writable_output(args.work, "dir", "--work")
     req = BenchRequest(model=args.model, presets=[p.strip() for p in args.presets.split(",") if p.strip()],
                        json_out=args.json_out, teacher=args.teacher, teacher_steps=args.teacher_steps,
                        teacher_preset=args.teacher_preset, steps=args.steps, guidance=args.guidance,

@@ -32,7 +32,6 @@ from __future__ import annotations
 import argparse
 import copy
 import gc
-import json
 import statistics
 import time
 from collections.abc import Callable
@@ -177,7 +176,7 @@ def run_bench(out: str | Path, arch: Architecture, device: torch.device, dtype: 
               precisions: tuple[str, ...] = ("bf16", "int8", "fp8"), log: Callable[[str], None] = print) -> dict[str, Any]:
     """Run every section (see the module docstring) and write the JSON to ``out`` after each."""
     from sd35flash import flow
-    from sd35flash.imaging import atomic_write_text
+    from sd35flash.io import atomic_write_json
     from sd35flash.sampling import encode_prompts, generate, latent_shape, make_noise, sample_latents, scheduler_schedule
 
     t_start = time.perf_counter()
@@ -191,7 +190,7 @@ def run_bench(out: str | Path, arch: Architecture, device: torch.device, dtype: 
 
     def save() -> None:
         result["wall_seconds"] = time.perf_counter() - t_start
-        atomic_write_text(out, json.dumps(result, indent=1))
+        atomic_write_json(out, result)
 
     t0 = time.perf_counter()
     pipe = build_random_pipeline(arch, device, dtype)

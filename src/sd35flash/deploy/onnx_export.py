@@ -47,6 +47,7 @@ from typing import Any
 import torch
 
 from sd35flash.errors import UserError
+from sd35flash.io import atomic_write_json, check_model_output, copy_dir, staged_dir
 
 __all__ = [
     "GRAPHS",
@@ -328,7 +329,7 @@ def _folder_bytes(folder: Path, graph: str) -> int:
     return sum(p.stat().st_size for p in _graph_files(folder, graph))
 
 
-# ----------------------------------------------------------------------------- atomic folders
+# ----------------------------------------------------------------------------- output folders
 
 
 def ensure_writable_dir(path: str | os.PathLike[str], what: str) -> Path:
@@ -344,33 +345,11 @@ def ensure_writable_dir(path: str | os.PathLike[str], what: str) -> Path:
     return p
 
 
-def _replace_dir(tmp: Path, target: Path) -> None:
-    old = target.parent / f".{target.name}.old-{uuid.uuid4().hex[:8]}"
-    if target.exists():
-        os.replace(target, old)
-    os.replace(tmp, target)
-    shutil.rmtree(old, ignore_errors=True)
-
-
 # ----------------------------------------------------------------------------- export
 
 
-@contextmanager
-def staged_dir(target: Path) -> Iterator[Path]:
-    """A new temporary sibling folder of ``target`` that replaces ``target`` when the block completes
-    and is removed when it fails, so an interrupted write leaves nothing behind."""
-    tmp = target.parent / f".{target.name}.tmp-{uuid.uuid4().hex[:8]}"
-    tmp.mkdir()
-    try:
-        yield tmp
-        _replace_dir(tmp, target)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
-
-
 def _write_manifest(folder: Path, manifest: dict[str, Any]) -> None:
-    (folder / MANIFEST).write_text(json.dumps(manifest, indent=1), encoding="utf-8")
+    atomic_write_json(folder / MANIFEST, manifest, "export manifest")
 
 
 def export_onnx(pipe, out_dir: str | os.PathLike[str], int8: bool = False, resolution: int | None = None,
@@ -467,17 +446,11 @@ def copy_export(src_dir: str | os.PathLike[str], out_dir: str | os.PathLike[str]
     replacing what was there only once the new folder is complete."""
     src = Path(src_dir).expanduser()
     read_manifest(src)
-    target = Path(out_dir).expanduser()
-    if target.exists() and not target.is_dir():
-        raise UserError(f"--out {target} is a file; pass a folder")
-    ensure_writable_dir(target.parent, "output folder")
+    target = check_export_output(out_dir)
+    return copy_dir(src, target, "export folder", link=True)
 
-    def link_or_copy(a: str, b: str) -> None:
-        try:
-            os.link(a, b)
-        except OSError:
-            shutil.copy2(a, b)
 
-    with staged_dir(target) as tmp:
-        shutil.copytree(src, tmp, copy_function=link_or_copy, dirs_exist_ok=True)
-    return target
+def check_export_output(out_dir: str | os.PathLike[str]) -> Path:
+    """``--out`` of ``export``: writable, and an existing folder only when it is an export (holds
+    ``sd35flash-onnx.json``) or empty, so a user's other files are never replaced."""
+    return check_model_output(out_dir, "--out", marker=MANIFEST)

@@ -96,7 +96,7 @@ def _mixed_precision(pipe, model: str, preset: Preset, encoder: PromptEncoder, p
     """Run (or reuse) the sensitivity scan and leave ``pipe.transformer`` quantized; returns
     (kept layers, report)."""
     from ..evaluate.evaluator import resolve_sampling
-    from ..imaging import atomic_write_text
+    from ..io import atomic_write_json
     from ..world import canonical_prompt, split_specs
     from .sensitivity import Calibration, capture_calibration, sensitivity_scan
 
@@ -122,7 +122,7 @@ def _mixed_precision(pipe, model: str, preset: Preset, encoder: PromptEncoder, p
         del target
         quantize_module(pipe.transformer, preset.quantization, skip=result["kept"])
     try:
-        atomic_write_text(cached, json.dumps(result, indent=1))
+        atomic_write_json(cached, result)
     except OSError:
         pass  # the scan result is a convenience cache; the model is already quantized
     return result["kept"], result

@@ -22,7 +22,6 @@ settings:
 from __future__ import annotations
 
 import argparse
-import json
 import threading
 import time
 from collections.abc import Callable
@@ -221,9 +220,9 @@ def main(argv: list[str] | None = None) -> int:
     worst = max(abs(r["error"]) for r in rows)
     print(f"largest error {worst:.1%} over {len(rows)} checks")
     if args.json_out:
-        from sd35flash.imaging import atomic_write_text
+        from sd35flash.io import atomic_write_json
 
-        atomic_write_text(args.json_out, json.dumps({"checks": rows, "max_abs_error": worst}, indent=1))
+        atomic_write_json(args.json_out, {"checks": rows, "max_abs_error": worst})
     return 0
 
 

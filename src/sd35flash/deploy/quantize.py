@@ -38,9 +38,6 @@ import contextlib
 import copy
 import json
 import logging
-import os
-import shutil
-import uuid
 from collections.abc import Collection, Iterator
 from dataclasses import dataclass
 from pathlib import Path
@@ -49,6 +46,7 @@ import torch
 from torch import nn
 
 from ..errors import UserError
+from ..io import atomic_write_json, atomic_write_text, staged_dir
 
 __all__ = [
     "METHODS",
@@ -283,25 +281,6 @@ def _dedupe(tensors: dict[str, torch.Tensor]) -> tuple[dict[str, torch.Tensor], 
     return out, aliases
 
 
-@contextlib.contextmanager
-def _atomic_folder(target: Path) -> Iterator[Path]:
-    """Yield a temporary sibling folder; on success it replaces ``target`` (by renames)."""
-    target.parent.mkdir(parents=True, exist_ok=True)
-    token = uuid.uuid4().hex[:8]
-    tmp = target.parent / f".{target.name}.tmp-{token}"
-    old = target.parent / f".{target.name}.old-{token}"
-    tmp.mkdir()
-    try:
-        yield tmp
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
-    if target.exists():
-        os.replace(target, old)
-    os.replace(tmp, target)
-    shutil.rmtree(old, ignore_errors=True)
-
-
 def save_quantized(module: nn.Module, folder: str | Path, method: str, kept: Collection[str] = (),
                    extra: dict | None = None) -> Path:
     """Write ``module`` (quantized with ``method``, ``kept`` layers left alone) to ``folder`` atomically."""
@@ -322,10 +301,10 @@ def save_quantized(module: nn.Module, folder: str | Path, method: str, kept: Col
     info = {"class": name, "method": method, "bits": m.bits, "kept": list(kept), "aliases": aliases,
             "quantization_map": qmap, "versions": _versions(), **(extra or {})}
     folder = Path(folder)
-    with _atomic_folder(folder) as tmp:
+    with staged_dir(folder) as tmp:
         save_file({k: v.detach().cpu() for k, v in tensors.items()}, str(tmp / WEIGHTS_FILE), metadata=meta or None)
-        (tmp / CONFIG_FILE).write_text(json.dumps(_config_dict(module), indent=1, default=str))
-        (tmp / QUANT_FILE).write_text(json.dumps(info, indent=1))
+        atomic_write_text(tmp / CONFIG_FILE, json.dumps(_config_dict(module), indent=1, default=str))
+        atomic_write_json(tmp / QUANT_FILE, info)
     return folder
 
 

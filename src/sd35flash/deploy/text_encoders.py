@@ -149,16 +149,11 @@ class PromptEncoder:
             return
         from safetensors.torch import save_file
 
-        path = self._path(prompt)
-        fd, tmp = tempfile.mkstemp(suffix=".tmp", dir=path.parent)
-        os.close(fd)
-        try:
-            save_file({"embeds": pe.embeds[0].detach().cpu().contiguous(), "pooled": pe.pooled[0].detach().cpu().contiguous()},
-                      tmp, metadata={"prompt": prompt, "fingerprint": self.fingerprint})
-            os.replace(tmp, path)
-        except BaseException:
-            Path(tmp).unlink(missing_ok=True)
-            raise
+        from ..io import atomic_write
+
+        tensors = {"embeds": pe.embeds[0].detach().cpu().contiguous(), "pooled": pe.pooled[0].detach().cpu().contiguous()}
+        atomic_write(self._path(prompt), lambda tmp: save_file(tensors, str(tmp), metadata={
+            "prompt": prompt, "fingerprint": self.fingerprint}), "prompt-embedding cache entry")
 
     # -- encoding ------------------------------------------------------------------------------
     def _lookup(self, prompt: str) -> PromptEmbeds | None:

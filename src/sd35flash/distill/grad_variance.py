@@ -155,9 +155,9 @@ def main(argv: list[str] | None = None) -> int:
     except UserError as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
-    from ..imaging import atomic_write_text
+    from ..io import atomic_write_json
 
-    atomic_write_text(Path(args.json_out), json.dumps(result, indent=1))
+    atomic_write_json(Path(args.json_out), result)
     print(json.dumps(result, indent=1))
     return 0
 

@@ -2,7 +2,10 @@
 
 The work folder (checkpoints, TensorBoard logs, ``metrics.jsonl``, sample grids) is
 ``<cache>/distill/<out name>-<fingerprint>``, keyed by the config, the teacher, the prompt source
-and the output folder. A run with checkpoints there is continued only with ``resume=True``.
+and the output folder. A run with checkpoints there is continued only with ``resume=True``; a
+finished run (``trained.json``) is exported again without training. ``from_work`` names the work
+folder of an earlier run of the same config, to continue it or to export its finished student to
+another output folder (``distill --from-work``).
 Teacher trajectories are cached in ``<cache>/trajectories/`` and reused by every later run with the
 same teacher, prompts and settings.
 """
@@ -10,7 +13,6 @@ same teacher, prompts and settings.
 from __future__ import annotations
 
 import json
-import shutil
 from pathlib import Path
 
 import torch
@@ -18,6 +20,7 @@ from tqdm.auto import tqdm
 
 from ..config import fingerprint, to_dict
 from ..errors import UserError
+from ..io import atomic_write_json, check_model_output, clean_stale, copy_dir, read_text
 from ..models.branches import PRESPLIT_SUBFOLDER, branch_infos
 from ..models.student_info import SplitInfo
 from ..paths import cache_root
@@ -31,6 +34,9 @@ from .prompts import PromptSource, load_prompts
 from .real import RealBank, from_renders, from_teacher
 from .trajectory import TrajectoryBank, build_bank, cache_key, load_or_build, teacher_identity
 from .trainer import DistillTrainer
+
+#: Written in the work folder when training finished (before the export), so a rerun only exports.
+TRAINED = "trained.json"
 
 
 def default_teacher() -> Path:
@@ -68,14 +74,8 @@ def init_from(source: Path, work: Path, cfg: DistillConfig, teacher: str, prompt
                         "folder `sd35flash distill` printed as 'work folder'")
     if cfg.split.steps == 0:
         raise UserError("--init-from starts stage 2 from a finished stage 1; this config has split.steps 0")
-    theirs = json.loads((source / "config.json").read_text())
-    mine = {"config": to_dict(cfg), "teacher": teacher, "prompts": prompts}
-    for side in (theirs, mine):
-        side["config"].pop("split", None)
-        if Path(side["teacher"]).expanduser().exists():
-            side["teacher"] = str(Path(side["teacher"]).expanduser().resolve())
-    if theirs != mine:
-        diff = _differences(theirs, mine)
+    diff = config_differences(source, cfg, teacher, prompts, ignore_split=True)
+    if diff:
         raise UserError(f"--init-from {source} was run with a different config ({', '.join(diff[:5])}); "
                         "only the split section may differ")
     latest = CheckpointManager(source / "checkpoints").latest()
@@ -85,12 +85,52 @@ def init_from(source: Path, work: Path, cfg: DistillConfig, teacher: str, prompt
                         "run first (`sd35flash distill ... --resume`)")
     if any((work / "checkpoints").glob("ckpt-*")):
         raise UserError(f"{work} already has checkpoints; pass --resume instead of --init-from")
-    dest = work / "checkpoints" / latest.name
-    tmp = dest.with_name(dest.name + ".tmp")
-    shutil.rmtree(tmp, ignore_errors=True)
-    shutil.copytree(latest, tmp)
-    tmp.rename(dest)
-    return dest
+    return copy_dir(latest, work / "checkpoints" / latest.name, "checkpoint")
+
+
+def config_differences(source: Path, cfg: DistillConfig, teacher: str, prompts: str,
+                       ignore_split: bool = False) -> list[str]:
+    """Dotted keys whose values differ between the run recorded in work folder ``source`` and this one."""
+    try:
+        theirs = json.loads(read_text(source / "config.json", "work folder config"))
+    except json.JSONDecodeError:
+        raise UserError(f"{source}/config.json is not valid JSON; this is not a usable work folder") from None
+    mine = {"config": to_dict(cfg), "teacher": teacher, "prompts": prompts}
+    for side in (theirs, mine):
+        if ignore_split:
+            side.get("config", {}).pop("split", None)
+        if isinstance(side.get("teacher"), str) and Path(side["teacher"]).expanduser().exists():
+            side["teacher"] = str(Path(side["teacher"]).expanduser().resolve())
+    return _differences(theirs, mine)
+
+
+def total_steps(cfg: DistillConfig) -> int:
+    """Global steps of a complete run: stages 0 and 1, plus stage 2 when ``split.steps > 0``."""
+    return cfg.trajectory.steps + cfg.student.steps + max(cfg.split.steps, 0)
+
+
+def is_trained(work: Path, cfg: DistillConfig) -> bool:
+    """True when the run in ``work`` finished training (``trained.json``, or a checkpoint at its last step)."""
+    if (work / TRAINED).is_file():
+        return True
+    latest = CheckpointManager(work / "checkpoints").latest()
+    try:
+        return latest is not None and int(read_meta(latest)["step"]) >= total_steps(cfg)
+    except (OSError, ValueError, KeyError):
+        return False
+
+
+def check_from_work(source: Path, cfg: DistillConfig, teacher: str, prompts: str) -> Path:
+    """Validate ``--from-work``: a work folder of a run of exactly this config, teacher and prompts."""
+    source = Path(source).expanduser()
+    if not (source / "config.json").is_file():
+        raise UserError(f"--from-work {source} is not a distillation work folder (no config.json); pass the "
+                        "folder `sd35flash distill` printed as 'work folder'")
+    diff = config_differences(source, cfg, teacher, prompts)
+    if diff:
+        raise UserError(f"--from-work {source} was run with a different config ({', '.join(diff[:5])}); pass the "
+                        "same --preset/--config/--set, --teacher and --prompts as that run")
+    return source.resolve()
 
 
 def _differences(a: dict, b: dict, prefix: str = "") -> list[str]:
@@ -161,7 +201,7 @@ def split_outputs(cfg: DistillConfig, presplit, branches) -> tuple[SplitInfo, to
 
 def distill(cfg: DistillConfig, teacher: str | None, out: Path, prompts: str = "shapes", revision: str | None = None,
             recipe: str = "", resume: bool = False, progress: bool = True, stop_at: int | None = None,
-            init: str | Path | None = None) -> Path:
+            init: str | Path | None = None, from_work: str | Path | None = None) -> Path:
     """Distil ``teacher`` into a ``cfg.student_steps``-step student saved at ``out``; returns ``out``.
 
     With stage 2 (``split.steps > 0``) the folder's ``transformer/`` is the merge of the branches at
@@ -169,29 +209,38 @@ def distill(cfg: DistillConfig, teacher: str | None, out: Path, prompts: str = "
 
     ``stop_at`` stops after that global step with a checkpoint (raising ``StopTraining``); ``resume``
     continues from the newest checkpoint of the same run; ``init`` (a work folder) starts stage 2 from
-    the end of stage 1 of another run of this config (:func:`init_from`).
+    the end of stage 1 of another run of this config (:func:`init_from`); ``from_work`` uses that work
+    folder of an earlier run of this config instead of the one keyed to ``out`` (continuing it, or,
+    when it finished, exporting its student to ``out`` without training).
+
+    ``out`` is checked before any work starts: it must be writable, and an existing folder is
+    replaced only when it is a model folder or empty.
     """
     teacher = str(teacher) if teacher is not None else str(default_teacher())
-    out = Path(out).expanduser().resolve()
-    if out.exists() and not out.is_dir():
-        raise UserError(f"--out {out} is a file; pass a folder for the student")
-    if out.is_dir() and any(out.iterdir()) and not (out / "model_index.json").is_file():
-        raise UserError(f"--out {out} exists and is not a model folder; choose a new folder")
+    out = check_model_output(Path(out).expanduser().resolve())
+    if from_work is not None and init is not None:
+        raise UserError("pass either --from-work (continue or re-export a run) or --init-from (start stage 2), "
+                        "not both")
+    if from_work is not None:
+        from_work = check_from_work(Path(from_work), cfg, teacher, prompts)
+    source = load_prompts(prompts, cfg.num_prompts, seed=cfg.runtime.seed)
     models = DistillModels.load(teacher, revision)
     cfg.branch_steps(models.shift)  # a split branch without student steps fails here, before any work
-    source = load_prompts(prompts, cfg.num_prompts, seed=cfg.runtime.seed)
     teacher_id = teacher_identity(teacher, revision)
-    work = work_dir(cfg, teacher_id, prompts, out)
-    if any(work.glob("checkpoints/ckpt-*")) and not resume:
+    work = from_work if from_work is not None else work_dir(cfg, teacher_id, prompts, out)
+    trained = is_trained(work, cfg)
+    if trained:
+        print(f"distill: the run in {work} finished training; exporting its student without training")
+    elif any(work.glob("checkpoints/ckpt-*")) and not (resume or from_work is not None):
         raise UserError(f"an unfinished distillation run for this config exists in {work}; pass --resume to "
                         "continue it, or delete that folder to start over")
     acc = make_accelerator(cfg.runtime, work)
     if acc.is_main_process:
         work.mkdir(parents=True, exist_ok=True)
+        clean_stale(out)
         if init is not None and not any(work.glob("checkpoints/ckpt-*")):  # with --resume: continue this run
             print(f"distill: starting stage 2 from {init_from(Path(init), work, cfg, teacher, prompts)}")
-        (work / "config.json").write_text(json.dumps({"config": to_dict(cfg), "teacher": teacher, "prompts": prompts},
-                                                     indent=1))
+        atomic_write_json(work / "config.json", {"config": to_dict(cfg), "teacher": teacher, "prompts": prompts})
         print(f"distill: work folder {work}")
     acc.wait_for_everyone()
     needs_bank = cfg.trajectory.steps > 0 or (cfg.gan.enabled and cfg.gan.real == "teacher")
@@ -201,6 +250,8 @@ def distill(cfg: DistillConfig, teacher: str | None, out: Path, prompts: str = "
     try:
         student = trainer.run()
         branches = trainer.branch_results()
+        if acc.is_main_process and not trained:
+            atomic_write_json(work / TRAINED, {"step": total_steps(cfg)})
         if acc.is_main_process:
             split, merged, extras = None, student, {}
             if branches:
@@ -208,7 +259,11 @@ def distill(cfg: DistillConfig, teacher: str | None, out: Path, prompts: str = "
             info = student_info(cfg.student_schedule(models.shift), teacher, recipe, needs_t5=cfg.t5_dropout == 0.0,
                                 extra={"config": to_dict(cfg), "prompts": prompts, "world_size": acc.num_processes,
                                        "work_dir": str(work)}, split=split)
-            export_student(models.pipe, merged, out, info, extra_transformers=extras)
+            try:
+                export_student(models.pipe, merged, out, info, extra_transformers=extras)
+            except UserError as e:
+                raise UserError(f"{e}; the trained run is kept: export it with the same command and "
+                                f"--out NEW_FOLDER --from-work {work}") from None
         acc.wait_for_everyone()
     finally:
         acc.end_training()

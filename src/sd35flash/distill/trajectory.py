@@ -13,7 +13,6 @@ from __future__ import annotations
 
 import hashlib
 import json
-import os
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -22,6 +21,7 @@ import torch
 import torch.nn.functional as F
 
 from .. import flow
+from ..io import atomic_torch_save
 from ..sampling import PromptEmbeds, guided_velocity, make_noise, predict_velocity
 from .rollout import times_at
 
@@ -112,9 +112,8 @@ def load_or_build(path: Path, build: Callable[[], TrajectoryBank]) -> tuple[Traj
         return TrajectoryBank(list(blob["prompts"]), blob["states"].float(), list(blob["schedule"])), True
     bank = build()
     path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
-    torch.save({"prompts": bank.prompts, "states": bank.states, "schedule": bank.schedule}, tmp)
-    os.replace(tmp, path)
+    atomic_torch_save(path, {"prompts": bank.prompts, "states": bank.states, "schedule": bank.schedule},
+                      "teacher trajectories")
     return bank, False
 
 

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import json
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -13,7 +12,8 @@ from tqdm.auto import tqdm
 
 from .. import flow
 from ..errors import UserError
-from ..imaging import atomic_write_text, make_grid, save_png
+from ..imaging import make_grid, save_png
+from ..io import atomic_write_json, atomic_write_text, to_json
 from ..models.pipeline_io import load_pipeline
 from ..models.branches import param_bytes, resolve_variant, sampling_transformer
 from ..models.student_info import read_student_info
@@ -135,7 +135,7 @@ def evaluate(req: EvalRequest, json_out: str | Path, save_images: str | Path | N
     if save_images is not None:
         write_image_folder(Path(save_images), images, specs, prompts, seeds, verdicts)
         result["images_dir"] = str(save_images)
-    atomic_write_text(json_out, json.dumps(result, indent=1))
+    atomic_write_json(json_out, result, "evaluation JSON")
     return result
 
 
@@ -146,6 +146,6 @@ def write_image_folder(folder: Path, images: np.ndarray, specs, prompts, seeds, 
     for i, (im, s, p, sd, v) in enumerate(zip(images, specs, prompts, seeds, verdicts)):
         name = f"{i:05d}.png"
         save_png(folder / name, im)
-        lines.append(json.dumps({"file": name, "spec": s.to_dict(), "prompt": p, "seed": sd,
-                                 "correct": v.correct, "checks": v.checks}))
+        lines.append(to_json({"file": name, "spec": s.to_dict(), "prompt": p, "seed": sd,
+                                 "correct": v.correct, "checks": v.checks}, indent=None))
     atomic_write_text(folder / "manifest.jsonl", "\n".join(lines) + "\n")

@@ -13,7 +13,6 @@ student folder.
 
 from __future__ import annotations
 
-import json
 import math
 from dataclasses import asdict, dataclass
 from pathlib import Path
@@ -26,12 +25,14 @@ from tqdm.auto import tqdm  # noqa: E402
 
 from ..distill.merge import load_branches, merge_state_dicts, ratio_weights, write_merged  # noqa: E402
 from ..errors import UserError  # noqa: E402
-from ..imaging import atomic_write_text  # noqa: E402
+from ..io import atomic_write_json, check_model_output, check_writable_output  # noqa: E402
 from ..models.pipeline_io import load_pipeline  # noqa: E402
 from ..models.student_info import read_student_info  # noqa: E402
 from .evaluator import EvalRequest, evaluate  # noqa: E402
 
 SELECTION_SPLIT = "val"
+#: At most this many ratios per sweep (each one is a full evaluation).
+MAX_RATIOS = 101
 
 
 def parse_ratios(text: str) -> list[float]:
@@ -42,14 +43,23 @@ def parse_ratios(text: str) -> list[float]:
             start, stop, step = (float(x) for x in text.split(":"))
             if step <= 0 or stop < start:
                 raise ValueError
-            n = int(math.floor((stop - start) / step + 1e-9)) + 1
+            if not all(math.isfinite(x) for x in (start, stop, step)):
+                raise ValueError
+            n = math.floor(min((stop - start) / step, 1e9) + 1e-9) + 1
+            if n > MAX_RATIOS:
+                raise UserError(f"--ratios {text!r} gives {n} ratios; at most {MAX_RATIOS} (each is a full "
+                                "evaluation): use a larger step")
             vals = [round(start + i * step, 10) for i in range(n)]
         else:
             vals = [float(x) for x in text.split(",") if x.strip()]
-    except ValueError:
+    except (ValueError, OverflowError):
         raise UserError(f"--ratios {text!r} is malformed; use start:stop:step (0:1:0.1) or a list (0,0.3,1)") from None
     if not vals:
         raise UserError(f"--ratios {text!r} holds no ratio")
+    if len(vals) > MAX_RATIOS:
+        raise UserError(f"--ratios holds {len(vals)} ratios; at most {MAX_RATIOS} (each is a full evaluation)")
+    if not all(math.isfinite(r) for r in vals):
+        raise UserError(f"--ratios {text!r} holds a non-finite number; ratios lie in [0, 1]")
     for r in vals:
         ratio_weights(r)  # UserError outside [0, 1]
     return sorted(set(vals))
@@ -94,22 +104,36 @@ def plot(points: list[dict], chosen: dict, path: Path) -> Path:
     return path
 
 
+def check_request(req: SweepRequest) -> None:
+    """Every input of a sweep, checked before any evaluation (one-line UserErrors)."""
+    if not math.isfinite(req.fd_tolerance) or not 0.0 <= req.fd_tolerance <= 100.0:
+        raise UserError(f"--fd-tolerance must be a number in [0, 100], got {req.fd_tolerance}")
+    if not req.ratios or len(req.ratios) > MAX_RATIOS:
+        raise UserError(f"a sweep needs 1 to {MAX_RATIOS} ratios, got {len(req.ratios)}")
+    student = Path(req.student).expanduser()
+    if not student.exists():
+        raise UserError(f"--student {student} does not exist; pass a split-timestep student folder")
+    if not student.is_dir():
+        raise UserError(f"--student {student} is a file; pass a split-timestep student folder")
+    check_writable_output(req.out, "dir", "--out")
+    check_model_output(Path(req.out) / "student", "--out student folder")
+
+
 def merge_sweep(req: SweepRequest, progress: bool = True) -> dict:
     """Evaluate every ratio on ``val``, choose one, write the curve, the plot and the chosen student."""
     if req.split != SELECTION_SPLIT:
         raise UserError(f"merge-sweep selects the ratio on the '{SELECTION_SPLIT}' split only; --split {req.split} "
                         "would choose the model on the data it is reported on")
-    if req.fd_tolerance < 0:
-        raise UserError(f"--fd-tolerance must be >= 0, got {req.fd_tolerance}")
-    info = read_student_info(req.student) if Path(req.student).is_dir() else None
+    check_request(req)
+    info = read_student_info(req.student)
     if info is None or info.split is None:
         raise UserError(f"{req.student} has no split-timestep branches to merge (distil with split.steps > 0)")
     if len(info.split.branches) != 2:
         raise UserError(f"merge-sweep sweeps one ratio between 2 branches; {req.student} has "
                         f"{len(info.split.branches)} (use `sd35flash merge --weights`)")
     out = Path(req.out)
-    out.mkdir(parents=True, exist_ok=True)
     pipe = load_pipeline(req.student)
+    out.mkdir(parents=True, exist_ok=True)
     states = [b.state_dict() for b in load_branches(req.student, pipe.transformer)]
     points = []
     for r in tqdm(req.ratios, desc="merge-sweep", disable=not progress):
@@ -128,5 +152,5 @@ def merge_sweep(req: SweepRequest, progress: bool = True) -> dict:
               f"with fd_effnet <= (1 + {req.fd_tolerance}) x min fd_effnet; ties: lower FD, then lower ratio",
               "points": points, "chosen_ratio": best["ratio"], "chosen_student": str(chosen_dir),
               "plot": str(out / "sweep.png")}
-    atomic_write_text(out / "sweep.json", json.dumps(result, indent=1))
+    atomic_write_json(out / "sweep.json", result, "sweep JSON")
     return result

@@ -17,7 +17,7 @@ import matplotlib
 matplotlib.use("Agg")
 import matplotlib.pyplot as plt  # noqa: E402
 
-from ..imaging import atomic_write_text  # noqa: E402
+from ..io import atomic_write_text  # noqa: E402
 from ..train.logger import read_metrics  # noqa: E402
 from ..world import CATEGORIES  # noqa: E402
 

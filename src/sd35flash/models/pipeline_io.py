@@ -16,8 +16,6 @@ from __future__ import annotations
 import json
 import os
 import re
-import shutil
-import uuid
 from pathlib import Path
 from typing import Any
 
@@ -25,6 +23,7 @@ import torch
 from diffusers import StableDiffusion3Pipeline
 
 from sd35flash.errors import UserError
+from sd35flash.io import check_model_output, staged_dir
 
 __all__ = [
     "MODEL_INDEX",
@@ -188,23 +187,17 @@ def save_pipeline(
     ``extra_models`` maps subfolder names to diffusers models saved beside the pipeline's own
     components (e.g. split-timestep branches; ``model_index.json`` does not list them, so stock
     ``from_pretrained`` ignores them).
-    Steps: write everything into ``.<name>.tmp-<id>`` next to ``out_dir``; move an existing
-    ``out_dir`` aside to ``.<name>.old-<id>``; rename the new folder into place; delete the old one.
-    If anything fails before the swap, ``out_dir`` is untouched and the temporary folder is removed.
-    Returns the final path.
+    The folder is written through :func:`sd35flash.io.staged_dir` (a temporary sibling swapped in
+    when complete), so a failure leaves ``out_dir`` as it was. An existing ``out_dir`` is replaced
+    only when it is a model folder (``model_index.json``) or empty: a user's other files are never
+    deleted. Returns the final path.
     """
     target = Path(out_dir).expanduser()
-    if target.exists() and not target.is_dir():
-        raise UserError(f"cannot save the model to {target}: it is a file; pass a folder path")
+    check_model_output(target, "output folder")
     extras = {rel: data for rel, data in (extra_files or {}).items()}
     for rel in [*extras, *(extra_models or {})]:
         _check_extra_name(rel)
-    parent = target.parent
-    parent.mkdir(parents=True, exist_ok=True)
-    token = uuid.uuid4().hex[:8]
-    tmp = parent / f".{target.name}.tmp-{token}"
-    old = parent / f".{target.name}.old-{token}"
-    try:
+    with staged_dir(target, "model folder") as tmp:
         pipe.save_pretrained(tmp, safe_serialization=True)
         for rel, model in (extra_models or {}).items():
             model.save_pretrained(tmp / _check_extra_name(rel), safe_serialization=True)
@@ -215,17 +208,4 @@ def save_pipeline(
                 dest.write_bytes(data)
             else:
                 dest.write_text(data, encoding="utf-8")
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
-    if target.exists():
-        os.replace(target, old)
-    try:
-        os.replace(tmp, target)
-    except BaseException:
-        if old.exists() and not target.exists():
-            os.replace(old, target)  # put the previous model back
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
-    shutil.rmtree(old, ignore_errors=True)
     return target

@@ -39,12 +39,12 @@ import json
 import math
 import os
 import re
-import uuid
 from dataclasses import asdict, dataclass, field, fields
 from pathlib import Path
 from typing import Any
 
 from sd35flash.errors import UserError
+from sd35flash.io import atomic_write_text
 
 __all__ = [
     "FILENAME",
@@ -256,14 +256,7 @@ def write_student_info(folder: str | os.PathLike[str], info: StudentInfo) -> Pat
     folder = Path(folder)
     if not folder.is_dir():
         raise UserError(f"cannot write {FILENAME}: folder {folder} does not exist")
-    path = folder / FILENAME
-    tmp = folder / f".{FILENAME}.tmp-{uuid.uuid4().hex[:8]}"
-    try:
-        tmp.write_text(info_to_json(info), encoding="utf-8")
-        os.replace(tmp, path)
-    finally:
-        if tmp.exists():
-            tmp.unlink()
+    path = atomic_write_text(folder / FILENAME, info_to_json(info), FILENAME)
     return path
 
 

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import os
 import random
 from dataclasses import dataclass
 from pathlib import Path
@@ -11,6 +10,7 @@ import numpy as np
 import torch
 from tqdm.auto import tqdm
 
+from ..io import atomic_torch_save
 from ..world import SceneSpec, paraphrase, render, split_specs
 
 
@@ -43,9 +43,7 @@ def prompt_for(spec: SceneSpec, index: int, epoch: int, seed: int) -> str:
 def save_tensor_atomic(obj: dict, path: str | Path) -> None:
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_suffix(path.suffix + ".tmp")
-    torch.save(obj, tmp)
-    os.replace(tmp, path)
+    atomic_torch_save(path, obj, "data cache")
 
 
 @torch.no_grad()

@@ -9,12 +9,12 @@ with ``resume=True``.
 from __future__ import annotations
 
 import json
-import shutil
 import time
 from pathlib import Path
 
 from ..config import to_dict
 from ..errors import UserError
+from ..io import atomic_write_json, check_model_output, copy_dir, to_json
 from ..models.pipeline_io import MODEL_INDEX, save_pipeline
 from ..paths import cache_root, git_commit
 from ..train.runtime import make_accelerator
@@ -38,19 +38,13 @@ def has_progress(work: Path) -> bool:
 
 
 def copy_pipeline(src: Path, out: Path) -> Path:
-    """Copy a finished pipeline folder to ``out`` atomically (temp folder, then rename)."""
+    """Copy a finished pipeline folder to ``out`` atomically (:func:`sd35flash.io.copy_dir`); an
+    existing ``out`` is replaced only when it is a model folder or empty."""
     out = out.expanduser().resolve()
     if out == src.resolve():
         return out
-    if out.exists() and any(out.iterdir()) and not (out / MODEL_INDEX).is_file():
-        raise UserError(f"--out {out} exists and is not a model folder; choose a new folder")
-    tmp = out.with_name(f".{out.name}.tmp")
-    shutil.rmtree(tmp, ignore_errors=True)
-    shutil.copytree(src, tmp)
-    if out.exists():
-        shutil.rmtree(out)
-    tmp.rename(out)
-    return out
+    check_model_output(out)
+    return copy_dir(src, out, "teacher folder")
 
 
 def pretrain(cfg: PretrainConfig, out: Path | None, name: str, resume: bool = False, progress: bool = True,
@@ -60,6 +54,8 @@ def pretrain(cfg: PretrainConfig, out: Path | None, name: str, resume: bool = Fa
     ``stop_at`` stops the flow stage after that step (with a checkpoint) by raising
     :class:`~sd35flash.train.checkpoint.StopTraining`; ``resume=True`` continues from there.
     """
+    if out is not None:
+        check_model_output(out)  # before any work: a bad --out must not cost a training run
     root = teacher_dir(cfg, name)
     final = root / "pipeline"
     if is_finished(final):
@@ -70,7 +66,7 @@ def pretrain(cfg: PretrainConfig, out: Path | None, name: str, resume: bool = Fa
         raise UserError(f"an unfinished pretraining run for this config exists in {work}; "
                         "pass --resume to continue it, or delete that folder to start over")
     work.mkdir(parents=True, exist_ok=True)
-    (work / "config.json").write_text(json.dumps(to_dict(cfg), indent=1))
+    atomic_write_json(work / "config.json", to_dict(cfg))
     t0 = time.time()
     acc = make_accelerator(cfg.runtime, work)
     vae = VAETrainer(cfg, work, acc, progress).run()
@@ -83,7 +79,7 @@ def pretrain(cfg: PretrainConfig, out: Path | None, name: str, resume: bool = Fa
         info = {"name": name, "fingerprint": cfg.cache_key(), "commit": git_commit(), "config": to_dict(cfg),
                 "vae": vae_metrics, "train_seconds_this_session": round(time.time() - t0, 1),
                 "world_size": acc.num_processes}
-        save_pipeline(pipe, final, extra_files={INFO_FILE: json.dumps(info, indent=1)})
+        save_pipeline(pipe, final, extra_files={INFO_FILE: to_json(info)})
     acc.wait_for_everyone()
     acc.end_training()
     return copy_pipeline(final, out) if out is not None and acc.is_main_process else final

@@ -21,7 +21,6 @@ from __future__ import annotations
 
 import json
 import os
-import tempfile
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Iterable
@@ -197,19 +196,6 @@ def read_jsonl(path: str | os.PathLike[str]) -> list[SceneSpec]:
 
 def write_jsonl(path: str | os.PathLike[str], specs: Iterable[SceneSpec]) -> None:
     """Write specs as JSON Lines, atomically (temp file in the same folder, then os.replace)."""
-    p = Path(path)
-    p.parent.mkdir(parents=True, exist_ok=True)
-    lines = [s.to_json() + "\n" for s in specs]
-    fd, tmp = tempfile.mkstemp(prefix=f".{p.name}.", suffix=".tmp", dir=p.parent)
-    try:
-        with os.fdopen(fd, "w", encoding="utf-8") as f:
-            f.writelines(lines)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, p)
-    except BaseException:
-        try:
-            os.unlink(tmp)
-        except FileNotFoundError:
-            pass
-        raise
+    from ..io import atomic_write_text
+
+    atomic_write_text(path, "".join(s.to_json() + "\n" for s in specs), "spec file")
