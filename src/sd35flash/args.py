@@ -38,8 +38,10 @@ def integer(name: str, lo: int = 1, hi: int = MAX_COUNT) -> Callable[[str], int]
             if f != int(f):
                 raise argparse.ArgumentTypeError(f"{name} must be an integer, got {text!r}") from None
             v = int(f)
-        if not lo <= v <= hi:
-            raise argparse.ArgumentTypeError(f"{name} must be in [{lo}, {hi}], got {text}")
+        if v < lo:
+            raise argparse.ArgumentTypeError(f"{name} must be >= {lo}, got {text}")
+        if v > hi:
+            raise argparse.ArgumentTypeError(f"{name} must be <= {hi}, got {text}")
         return v
 
     return parse

@@ -223,6 +223,9 @@ def distill(cfg: DistillConfig, teacher: str | None, out: Path, prompts: str = "
                         "not both")
     if from_work is not None:
         from_work = check_from_work(Path(from_work), cfg, teacher, prompts)
+    if init is not None and not (Path(init).expanduser() / "config.json").is_file():
+        raise UserError(f"--init-from {init} is not a distillation work folder (no config.json); pass the "
+                        "folder `sd35flash distill` printed as 'work folder'")
     source = load_prompts(prompts, cfg.num_prompts, seed=cfg.runtime.seed)
     models = DistillModels.load(teacher, revision)
     cfg.branch_steps(models.shift)  # a split branch without student steps fails here, before any work

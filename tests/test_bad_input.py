@@ -1,0 +1,359 @@
+"""The bad-input table: every command, every class of bad input.
+
+Each row runs the CLI in process and asserts one line on stderr, a non-zero exit, no traceback and
+that nothing was created, deleted or changed under the test folder or the cache. Every row fails
+before a model is loaded or trained, so the whole table takes seconds.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import io
+import os
+from pathlib import Path
+
+import pytest
+
+import sd35flash.models.pipeline_io  # noqa: F401  (imports diffusers / transformers once, outside the capture)
+from sd35flash.cli import build_parser, main
+
+# Placeholders in the rows: {t} = the test folder. Files made by _materials():
+#   file.txt (a regular file), dir/ (empty folder), user/ (a folder of the user's own files),
+#   student/ (an empty folder), bad.yaml (invalid YAML), empty.yaml, list.yaml (not a mapping),
+#   latin1.yaml / latin1.txt / latin1.jsonl (not UTF-8), unknown.yaml (an unknown key),
+#   bad.jsonl (invalid JSON), empty.txt (no prompts), notmodel/ (a folder with a stray file).
+PROC = "/proc/sd35flash-nonexistent"
+T = "{t}"
+
+# (command, input class, argv, a word the one line must contain)
+ROWS: list[tuple[str, str, list[str], str]] = [
+    # ---- world check / fd-scale / specs
+    ("world check", "unwritable output", ["world", "check", "--num", "2", "--json", f"{PROC}/c.json"], "system file"),
+    ("world check", "wrong kind", ["world", "check", "--num", "2", "--json", f"{T}/dir"], "is a folder"),
+    ("world check", "parent is a file", ["world", "check", "--num", "2", "--json", f"{T}/file.txt/c.json"], "is a file"),
+    ("world check", "huge number", ["world", "check", "--num", "1000000000000"], "--num"),
+    ("world check", "negative number", ["world", "check", "--num", "-5"], "--num"),
+    ("world check", "huge seed", ["world", "check", "--seed", str(2**70)], "--seed"),
+    ("world check", "nan", ["world", "check", "--num", "nan"], "--num"),
+    ("world fd-scale", "unwritable output", ["world", "fd-scale", "--json", f"{PROC}/f.json"], "system file"),
+    ("world fd-scale", "unknown split", ["world", "fd-scale", "--split", "bogus", "--num", "2"], "unknown split"),
+    ("world fd-scale", "inf", ["world", "fd-scale", "--num", "inf"], "--num"),
+    ("world specs", "unwritable output", ["world", "specs", "--split", "test", "--out", f"{PROC}/o.jsonl"], "system file"),
+    ("world specs", "wrong kind", ["world", "specs", "--split", "test", "--out", f"{T}/dir"], "is a folder"),
+    ("world specs", "parent is a file", ["world", "specs", "--split", "test", "--out", f"{T}/file.txt/o.jsonl"],
+     "is a file"),
+    ("world specs", "huge number", ["world", "specs", "--split", "test", "--num", "1000000000000", "--out",
+                                    f"{T}/o.jsonl"], "--num"),
+    ("world specs", "huge seed", ["world", "specs", "--split", "test", "--seed", str(2**70), "--out", f"{T}/o.jsonl"],
+     "--seed"),
+    ("world specs", "unknown split", ["world", "specs", "--split", "bogus", "--out", f"{T}/o.jsonl"], "unknown split"),
+    # ---- pretrain
+    ("pretrain", "wrong kind", ["pretrain", "--preset", "smoke", "--out", f"{T}/file.txt"], "is a file"),
+    ("pretrain", "existing non-model output", ["pretrain", "--preset", "smoke", "--out", f"{T}/user"],
+     "not a model folder"),
+    ("pretrain", "unwritable output", ["pretrain", "--preset", "smoke", "--out", f"{PROC}/t"], "system file"),
+    ("pretrain", "missing input", ["pretrain", "--config", f"{T}/missing.yaml", "--out", f"{T}/t"], "does not exist"),
+    ("pretrain", "wrong kind input", ["pretrain", "--config", f"{T}/dir", "--out", f"{T}/t"], "is a folder"),
+    ("pretrain", "malformed file", ["pretrain", "--config", f"{T}/bad.yaml", "--out", f"{T}/t"], "not valid YAML"),
+    ("pretrain", "empty file", ["pretrain", "--config", f"{T}/empty.yaml", "--out", f"{T}/t"], "empty"),
+    ("pretrain", "not a mapping", ["pretrain", "--config", f"{T}/list.yaml", "--out", f"{T}/t"], "mapping"),
+    ("pretrain", "non-UTF-8 file", ["pretrain", "--config", f"{T}/latin1.yaml", "--out", f"{T}/t"], "UTF-8"),
+    ("pretrain", "unknown config key", ["pretrain", "--config", f"{T}/unknown.yaml", "--out", f"{T}/t"],
+     "unknown config key"),
+    ("pretrain", "negative number in config", ["pretrain", "--config", f"{T}/neglr.yaml", "--out", f"{T}/t"], "lr"),
+    ("pretrain", "nan in config", ["pretrain", "--config", f"{T}/nan.yaml", "--out", f"{T}/t"], "finite"),
+    ("pretrain", "huge seed in config", ["pretrain", "--config", f"{T}/seed.yaml", "--out", f"{T}/t"], "seed"),
+    ("pretrain", "unknown preset", ["pretrain", "--preset", "gigantic", "--out", f"{T}/t"], "unknown preset"),
+    # ---- generate
+    ("generate", "missing input", ["generate", "x", "--model", f"{T}/missing", "--out", f"{T}/o.png"],
+     "does not exist"),
+    ("generate", "wrong kind input", ["generate", "x", "--model", f"{T}/file.txt", "--out", f"{T}/o.png"], "model"),
+    ("generate", "wrong kind", ["generate", "x", "--model", f"{T}/missing", "--out", f"{T}/dir.png"], "is a folder"),
+    ("generate", "not a png", ["generate", "x", "--model", f"{T}/missing", "--out", f"{T}/dir"], ".png"),
+    ("generate", "unwritable output", ["generate", "x", "--model", f"{T}/missing", "--out", f"{PROC}/o.png"],
+     "system file"),
+    ("generate", "nan", ["generate", "x", "--model", f"{T}/missing", "--guidance", "nan", "--out", f"{T}/o.png"],
+     "--guidance"),
+    ("generate", "inf", ["generate", "x", "--model", f"{T}/missing", "--guidance", "inf", "--out", f"{T}/o.png"],
+     "--guidance"),
+    ("generate", "huge number", ["generate", "x", "--model", f"{T}/missing", "--guidance", "1e30", "--out",
+                                 f"{T}/o.png"], "--guidance"),
+    ("generate", "negative number", ["generate", "x", "--model", f"{T}/missing", "--guidance", "-1", "--out",
+                                     f"{T}/o.png"], "--guidance"),
+    ("generate", "zero steps", ["generate", "x", "--model", f"{T}/missing", "--steps", "0", "--out", f"{T}/o.png"],
+     "--steps"),
+    ("generate", "huge steps", ["generate", "x", "--model", f"{T}/missing", "--steps", "1e12", "--out", f"{T}/o.png"],
+     "--steps"),
+    ("generate", "huge seed", ["generate", "x", "--model", f"{T}/missing", "--seed", str(2**70), "--out",
+                               f"{T}/o.png"], "--seed"),
+    ("generate", "negative seed", ["generate", "x", "--model", f"{T}/missing", "--seed", "-1", "--out", f"{T}/o.png"],
+     "--seed"),
+    ("generate", "missing prompt file", ["generate", "--prompts", f"{T}/missing.txt", "--model", f"{T}/missing",
+                                         "--out", f"{T}/o.png"], "does not exist"),
+    ("generate", "non-UTF-8 file", ["generate", "--prompts", f"{T}/latin1.txt", "--model", f"{T}/missing",
+                                    "--out", f"{T}/o.png"], "UTF-8"),
+    ("generate", "empty file", ["generate", "--prompts", f"{T}/empty.txt", "--model", f"{T}/missing",
+                                "--out", f"{T}/o.png"], "no prompts"),
+    ("generate", "device absent", ["generate", "x", "--model", f"{T}/missing", "--device", "cuda:7", "--out",
+                                   f"{T}/o.png"], "device"),
+    ("generate", "unknown device", ["generate", "x", "--model", f"{T}/missing", "--device", "toaster", "--out",
+                                    f"{T}/o.png"], "device"),
+    # ---- eval
+    ("eval", "missing input", ["eval", "--model", f"{T}/missing", "--split", "test", "--json", f"{T}/e.json"],
+     "does not exist"),
+    ("eval", "unwritable output", ["eval", "--model", f"{T}/missing", "--split", "test", "--json", f"{PROC}/e.json"],
+     "system file"),
+    ("eval", "wrong kind", ["eval", "--model", f"{T}/missing", "--split", "test", "--json", f"{T}/dir"], "is a folder"),
+    ("eval", "wrong kind images", ["eval", "--model", f"{T}/missing", "--split", "test", "--json", f"{T}/e.json",
+                                   "--save-images", f"{T}/file.txt"], "is a file"),
+    ("eval", "missing spec file", ["eval", "--model", f"{T}/missing", "--specs", f"{T}/missing.jsonl", "--json",
+                                   f"{T}/e.json"], "does not exist"),
+    ("eval", "malformed file", ["eval", "--model", f"{T}/missing", "--specs", f"{T}/bad.jsonl", "--json",
+                                f"{T}/e.json"], "invalid JSON"),
+    ("eval", "non-UTF-8 file", ["eval", "--model", f"{T}/missing", "--specs", f"{T}/latin1.jsonl", "--json",
+                                f"{T}/e.json"], "UTF-8"),
+    ("eval", "unknown split", ["eval", "--model", f"{T}/missing", "--split", "bogus", "--json", f"{T}/e.json"],
+     "split"),
+    ("eval", "nan", ["eval", "--model", f"{T}/missing", "--split", "test", "--guidance", "nan", "--json",
+                     f"{T}/e.json"], "--guidance"),
+    ("eval", "huge number", ["eval", "--model", f"{T}/missing", "--split", "test", "--num-images", "1e15", "--json",
+                             f"{T}/e.json"], "--num-images"),
+    ("eval", "zero batch", ["eval", "--model", f"{T}/missing", "--split", "test", "--batch-size", "0", "--json",
+                            f"{T}/e.json"], "--batch-size"),
+    ("eval", "device absent", ["eval", "--model", f"{T}/missing", "--split", "test", "--device", "cuda:7",
+                               "--json", f"{T}/e.json"], "device"),
+    # ---- distill
+    ("distill", "wrong kind", ["distill", "--preset", "smoke", "--out", f"{T}/file.txt"], "is a file"),
+    ("distill", "existing non-model output", ["distill", "--preset", "smoke", "--out", f"{T}/user"],
+     "not a model folder"),
+    ("distill", "unwritable output", ["distill", "--preset", "smoke", "--out", f"{PROC}/s"], "system file"),
+    ("distill", "parent is a file", ["distill", "--preset", "smoke", "--out", f"{T}/file.txt/s"], "is a file"),
+    ("distill", "missing input", ["distill", "--config", f"{T}/missing.yaml", "--out", f"{T}/s"], "does not exist"),
+    ("distill", "malformed file", ["distill", "--config", f"{T}/bad.yaml", "--out", f"{T}/s"], "not valid YAML"),
+    ("distill", "empty file", ["distill", "--config", f"{T}/empty.yaml", "--out", f"{T}/s"], "empty"),
+    ("distill", "non-UTF-8 file", ["distill", "--config", f"{T}/latin1.yaml", "--out", f"{T}/s"], "UTF-8"),
+    ("distill", "unknown config key", ["distill", "--preset", "smoke", "--set", "student.stepz=3", "--out", f"{T}/s"],
+     "unknown config key"),
+    ("distill", "negative steps", ["distill", "--preset", "smoke", "--set", "student.steps=-3", "--out", f"{T}/s"],
+     "student.steps"),
+    ("distill", "negative lr", ["distill", "--preset", "smoke", "--set", "student.lr=-1e-4", "--out", f"{T}/s"],
+     "student.lr"),
+    ("distill", "zero lr", ["distill", "--preset", "smoke", "--set", "fake.lr=0", "--out", f"{T}/s"], "fake.lr"),
+    ("distill", "nan", ["distill", "--preset", "smoke", "--set", "guidance=nan", "--out", f"{T}/s"], "guidance"),
+    ("distill", "inf", ["distill", "--preset", "smoke", "--set", "student.lr=inf", "--out", f"{T}/s"], "student.lr"),
+    ("distill", "huge seed", ["distill", "--preset", "smoke", "--set", f"runtime.seed={2**70}", "--out", f"{T}/s"],
+     "runtime.seed"),
+    ("distill", "huge number", ["distill", "--preset", "smoke", "--set", "guidance=1e30", "--out", f"{T}/s"],
+     "guidance"),
+    ("distill", "bad student steps", ["distill", "--preset", "smoke", "--student-steps", "3", "--out", f"{T}/s"],
+     "--student-steps"),
+    ("distill", "missing prompt file", ["distill", "--preset", "smoke", "--prompts", f"{T}/missing.txt", "--out",
+                                        f"{T}/s"], "--prompts"),
+    ("distill", "missing work folder", ["distill", "--preset", "smoke", "--teacher", f"{T}/missing", "--from-work",
+                                        f"{T}/dir", "--out", f"{T}/s"], "--from-work"),
+    ("distill", "missing init folder", ["distill", "--preset", "smoke", "--teacher", f"{T}/missing", "--init-from",
+                                        f"{T}/missing", "--out", f"{T}/s"], "--init-from"),
+    ("distill", "missing teacher", ["distill", "--preset", "smoke", "--teacher", f"{T}/missing", "--out", f"{T}/s"],
+     "does not exist"),
+    # ---- merge
+    ("merge", "existing non-model output", ["merge", "--student", f"{T}/student", "--ratio", "0.5", "--out",
+                                            f"{T}/user"], "not a model folder"),
+    ("merge", "wrong kind", ["merge", "--student", f"{T}/student", "--ratio", "0.5", "--out", f"{T}/file.txt"],
+     "is a file"),
+    ("merge", "unwritable output", ["merge", "--student", f"{T}/student", "--ratio", "0.5", "--out", f"{PROC}/m"],
+     "system file"),
+    ("merge", "missing input", ["merge", "--student", f"{T}/missing", "--ratio", "0.5", "--out", f"{T}/m"],
+     "does not exist"),
+    ("merge", "wrong kind input", ["merge", "--student", f"{T}/file.txt", "--ratio", "0.5", "--out", f"{T}/m"],
+     "is a file"),
+    ("merge", "nan", ["merge", "--student", f"{T}/student", "--ratio", "nan", "--out", f"{T}/m"], "--ratio"),
+    ("merge", "out of range", ["merge", "--student", f"{T}/student", "--ratio", "1.5", "--out", f"{T}/m"], "--ratio"),
+    ("merge", "nan weights", ["merge", "--student", f"{T}/student", "--weights", "nan,1", "--out", f"{T}/m"],
+     "--weights"),
+    ("merge", "negative weights", ["merge", "--student", f"{T}/student", "--weights", "-1,2", "--out", f"{T}/m"],
+     "--weights"),
+    ("merge", "malformed weights", ["merge", "--student", f"{T}/student", "--weights", "a,b", "--out", f"{T}/m"],
+     "--weights"),
+    ("merge", "no split student", ["merge", "--student", f"{T}/student", "--ratio", "0.5", "--out", f"{T}/m"],
+     "model"),
+    # ---- merge-sweep
+    ("merge-sweep", "missing input", ["merge-sweep", "--student", f"{T}/missing", "--out", f"{T}/w"],
+     "does not exist"),
+    ("merge-sweep", "wrong kind input", ["merge-sweep", "--student", f"{T}/file.txt", "--out", f"{T}/w"], "is a file"),
+    ("merge-sweep", "wrong kind", ["merge-sweep", "--student", f"{T}/student", "--out", f"{T}/file.txt"], "is a file"),
+    ("merge-sweep", "unwritable output", ["merge-sweep", "--student", f"{T}/student", "--out", f"{PROC}/w"],
+     "system file"),
+    ("merge-sweep", "existing non-model output", ["merge-sweep", "--student", f"{T}/student", "--out",
+                                                  f"{T}/sweepout"], "not a model folder"),
+    ("merge-sweep", "nan", ["merge-sweep", "--student", f"{T}/student", "--out", f"{T}/w", "--fd-tolerance", "nan"],
+     "--fd-tolerance"),
+    ("merge-sweep", "negative number", ["merge-sweep", "--student", f"{T}/student", "--out", f"{T}/w",
+                                        "--fd-tolerance", "-1"], "--fd-tolerance"),
+    ("merge-sweep", "huge count", ["merge-sweep", "--student", f"{T}/student", "--out", f"{T}/w", "--ratios",
+                                   "0:1:1e-7"], "at most"),
+    ("merge-sweep", "tiny step", ["merge-sweep", "--student", f"{T}/student", "--out", f"{T}/w", "--ratios",
+                                  "0:1:1e-320"], "--ratios"),
+    ("merge-sweep", "nan ratios", ["merge-sweep", "--student", f"{T}/student", "--out", f"{T}/w", "--ratios",
+                                   "nan,0.5"], "--ratios"),
+    ("merge-sweep", "out of range", ["merge-sweep", "--student", f"{T}/student", "--out", f"{T}/w", "--ratios",
+                                     "0,2"], "outside"),
+    ("merge-sweep", "test split", ["merge-sweep", "--student", f"{T}/student", "--out", f"{T}/w", "--split", "test"],
+     "val"),
+    # ---- info
+    ("info", "missing input", ["info", f"{T}/missing"], "does not exist"),
+    ("info", "wrong kind input", ["info", f"{T}/file.txt"], "not a model folder"),
+    ("info", "not a model", ["info", f"{T}/dir"], "not a model folder"),
+    # ---- presets
+    ("presets", "unwritable output", ["presets", "--json", f"{PROC}/p.json"], "system file"),
+    ("presets", "wrong kind", ["presets", "--json", f"{T}/dir"], "is a folder"),
+    ("presets", "device absent", ["presets", "--device", "cuda:7"], "device"),
+    # ---- bench
+    ("bench", "unwritable output", ["bench", "--model", f"{T}/missing", "--presets", "cpu-fp32", "--json",
+                                    f"{PROC}/b.json"], "system file"),
+    ("bench", "wrong kind", ["bench", "--model", f"{T}/missing", "--presets", "cpu-fp32", "--json", f"{T}/dir"],
+     "is a folder"),
+    ("bench", "wrong kind work", ["bench", "--model", f"{T}/missing", "--presets", "cpu-fp32", "--json",
+                                  f"{T}/b.json", "--work", f"{T}/file.txt"], "is a file"),
+    ("bench", "nan", ["bench", "--model", f"{T}/missing", "--presets", "cpu-fp32", "--json", f"{T}/b.json",
+                      "--guidance", "nan"], "--guidance"),
+    ("bench", "huge number", ["bench", "--model", f"{T}/missing", "--presets", "cpu-fp32", "--json", f"{T}/b.json",
+                              "--runs", "1e9"], "--runs"),
+    ("bench", "device absent", ["bench", "--model", f"{T}/missing", "--presets", "cpu-fp32", "--json", f"{T}/b.json",
+                                "--device", "cuda:7"], "device"),
+    ("bench", "unknown preset", ["bench", "--model", f"{T}/missing", "--presets", "bogus", "--json", f"{T}/b.json"],
+     "bogus"),
+    # ---- export
+    ("export", "existing non-model output", ["export", "--model", f"{T}/missing", "--format", "onnx", "--out",
+                                             f"{T}/user"], "not a model folder"),
+    ("export", "wrong kind", ["export", "--model", f"{T}/missing", "--format", "onnx", "--out", f"{T}/file.txt"],
+     "is a file"),
+    ("export", "unwritable output", ["export", "--model", f"{T}/missing", "--format", "onnx", "--out", f"{PROC}/x"],
+     "system file"),
+    ("export", "missing input", ["export", "--model", f"{T}/missing", "--format", "onnx", "--out", f"{T}/x"],
+     "does not exist"),
+    ("export", "not a model", ["export", "--model", f"{T}/dir", "--format", "onnx", "--out", f"{T}/x"],
+     "model_index.json"),
+    ("export", "huge number", ["export", "--model", f"{T}/missing", "--format", "onnx", "--resolution", "1e9",
+                               "--out", f"{T}/x"], "--resolution"),
+    # ---- plan
+    ("plan", "unwritable output", ["plan", "--config", "sd35-medium", "--preset", "desktop-16bit-t5", "--json",
+                                   f"{PROC}/p.json"], "system file"),
+    ("plan", "wrong kind", ["plan", "--config", "sd35-medium", "--preset", "desktop-16bit-t5", "--json", f"{T}/dir"],
+     "is a folder"),
+    ("plan", "missing input", ["plan", "--config", f"{T}/missing", "--preset", "desktop-16bit-t5"], "missing"),
+    ("plan", "unknown preset", ["plan", "--config", "sd35-medium", "--preset", "bogus"], "bogus"),
+    ("plan", "huge number", ["plan", "--config", "sd35-medium", "--preset", "desktop-16bit-t5", "--batch", "1e12"],
+     "--batch"),
+    ("plan", "nan", ["plan", "--config", "sd35-medium", "--preset", "desktop-16bit-t5", "--resolution", "nan"],
+     "--resolution"),
+    # ---- demo
+    ("demo", "wrong kind", ["demo", "--preset", "smoke", "--out", f"{T}/file.txt"], "is a file"),
+    ("demo", "unwritable output", ["demo", "--preset", "smoke", "--out", f"{PROC}/d"], "system file"),
+    ("demo", "huge number", ["demo", "--preset", "smoke", "--num-images", "1e12", "--out", f"{T}/d"], "--num-images"),
+    # ---- no command / unknown flag
+    ("(none)", "no command", [], "required"),
+    ("generate", "unknown flag", ["generate", "x", "--model", f"{T}/missing", "--out", f"{T}/o.png", "--bogus"],
+     "unrecognized"),
+]
+
+
+def _materials(t: Path) -> None:
+    (t / "file.txt").write_text("a user's file\n")
+    (t / "dir").mkdir()
+    (t / "dir.png").mkdir()
+    (t / "user").mkdir()
+    (t / "user" / "thesis.tex").write_text("years of work\n")
+    (t / "student").mkdir()
+    (t / "sweepout").mkdir()
+    (t / "sweepout" / "student").mkdir()
+    (t / "sweepout" / "student" / "notes.txt").write_text("mine\n")
+    (t / "bad.yaml").write_text("flow: [1, 2\n")
+    (t / "empty.yaml").write_text("# nothing here\n")
+    (t / "list.yaml").write_text("- 1\n- 2\n")
+    (t / "latin1.yaml").write_bytes("flow:\n  steps: 3 # caf\xe9\n".encode("latin-1"))
+    (t / "unknown.yaml").write_text("flow:\n  stepz: 3\n")
+    (t / "neglr.yaml").write_text("flow:\n  lr: -1e-4\n")
+    (t / "nan.yaml").write_text("vae:\n  lr: .nan\n")
+    (t / "seed.yaml").write_text(f"data_seed: {2**70}\n")
+    (t / "latin1.txt").write_bytes("a red caf\xe9\n".encode("latin-1"))
+    (t / "latin1.jsonl").write_bytes('{"category": "caf\xe9"}\n'.encode("latin-1"))
+    (t / "bad.jsonl").write_text('{"category": \n')
+    (t / "empty.txt").write_text("\n\n")
+
+
+def _snapshot(*roots: Path) -> dict[str, tuple]:
+    """Every path under ``roots`` with its kind and, for files, size and modification time (a folder's
+    own time changes when a writability probe comes and goes; its entries are compared instead)."""
+    out = {}
+    for root in roots:
+        if not root.exists():
+            continue
+        for dirpath, dirnames, filenames in os.walk(root):
+            for name in dirnames + filenames:
+                p = Path(dirpath) / name
+                st = p.lstat()
+                out[str(p)] = (True, 0, 0) if p.is_dir() else (False, st.st_size, st.st_mtime_ns)
+    return out
+
+
+def run_in_process(argv: list[str]) -> tuple[int, str, str]:
+    """``main(argv)`` with stdout / stderr captured; argparse's exit becomes the return code."""
+    out, err = io.StringIO(), io.StringIO()
+    with contextlib.redirect_stdout(out), contextlib.redirect_stderr(err):
+        try:
+            code = main(argv)
+        except SystemExit as e:
+            code = e.code if isinstance(e.code, int) else 1
+    return code, out.getvalue(), err.getvalue()
+
+
+@pytest.fixture
+def bench(tmp_path, monkeypatch):
+    t = tmp_path / "t"
+    t.mkdir()
+    _materials(t)
+    cache = tmp_path / "cache"
+    cache.mkdir()
+    monkeypatch.setenv("SD35FLASH_CACHE", str(cache))
+    return t, cache
+
+
+@pytest.mark.parametrize("command,kind,argv,needle", ROWS, ids=[f"{c}:{k}" for c, k, _, _ in ROWS])
+def test_bad_input(bench, command, kind, argv, needle):
+    t, cache = bench
+    argv = [a.replace("{t}", str(t)) for a in argv]
+    before = _snapshot(t, cache)
+    code, _, err = run_in_process(argv)
+    lines = [ln for ln in err.splitlines() if ln.strip()]
+    assert code != 0, f"exit 0 for {argv}"
+    assert "Traceback" not in err
+    assert len(lines) == 1, err
+    assert needle in lines[0], lines[0]
+    assert _snapshot(t, cache) == before, "files were created, deleted or changed"
+
+
+def _commands() -> set[str]:
+    """Every leaf command of the parser (``world check``, ``pretrain``, ...)."""
+    parser = build_parser()
+    names = set()
+    for action in parser._subparsers._group_actions:  # argparse keeps subcommands here
+        for name, sub in action.choices.items():
+            nested = [a for a in sub._actions if a.__class__.__name__ == "_SubParsersAction"]
+            if nested:
+                names |= {f"{name} {leaf}" for leaf in nested[0].choices}
+            else:
+                names.add(name)
+    return names
+
+
+def test_every_command_has_rows():
+    covered = {c for c, *_ in ROWS}
+    missing = _commands() - covered
+    assert not missing, f"commands without bad-input rows: {sorted(missing)}"
+
+
+def test_table_spans_the_input_classes():
+    kinds = {k for _, k, *_ in ROWS}
+    for cls in ("missing input", "wrong kind", "unwritable output", "existing non-model output", "nan", "huge number",
+                "malformed file", "non-UTF-8 file", "unknown config key"):
+        assert cls in kinds, cls
