@@ -212,8 +212,8 @@ def test_finished_distill_is_exported_again_without_training(smoke_teacher, tmp_
     def full_disk(*a, **k):
         raise UserError("cannot write model folder (No space left on device)")
 
-    monkeypatch.setattr(distill_run, "export_student", full_disk)
-    assert main([*base, "--out", str(tmp_path / "full")]) == 2
+    monkeypatch.setattr(distill_run, "export_student", full_disk)  # the export fails after training
+    assert main([*base, "--out", str(tmp_path / "full"), "--from-work", str(work)]) == 2
     err = [ln for ln in capsys.readouterr().err.splitlines() if "it/s]" not in ln and ln.strip()]  # load bars
     assert len(err) == 1 and f"--from-work {work}" in err[0], err
     monkeypatch.undo()
