@@ -14,6 +14,8 @@ from .deploy import commands as _deploy
 from .errors import UserError
 from .io import check_model_output, check_writable_output, read_text
 
+#: Most prompts ``generate --prompts`` puts in one grid.
+MAX_PROMPTS = 1024
 _positive_int = A.positive_int  # kept for modules that registered their options with it
 
 
@@ -234,6 +236,8 @@ def _read_prompts(path: str) -> list[str]:
     prompts = [line.strip() for line in read_text(p, "prompt file").splitlines() if line.strip()]
     if not prompts:
         raise UserError(f"prompt file {p} holds no prompts; write one prompt per line")
+    if len(prompts) > MAX_PROMPTS:
+        raise UserError(f"prompt file {p} holds {len(prompts)} prompts; a grid takes at most {MAX_PROMPTS}")
     return prompts
 
 
@@ -269,8 +273,8 @@ def _cmd_eval(args) -> int:
     from .evaluate.evaluator import EvalRequest, evaluate, load_specs
 
     check_writable_output(args.json_out, "file", "--json")
-    if args.save_images:
-        check_writable_output(args.save_images, "dir", "--save-images")
+    if args.save_images:  # an existing folder is written into only when it holds earlier saved images
+        check_model_output(args.save_images, "--save-images", marker="manifest.jsonl")
     load_specs(args.split, args.specs, 1)  # a bad split or spec file fails before the model loads
     req = EvalRequest(model=args.model, steps=args.steps, guidance=args.guidance, split=args.split,
                       specs_file=args.specs, num_images=args.num_images, seed=args.seed,
@@ -436,6 +440,10 @@ def main(argv: list[str] | None = None) -> int:
     except OSError as e:  # a path problem no check above foresaw: still one line, never a traceback
         where = f" ({e.filename})" if e.filename else ""
         print(f"sd35flash: error: {e.strerror or e}{where}", file=sys.stderr)
+        return 2
+    except UnicodeDecodeError as e:
+        print(f"sd35flash: error: an input file is not UTF-8 text ({e.reason} at byte {e.start}); save it as UTF-8",
+              file=sys.stderr)
         return 2
     except KeyboardInterrupt:
         print("sd35flash: interrupted; checkpoints written so far are kept (use --resume)", file=sys.stderr)
