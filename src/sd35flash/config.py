@@ -59,6 +59,7 @@ RANGES: list[tuple[str, tuple[float, float, bool]]] = [
     ("*decay", (0.0, 0.999999, False)),
     ("*dropout", (0.0, 1.0, False)),
     ("*_prob", (0.0, 1.0, False)),
+    ("collapse_ratio", (0.0, 100.0, False)),
     ("*ratio", (0.0, 1.0, False)),
     ("*patience", (1, 10**6, False)),
     ("checkpoint_every", (1, 10**8, False)),
