@@ -104,7 +104,7 @@ def build_parser() -> argparse.ArgumentParser:
     m.add_argument("--student", required=True, help="student folder with split-timestep branches")
     m.add_argument("--out", required=True, help="folder for the merged student (branches kept)")
     mw = m.add_mutually_exclusive_group(required=True)
-    mw.add_argument("--ratio", type=A.number("--ratio", 0.0, 1.0),
+    mw.add_argument("--ratio", type=A.number("--ratio", -1e9, 1e9),  # [0, 1] is checked with the weights
                     help="W = (1 - r) W_0 + r W_1; 0 = branch 0 (noisy t), 1 = branch 1")
     mw.add_argument("--weights", help="comma-separated w_b (>= 0, sum 1), one per branch")
     m.add_argument("--unmerged", action="store_true", help="make routing each step to its branch the default")
