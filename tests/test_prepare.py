@@ -285,6 +285,24 @@ def test_prepare_cli_embeddings_trajectories_and_resume(pipe, tiny_dir, tmp_path
     torch.testing.assert_close(traj.states, ref.states, rtol=0, atol=1e-5)
     torch.testing.assert_close(traj.rows([4, 1]), ref.states[[4, 1]], rtol=0, atol=1e-5)
 
+    # what distillation reads: the same trajectory-guidance loss as from live encoders and distill's own bank
+    from sd35flash.data.prepared import open_prepared
+    from sd35flash.distill.trajectory import tg_loss
+
+    prepared = open_prepared(out, fingerprint=encoder_fingerprint(pipe, True),
+                             trajectory_settings=manifest["trajectories"])
+    stored = prepared.conditioner(torch.float32)
+    assert prepared.prompts().prompts == file_prompts(prompts).prompts
+    idx, step = torch.tensor([3, 0, 4]), torch.tensor([0, 2, 3])
+    with torch.no_grad():
+        from_store = tg_loss(pipe.transformer, prepared.trajectories.rows(idx), step, ref.schedule,
+                             stored.full([bank_prompts[i] for i in idx], "cpu"))
+        live_loss = tg_loss(pipe.transformer, ref.states[idx], step, ref.schedule,
+                            cond.full([bank_prompts[i] for i in idx], "cpu"))
+    torch.testing.assert_close(from_store, live_loss)
+    with pytest.raises(UserError, match="built with other settings .*guidance"):
+        open_prepared(out, trajectory_settings={**manifest["trajectories"], "guidance": 2.0})
+
     assert main(args) == 2
     assert "already holds prepared data; pass --resume" in capsys.readouterr().err
     assert main(args + ["--resume"]) == 0

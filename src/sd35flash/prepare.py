@@ -14,6 +14,7 @@ Steps: read the prompts (a bad file fails before any model loads); load only the
 index; free the encoders; then, with ``--trajectories``, load the teacher transformer and integrate
 this rank's trajectories from the stored embeddings. Under ``torchrun`` every rank writes its own
 shards (shard ``s`` goes to rank ``s mod W``) and rank 0 writes the indexes after a barrier.
+Training opens the folder with :func:`sd35flash.data.prepared.open_prepared`.
 ``--resume`` skips finished shards and rebuilds missing or damaged ones; without it an existing
 ``prepare`` folder is refused, never overwritten. Importing this module does not import torch (the
 CLI registers the command at start-up).
@@ -31,9 +32,8 @@ from pathlib import Path
 
 from .errors import UserError
 
-__all__ = ["MANIFEST", "PrepareRequest", "prepare", "register"]
+__all__ = ["PrepareRequest", "prepare", "register"]
 
-MANIFEST = "prepare.json"
 PREPARE_FORMAT = 1
 
 
@@ -106,6 +106,8 @@ def _recipe(req: PrepareRequest):
 
 
 def _check_out(req: PrepareRequest, settings: dict) -> None:
+    from .data.prepared import MANIFEST
+
     out = req.out
     if out.exists() and not out.is_dir():
         raise UserError(f"--out {out} is a file; pass a folder for the prepared data")
@@ -153,6 +155,7 @@ def prepare(req: PrepareRequest, rank: int | None = None, world_size: int | None
     """
     from tqdm.auto import tqdm
 
+    from .data.prepared import MANIFEST
     from .data.prompts import PREPARED_PROMPTS, load_prompts, write_prompts
     from .imaging import atomic_write_text
     from .models.pipeline_io import load_pipeline
@@ -209,8 +212,9 @@ def prepare(req: PrepareRequest, rank: int | None = None, world_size: int | None
                                          extra={"teacher": req.teacher}), ranks)
         ranks.barrier()
         if ranks.rank == 0 or not ranks.coordinated:
+            who = f" by rank {ranks.rank}" if ranks.world > 1 else ""
             print(f"prepare: embeddings of {len(layout.prompts)} prompts in {store_dir} "
-                  f"({layout.num_shards} shards, {len(written)} written now)")
+                  f"({layout.num_shards} shards, {len(written)} written now{who})")
         if req.trajectories:
             _prepare_trajectories(req, settings["trajectories"], source.prompts, store_dir, fp, ranks)
     finally:
