@@ -314,7 +314,9 @@ def test_prepare_cli_embeddings_trajectories_and_resume(pipe, tiny_dir, tmp_path
 @pytest.mark.parametrize("extra,match", [
     (["--resolution", "48"], "larger than this model's position table allows (32 px"),
     (["--resolution", "20"], "multiple of 8"),
-    (["--prompts", "missing.txt"], "does not exist"),
+    (["--prompts", "missing.txt"], "prompt file missing.txt does not exist"),
+    (["--teacher", "no-such-folder"], "model folder no-such-folder does not exist"),
+    (["--set", "num_promts=3"], "num_promts"),
 ])
 def test_prepare_cli_bad_input(tiny_dir, tmp_path, capsys, monkeypatch, extra, match):
     monkeypatch.chdir(tmp_path)

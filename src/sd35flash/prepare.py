@@ -128,15 +128,6 @@ def _check_out(req: PrepareRequest, settings: dict) -> None:
         raise UserError(f"--out {out} exists and is not a prepare folder; choose a new folder")
 
 
-def _sha(prompts: list[str]) -> str:
-    import hashlib
-
-    h = hashlib.sha256()
-    for p in prompts:
-        h.update(p.encode("utf-8") + b"\0")
-    return h.hexdigest()[:24]
-
-
 def _free_encoders(pipe) -> None:
     import torch
 
@@ -179,14 +170,8 @@ def prepare(req: PrepareRequest, rank: int | None = None, world_size: int | None
         pipe = load_pipeline(req.teacher, revision=req.revision, device=ranks.device, **components)
         use_t5 = bool(req.use_t5 and pipe.text_encoder_3 is not None)
         fp = encoder_fingerprint(pipe, use_t5)
-        settings = {"format": PREPARE_FORMAT, "teacher": req.teacher, "revision": req.revision,
-                    "prompts": req.prompts if req.prompts == "shapes" else str(Path(req.prompts).expanduser().resolve()),
-                    "prompt_column": req.prompt_column, "num_prompts": len(source), "prompts_sha": _sha(source.prompts),
-                    "seed": cfg.runtime.seed if req.prompts == "shapes" else None,
-                    "resolution": side * 2 ** (len(vae_cfg["block_out_channels"]) - 1), "latent_side": side,
-                    "dtype": req.dtype, "shard_size": req.shard_size, "use_t5": use_t5, "fingerprint": fp,
-                    "trajectories": _trajectory_settings(cfg, tr_cfg, side, float(pipe.scheduler.config.get(
-                        "shift", 1.0))) if req.trajectories else None}
+        settings = _settings(req, cfg, source.prompts, tr_cfg, vae_cfg, side, fp, use_t5,
+                             float(pipe.scheduler.config.get("shift", 1.0)))
         _check_out(req, settings)
         ranks.barrier()  # every rank checks before any rank writes
         if ranks.rank == 0 or not ranks.coordinated:
@@ -236,6 +221,24 @@ def _write_index(write: Callable[[], Path], ranks: _Ranks) -> bool:
         print(f"prepare: rank {ranks.rank} done; {e} (the index is written by the call that finishes the last shard)")
         return False
     return True
+
+
+def _settings(req: PrepareRequest, cfg, prompts: list[str], tr_cfg, vae_cfg, side: int, fp: str, use_t5: bool,
+              shift: float) -> dict:
+    """``prepare.json``: every input that changes what is written (compared on ``--resume``)."""
+    from .models.pipeline_io import is_local_path
+    from .text.store import prompts_hash
+
+    local = is_local_path(req.teacher)
+    return {"format": PREPARE_FORMAT,
+            "teacher": str(Path(req.teacher).expanduser().resolve()) if local else req.teacher,
+            "revision": None if local else req.revision,
+            "prompts": req.prompts if req.prompts == "shapes" else str(Path(req.prompts).expanduser().resolve()),
+            "prompt_column": req.prompt_column, "num_prompts": len(prompts), "prompts_sha": prompts_hash(prompts),
+            "seed": cfg.runtime.seed if req.prompts == "shapes" else None,
+            "resolution": side * 2 ** (len(vae_cfg["block_out_channels"]) - 1), "latent_side": side,
+            "dtype": req.dtype, "shard_size": req.shard_size, "use_t5": use_t5, "fingerprint": fp,
+            "trajectories": _trajectory_settings(cfg, tr_cfg, side, shift) if req.trajectories else None}
 
 
 def _trajectory_settings(cfg, tr_cfg, side: int, shift: float) -> dict:

@@ -18,7 +18,6 @@ skipped on resume when its metadata matches the settings. ``index.json`` comes l
 from __future__ import annotations
 
 import json
-import os
 from collections.abc import Callable, Sequence
 from pathlib import Path
 
@@ -26,6 +25,7 @@ import torch
 
 from ..config import fingerprint as settings_hash
 from ..errors import UserError
+from ..text.store import save_safetensors_atomic
 
 __all__ = ["TRAJECTORY_INDEX", "TrajectoryStore", "shard_name", "write_trajectory_index",
            "write_trajectory_shards"]
@@ -86,17 +86,9 @@ def write_trajectory_shards(build: Callable[[int, list[str]], torch.Tensor], pro
             parts.append(build(start, chunk).to(device="cpu", dtype=dtype))
             if progress is not None:
                 progress(len(chunk))
-        from safetensors.torch import save_file
-
-        tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
         meta = {"settings": key, "shard": str(s), "first": str(lo), "dtype": _DTYPE_NAMES[dtype],
                 "prompts": json.dumps(list(prompts[lo:hi]), ensure_ascii=False)}
-        try:
-            save_file({"states": torch.cat(parts).contiguous()}, str(tmp), metadata=meta)
-            os.replace(tmp, path)
-        except BaseException:
-            tmp.unlink(missing_ok=True)
-            raise
+        save_safetensors_atomic({"states": torch.cat(parts).contiguous()}, path, meta)
         written.append(s)
     return written
 

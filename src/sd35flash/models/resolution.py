@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 from collections.abc import Mapping
+from pathlib import Path
 from typing import Any
 
 from ..errors import UserError
@@ -14,6 +15,10 @@ def geometry_configs(model: str, revision: str | None = None) -> tuple[Mapping[s
     """The ``transformer`` and ``vae`` configs of a pipeline folder or hub id, without loading weights."""
     from diffusers import AutoencoderKL, SD3Transformer2DModel
 
+    from .pipeline_io import _check_pipeline_folder, is_local_path
+
+    if is_local_path(model):
+        _check_pipeline_folder(Path(model).expanduser(), str(model))
     try:
         tr = SD3Transformer2DModel.load_config(model, subfolder="transformer", revision=revision)
         vae = AutoencoderKL.load_config(model, subfolder="vae", revision=revision)

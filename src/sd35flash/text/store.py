@@ -39,8 +39,8 @@ import torch
 from ..errors import UserError
 from ..sampling import PromptEmbeds, drop_encoders
 
-__all__ = ["DTYPES", "INDEX", "EmbeddingStore", "StoreLayout", "StoredConditioner", "shard_finished",
-           "write_index", "write_shards"]
+__all__ = ["DTYPES", "INDEX", "EmbeddingStore", "StoreLayout", "StoredConditioner", "prompts_hash",
+           "save_safetensors_atomic", "shard_finished", "write_index", "write_shards"]
 
 STORE_FORMAT = 1
 INDEX = "index.json"
@@ -81,7 +81,8 @@ class StoreLayout:
         return list(range(rank, self.num_shards, world_size))
 
 
-def _prompts_hash(prompts: Sequence[str]) -> str:
+def prompts_hash(prompts: Sequence[str]) -> str:
+    """A short hash of an ordered prompt list."""
     h = hashlib.sha256()
     for p in prompts:
         h.update(p.encode("utf-8") + b"\0")
@@ -98,7 +99,7 @@ def shard_finished(path: Path, fingerprint: str, dtype: torch.dtype, prompts: Se
         with safe_open(str(path), "pt") as f:
             meta = f.metadata() or {}
             ok = (meta.get("fingerprint") == fingerprint and meta.get("dtype") == _DTYPE_NAMES[dtype]
-                  and meta.get("prompts_sha") == _prompts_hash(prompts)
+                  and meta.get("prompts_sha") == prompts_hash(prompts)
                   and f.get_slice("prompt_embeds").get_shape()[0] == len(prompts)
                   and f.get_slice("pooled_prompt_embeds").get_shape()[0] == len(prompts))
     except Exception:  # truncated or foreign file: rebuild it
@@ -106,7 +107,8 @@ def shard_finished(path: Path, fingerprint: str, dtype: torch.dtype, prompts: Se
     return ok
 
 
-def _save_atomic(tensors: dict[str, torch.Tensor], path: Path, metadata: dict[str, str]) -> None:
+def save_safetensors_atomic(tensors: dict[str, torch.Tensor], path: Path, metadata: dict[str, str]) -> None:
+    """``save_file`` to a temporary sibling ``.<name>.tmp-<pid>``, then rename over ``path``."""
     from safetensors.torch import save_file
 
     tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
@@ -148,8 +150,8 @@ def write_shards(encode: Callable[[list[str]], PromptEmbeds], layout: StoreLayou
                 progress(len(chunk))
         pe = PromptEmbeds.cat(parts)
         meta = {"fingerprint": fingerprint, "dtype": _DTYPE_NAMES[dtype], "shard": str(s),
-                "prompts_sha": _prompts_hash(prompts), "prompts": json.dumps(prompts, ensure_ascii=False)}
-        _save_atomic({"prompt_embeds": pe.embeds.contiguous(), "pooled_prompt_embeds": pe.pooled.contiguous()},
+                "prompts_sha": prompts_hash(prompts), "prompts": json.dumps(prompts, ensure_ascii=False)}
+        save_safetensors_atomic({"prompt_embeds": pe.embeds.contiguous(), "pooled_prompt_embeds": pe.pooled.contiguous()},
                      path, meta)
         written.append(s)
     return written
