@@ -99,7 +99,8 @@ def _jsonl_entry(line: str, where: str) -> tuple[str, SceneSpec | None]:
     elif all(k in obj for k in _SPEC_KEYS):
         spec = _spec({k: v for k, v in obj.items() if k not in _PROMPT_KEYS}, where)
     if text is None and spec is None:
-        raise UserError(f"{where} needs a non-empty string field \"prompt\" (or \"text\"), or a shapes-world scene spec")
+        raise UserError(f"{where} needs a non-empty string field \"prompt\" (or \"text\"), "
+                        "or a shapes-world scene spec")
     return (text.strip() if text is not None else canonical_prompt(spec)), spec
 
 
@@ -143,17 +144,18 @@ def file_prompts(path: str | Path, column: str | None = None) -> PromptSource:
     p = Path(path).expanduser()
     if p.is_dir() and (p / PREPARED_PROMPTS).is_file():
         p = p / PREPARED_PROMPTS
-    if column is not None and p.suffix != ".parquet":
+    kind = p.suffix.lower()
+    if column is not None and kind != ".parquet":
         raise UserError(f"--prompt-column applies to .parquet prompt files; {p} is not one")
     specs: list[SceneSpec | None] = []
-    if p.suffix == ".parquet":
+    if kind == ".parquet":
         prompts = _parquet_prompts(p, column)
     else:
         prompts = []
         for no, line in enumerate(_read_lines(p), 1):
             if not line.strip():
                 continue
-            if p.suffix == ".jsonl":
+            if kind == ".jsonl":
                 prompt, spec = _jsonl_entry(line, f"{p}:{no}")
                 prompts.append(prompt)
                 specs.append(spec)
@@ -166,7 +168,8 @@ def file_prompts(path: str | Path, column: str | None = None) -> PromptSource:
 
 
 def write_prompts(path: str | Path, source: PromptSource) -> Path:
-    """Write ``source`` as JSON Lines (``{"prompt", "spec"?}`` a line) atomically; :func:`file_prompts` reads it back."""
+    """Write ``source`` as JSON Lines (``{"prompt", "spec"?}`` a line), atomically; :func:`file_prompts`
+    reads it back."""
     from ..imaging import atomic_write_text
 
     lines = []

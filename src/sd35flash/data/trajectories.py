@@ -161,7 +161,8 @@ class TrajectoryStore:
     @property
     def states(self) -> torch.Tensor:
         if self._all is None:
-            self._all = torch.cat([self._shard(s).get_tensor("states") for s in range(len(self.index["shards"]))]).float()
+            shards = range(len(self.index["shards"]))
+            self._all = torch.cat([self._shard(s).get_tensor("states") for s in shards]).float()
         return self._all
 
     @property

@@ -151,8 +151,8 @@ def write_shards(encode: Callable[[list[str]], PromptEmbeds], layout: StoreLayou
         pe = PromptEmbeds.cat(parts)
         meta = {"fingerprint": fingerprint, "dtype": _DTYPE_NAMES[dtype], "shard": str(s),
                 "prompts_sha": prompts_hash(prompts), "prompts": json.dumps(prompts, ensure_ascii=False)}
-        save_safetensors_atomic({"prompt_embeds": pe.embeds.contiguous(), "pooled_prompt_embeds": pe.pooled.contiguous()},
-                     path, meta)
+        tensors = {"prompt_embeds": pe.embeds.contiguous(), "pooled_prompt_embeds": pe.pooled.contiguous()}
+        save_safetensors_atomic(tensors, path, meta)
         written.append(s)
     return written
 
