@@ -23,7 +23,6 @@ CLI registers the command at start-up).
 from __future__ import annotations
 
 import argparse
-import gc
 import json
 import os
 from collections.abc import Callable
@@ -66,35 +65,30 @@ class _Ranks:
     def __init__(self, rank: int | None, world_size: int | None) -> None:
         import torch
 
+        self._dist = torch.distributed
         self.rank = int(os.environ.get("RANK", 0)) if rank is None else rank
         self.world = int(os.environ.get("WORLD_SIZE", 1)) if world_size is None else world_size
         self.group = False  # this object made the process group (and closes it)
         local = int(os.environ.get("LOCAL_RANK", 0))
         self.device = torch.device(f"cuda:{local}") if torch.cuda.is_available() else torch.device("cpu")
-        if rank is None and self.world > 1 and not torch.distributed.is_initialized():
+        if rank is None and self.world > 1 and not self._dist.is_initialized():
             if self.device.type == "cuda":
                 torch.cuda.set_device(self.device)
-            torch.distributed.init_process_group("nccl" if self.device.type == "cuda" else "gloo")
+            self._dist.init_process_group("nccl" if self.device.type == "cuda" else "gloo")
             self.group = True
 
     @property
     def coordinated(self) -> bool:
         """One process, or a process group to wait on: rank 0 alone writes the shared files."""
-        import torch
-
-        return self.world == 1 or torch.distributed.is_initialized()
+        return self.world == 1 or self._dist.is_initialized()
 
     def barrier(self) -> None:
-        import torch
-
-        if torch.distributed.is_initialized():
-            torch.distributed.barrier()
+        if self._dist.is_initialized():
+            self._dist.barrier()
 
     def close(self) -> None:
-        import torch
-
         if self.group:
-            torch.distributed.destroy_process_group()
+            self._dist.destroy_process_group()
 
 
 def _recipe(req: PrepareRequest):
@@ -128,16 +122,6 @@ def _check_out(req: PrepareRequest, settings: dict) -> None:
         raise UserError(f"--out {out} exists and is not a prepare folder; choose a new folder")
 
 
-def _free_encoders(pipe) -> None:
-    import torch
-
-    for name in ("text_encoder", "text_encoder_2", "text_encoder_3"):
-        setattr(pipe, name, None)
-    gc.collect()
-    if torch.cuda.is_available():
-        torch.cuda.empty_cache()
-
-
 def prepare(req: PrepareRequest, rank: int | None = None, world_size: int | None = None) -> Path:
     """Write the embedding store (and, if asked, the teacher trajectories) for ``req``; returns ``req.out``.
 
@@ -152,7 +136,7 @@ def prepare(req: PrepareRequest, rank: int | None = None, world_size: int | None
     from .models.pipeline_io import load_pipeline
     from .models.resolution import geometry_configs, latent_side
     from .sampling import clip_length, encode_prompts
-    from .text.encoder import count_truncated, encoder_fingerprint
+    from .text.encoder import count_truncated, encoder_fingerprint, free_encoders
     from .text.store import DTYPES, StoreLayout, write_index, write_shards
 
     if req.dtype not in DTYPES:
@@ -191,7 +175,7 @@ def prepare(req: PrepareRequest, rank: int | None = None, world_size: int | None
         written = write_shards(lambda ps: encode_prompts(pipe, ps, use_t5=use_t5, device=ranks.device), layout,
                                store_dir, fp, DTYPES[req.dtype], req.batch, ranks.rank, ranks.world, bar.update)
         bar.close()
-        _free_encoders(pipe)
+        free_encoders(pipe)
         ranks.barrier()
         _write_index(lambda: write_index(store_dir, layout, fp, DTYPES[req.dtype], clip_length(pipe), use_t5,
                                          extra={"teacher": req.teacher}), ranks)

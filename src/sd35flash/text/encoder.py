@@ -11,8 +11,9 @@ embedding cache on disk, and freeing the encoders once the prompts of a job are 
   exactly what ``StableDiffusion3Pipeline`` feeds when ``text_encoder_3`` is ``None``).
 * **Embedding cache.** ``<root>/<fingerprint>/<sha256(prompt)>.safetensors`` holds one prompt's
   ``embeds`` (L, D) and ``pooled`` (P,). Writes are atomic (temporary file, then rename).
-* **Freeing.** :meth:`PromptEncoder.free` drops the three encoders from the pipeline (and empties
-  the CUDA cache); embeddings already computed stay available in memory and on disk.
+* **Freeing.** :func:`free_encoders` (and :meth:`PromptEncoder.free`) drops the three encoders from
+  the pipeline (and empties the CUDA cache); embeddings already computed stay available in memory
+  and on disk.
 """
 
 from __future__ import annotations
@@ -32,7 +33,7 @@ from ..paths import cache_root
 from ..sampling import PromptEmbeds, clip_length, encode_prompts, t5_length
 
 __all__ = ["ENCODER_NAMES", "PromptEncoder", "check_writable", "count_truncated", "default_cache_dir",
-           "encoder_fingerprint"]
+           "encoder_fingerprint", "free_encoders"]
 
 ENCODER_NAMES = ("text_encoder", "text_encoder_2", "text_encoder_3")
 _SAMPLES_PER_TENSOR = 4096
@@ -75,6 +76,16 @@ def encoder_fingerprint(pipe, use_t5: bool, variant: str = "") -> str:
             h.update(f"{name}:{type(tok).__name__}:{tok.model_max_length}:{len(tok)}".encode())
     h.update(f"use_t5={use_t5};t5_len={t5_length(pipe)};{variant}".encode())
     return h.hexdigest()[:20]
+
+
+def free_encoders(pipe) -> None:
+    """Drop the pipeline's three text encoders (tokenizers stay) and release their memory."""
+    for name in ENCODER_NAMES:
+        if getattr(pipe, name, None) is not None:
+            setattr(pipe, name, None)
+    gc.collect()
+    if torch.cuda.is_available():
+        torch.cuda.empty_cache()
 
 
 def count_truncated(pipe, prompts: Sequence[str], chunk: int = 4096) -> dict[str, int]:
@@ -205,10 +216,5 @@ class PromptEncoder:
 
     def free(self) -> None:
         """Drop the text encoders from the pipeline and release their memory."""
-        for name in ENCODER_NAMES:
-            if getattr(self.pipe, name, None) is not None:
-                setattr(self.pipe, name, None)
+        free_encoders(self.pipe)
         self.freed = True
-        gc.collect()
-        if torch.cuda.is_available():
-            torch.cuda.empty_cache()
