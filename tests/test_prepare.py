@@ -328,3 +328,23 @@ def test_prepare_cli_bad_input(tiny_dir, tmp_path, capsys, monkeypatch, extra, m
     err = capsys.readouterr().err
     assert match in err and err.count("\n") == 1
     assert not (tmp_path / "o").exists()
+
+
+def test_prepare_cli_no_t5_parquet_column_and_resolution(pipe, tiny_dir, tmp_path, capsys):
+    from datasets import Dataset
+
+    table = tmp_path / "p.parquet"
+    Dataset.from_dict({"caption": PROMPTS}).to_parquet(str(table))
+    out = tmp_path / "prep"
+    assert main(["prepare", "--teacher", str(tiny_dir), "--prompts", str(table), "--prompt-column", "caption",
+                 "--out", str(out), "--no-t5", "--resolution", "16", "--no-progress"]) == 0
+    manifest = json.loads((out / "prepare.json").read_text())
+    assert manifest["use_t5"] is False and manifest["latent_side"] == 4 and manifest["dtype"] == "bf16"
+    store = EmbeddingStore(out / "embeds", fingerprint=encoder_fingerprint(pipe, False))
+    got = store.get(PROMPTS)
+    assert got.embeds.dtype == torch.bfloat16 and torch.count_nonzero(got.embeds[:, 12:]) == 0
+    _close(got, encode_prompts(pipe, PROMPTS, use_t5=False).to(torch.bfloat16))
+    with pytest.raises(UserError, match="built without T5"):
+        store.get(PROMPTS, t5=True)
+    with pytest.raises(UserError, match="other text encoders"):
+        EmbeddingStore(out / "embeds", fingerprint=encoder_fingerprint(pipe, True))

@@ -153,6 +153,8 @@ def prepare(req: PrepareRequest, rank: int | None = None, world_size: int | None
             components["text_encoder_3"] = None
         pipe = load_pipeline(req.teacher, revision=req.revision, device=ranks.device, **components)
         use_t5 = bool(req.use_t5 and pipe.text_encoder_3 is not None)
+        if not use_t5:  # the pipeline sizes T5's zero block from the transformer's config: a weightless one
+            pipe.transformer = _meta_transformer(tr_cfg)
         fp = encoder_fingerprint(pipe, use_t5)
         settings = _settings(req, cfg, source.prompts, tr_cfg, vae_cfg, side, fp, use_t5,
                              float(pipe.scheduler.config.get("shift", 1.0)))
@@ -205,6 +207,15 @@ def _write_index(write: Callable[[], Path], ranks: _Ranks) -> bool:
         print(f"prepare: rank {ranks.rank} done; {e} (the index is written by the call that finishes the last shard)")
         return False
     return True
+
+
+def _meta_transformer(config):
+    """The teacher's transformer class on the meta device: its config, no weights."""
+    import torch
+    from diffusers import SD3Transformer2DModel
+
+    with torch.device("meta"):
+        return SD3Transformer2DModel.from_config(config)
 
 
 def _settings(req: PrepareRequest, cfg, prompts: list[str], tr_cfg, vae_cfg, side: int, fp: str, use_t5: bool,
