@@ -326,5 +326,6 @@ def cmd_prepare(args: argparse.Namespace) -> int:
                          prompt_column=args.prompt_column, use_t5=not args.no_t5, trajectories=args.trajectories,
                          revision=args.revision, progress=not args.no_progress)
     out = prepare(req)
-    print(f"prepared: {out}")
+    if int(os.environ.get("RANK", 0)) == 0:
+        print(f"prepared: {out}")
     return 0
