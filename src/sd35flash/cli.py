@@ -10,6 +10,7 @@ from pathlib import Path
 
 from .deploy import commands as _deploy
 from .errors import UserError
+from .prepare import register as _register_prepare
 
 
 def _positive_int(name: str):
@@ -138,6 +139,7 @@ def build_parser() -> argparse.ArgumentParser:
 
     COMMANDS.update(_deploy.register(sub, g, e))  # presets, bench; --preset on generate / eval
     _add_export_plan_commands(sub)
+    COMMANDS.update(_register_prepare(sub))  # `prepare`: embeddings (and trajectories) before `distill`
 
     d = sub.add_parser("demo", help="the whole chain on the shapes world: teacher, distillation, evaluation, report")
     d.add_argument("--preset", default="quick", choices=("smoke", "quick", "full"),
