@@ -62,7 +62,9 @@ def encode_prompts(pipe, prompts: Sequence[str], use_t5: bool = True, device: to
     device = device or pipe._execution_device
     t5 = pipe.text_encoder_3
     if not use_t5:
-        pipe.text_encoder_3 = None
+        # object.__setattr__: diffusers' pipeline __setattr__ would also rewrite the registered
+        # component in the config, and a pipeline saved afterwards would lose its T5.
+        object.__setattr__(pipe, "text_encoder_3", None)
     try:
         embeds, _, pooled, _ = pipe.encode_prompt(
             prompt=list(prompts),
@@ -73,7 +75,7 @@ def encode_prompts(pipe, prompts: Sequence[str], use_t5: bool = True, device: to
             max_sequence_length=t5_length(pipe),
         )
     finally:
-        pipe.text_encoder_3 = t5
+        object.__setattr__(pipe, "text_encoder_3", t5)
     return PromptEmbeds(embeds, pooled)
 
 
