@@ -1,7 +1,8 @@
 """Load benchmark of the study server: N concurrent annotators x M votes against a real local
 `sd35flash study serve` process on 127.0.0.1, on a copy of a study folder.
 
-Reports p50/p95 latency of POST /api/vote and GET /api/next, throughput, and checks that no vote was
+Reports p50/p95 latency of POST /api/vote and GET /api/next, throughput, the CPU time of server and
+clients (on a shared machine latency mostly measures waiting for a core; CPU time does not), and checks that no vote was
 lost or doubled: the database holds exactly N x M votes, one per (annotator, pair), and every vote
 id a client got back is stored.
 
@@ -51,6 +52,7 @@ def main(argv: list[str] | None = None) -> int:
         study = Path(tmp) / "study"
         shutil.copytree(src.root, study, ignore=shutil.ignore_patterns("votes.sqlite3*", "invite_code", "admin_token"))
         port = _free_port()
+        before = os.times()
         url = f"http://127.0.0.1:{port}"
         proc = subprocess.Popen([sys.executable, "-m", "sd35flash", "study", "serve", str(study), "--port", str(port),
                                  "--votes-per-annotator", str(args.votes)], env=dict(os.environ),
@@ -68,6 +70,7 @@ def main(argv: list[str] | None = None) -> int:
         finally:
             proc.terminate()
             proc.wait(timeout=30)
+        after = os.times()
         con = db.connect(study / "votes.sqlite3")
         rows = con.execute("SELECT vote_id, annotator, pair_id FROM votes").fetchall()
         con.close()
@@ -78,6 +81,9 @@ def main(argv: list[str] | None = None) -> int:
         "acknowledged_not_stored": len(set(res.vote_ids) - {r[0] for r in rows}), "client_errors": len(res.errors),
         "vote": res.percentiles("vote"), "next": res.percentiles("next"), "seconds": res.seconds,
         "votes_per_second": len(res.vote_ids) / res.seconds if res.seconds else None,
+        # CPU seconds the server process used (it is reaped above), and this process (the clients)
+        "server_cpu_seconds": (after.children_user + after.children_system) - (before.children_user + before.children_system),
+        "client_cpu_seconds": (after.user + after.system) - (before.user + before.system),
         "commit": git_commit(), "cpu": platform.processor() or platform.machine(), "cpus": os.cpu_count(),
     }
     ok = (out["stored_votes"] == expected == out["distinct_annotator_pair"] and not out["acknowledged_not_stored"]

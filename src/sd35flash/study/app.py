@@ -20,6 +20,7 @@ from __future__ import annotations
 import csv
 import hmac
 import io
+import threading
 from pathlib import Path
 from typing import Literal
 
@@ -62,8 +63,13 @@ def create_app(study_dir: str | Path, protocol: db.Protocol | None = None) -> Fa
     app = FastAPI(title="sd35flash study", docs_url=None, redoc_url=None, openapi_url=None)
     app.mount("/static", StaticFiles(directory=str(HERE / "static")), name="static")
 
+    local = threading.local()  # one connection per worker thread, opened on first use
+
     def connection():
-        return db.connect(folder.database)
+        con = getattr(local, "con", None)
+        if con is None:
+            con = local.con = db.connect(folder.database)
+        return con
 
     def known(con, annotator: str) -> None:
         if not db.annotator_exists(con, annotator):
@@ -87,21 +93,15 @@ def create_app(study_dir: str | Path, protocol: db.Protocol | None = None) -> Fa
         if not hmac.compare_digest(body.invite.strip().encode(), invite.encode()):
             raise HTTPException(403, "wrong invite code")
         con = connection()
-        try:
-            annotator = db.create_annotator(con, protocol)
-            _, _, total = db.next_pair(con, annotator)
-        finally:
-            con.close()
+        annotator = db.create_annotator(con, protocol)
+        _, _, total = db.next_pair(con, annotator)
         return {"annotator": annotator, "total": total}
 
     @app.get("/api/next")
     def next_pair(annotator: str = Query(pattern=_ID)):
         con = connection()
-        try:
-            known(con, annotator)
-            row, done, total = db.next_pair(con, annotator)
-        finally:
-            con.close()
+        known(con, annotator)
+        row, done, total = db.next_pair(con, annotator)
         if row is None:
             return Response(status_code=204)
         left, right = (row["img_b"], row["img_a"]) if row["swap"] else (row["img_a"], row["img_b"])
@@ -118,27 +118,19 @@ def create_app(study_dir: str | Path, protocol: db.Protocol | None = None) -> Fa
             raise HTTPException(409, "already voted on this pair") from None
         except db.UnknownPair:
             raise HTTPException(404, "this pair is not in your queue") from None
-        finally:
-            con.close()
         return {"vote_id": vote_id}
 
     @app.get("/api/admin/summary")
     def admin_summary(authorization: str | None = Header(default=None)):
         admin(authorization)
         con = connection()
-        try:
-            return db.summary(con)
-        finally:
-            con.close()
+        return db.summary(con)
 
     @app.get("/api/admin/votes.csv")
     def votes_csv(authorization: str | None = Header(default=None)):
         admin(authorization)
         con = connection()
-        try:
-            rows = db.all_votes(con)
-        finally:
-            con.close()
+        rows = db.all_votes(con)
         buf = io.StringIO()
         writer = csv.DictWriter(buf, fieldnames=[*db.VOTE_COLUMNS, "prompt"])
         writer.writeheader()
