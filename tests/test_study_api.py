@@ -197,3 +197,26 @@ def test_unreadable_secret_is_a_user_error(study):
     (study / "admin_token").write_text("")
     with pytest.raises(UserError, match="admin_token"):
         create_app(study)
+
+
+def test_create_with_preset(smoke_teacher, tmp_path):
+    """--preset loads every model as `generate --preset` does; reference-fp32 draws the same images as no preset,
+    and a preset that frees its text encoders after encoding still draws every prompt."""
+    import numpy as np
+    from PIL import Image
+
+    from sd35flash.study.create import ModelArg, create_study
+
+    prompts = tmp_path / "p.txt"
+    prompts.write_text("a red circle\na blue square on the left\n")
+    models = [ModelArg("one", str(smoke_teacher), 1), ModelArg("two", str(smoke_teacher), 2)]
+    out = {}
+    for preset in (None, "reference-fp32", "laptop-8bit-no-t5"):
+        d = tmp_path / str(preset)
+        create_study(models, str(prompts), d, seeds=1, preset=preset, device="cpu", progress=False)
+        m = StudyFolder(d).manifest()
+        assert all(e["preset"] == preset for e in m["models"].values())
+        pairs = sorted((p["prompt_id"], p["a"], p["img_a"]) for p in m["pairs"])
+        out[preset] = [np.asarray(Image.open(d / "images" / img), dtype=np.int16) for _, _, img in pairs]
+        assert len(out[preset]) == 2 and not any(p["kind"] == "gold" for p in m["pairs"])
+    assert all(np.abs(a - b).max() <= 1 for a, b in zip(out[None], out["reference-fp32"]))

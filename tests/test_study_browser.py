@@ -37,7 +37,7 @@ def _progress(page) -> tuple[str, str]:
     return page.locator("#progress-text").inner_text(), page.locator("#progress").get_attribute("aria-valuenow")
 
 
-@pytest.mark.parametrize("width,height,name", [(1280, 860, "desktop"), (390, 844, "phone")])
+@pytest.mark.parametrize("width,height,name", [(1366, 700, "desktop"), (390, 844, "phone")])
 def test_annotator_page(browser, smoke_study, smoke_teacher, tmp_path, width, height, name):
     study = tmp_path / "study"
     shutil.copytree(smoke_study, study)
@@ -57,6 +57,12 @@ def test_annotator_page(browser, smoke_study, smoke_teacher, tmp_path, width, he
         page.wait_for_function("document.getElementById('left').complete && document.getElementById('right').complete")
         page.screenshot(path=str(SHOTS / f"{name}-vote.png"), full_page=True)
         assert _progress(page) == ("0 of 10 done", "0")
+        for sel in ("#prompt", "#left", "#right", "#choose-left", "#choose-tie", "#choose-right"):
+            box = page.locator(sel).bounding_box()  # everything needed to vote is on screen, unscrolled
+            assert box is not None and box["x"] >= 0 and box["x"] + box["width"] <= width
+            assert box["y"] >= 0 and box["y"] + box["height"] <= height, sel
+        left, right = page.locator("#left").bounding_box(), page.locator("#right").bounding_box()
+        assert left["width"] >= 140 and abs(left["width"] - right["width"]) < 1 and left["y"] == right["y"]
         for i in range(10):
             text, _ = _progress(page)
             assert text == f"{i} of 10 done"

@@ -25,9 +25,10 @@ def study(smoke_study, tmp_path):
     return dst
 
 
-def _simulate(study, annotators: int, seed: int, gold_liar: bool = False) -> None:
-    """Annotators who prefer each model in proportion to STRENGTH (Bradley-Terry) and get gold right;
-    with ``gold_liar`` one more annotator who always answers gold pairs wrong and models at random."""
+def _simulate(study, annotators: int, seed: int, gold_liar: bool = False, certain: bool = False) -> None:
+    """Annotators who prefer each model in proportion to STRENGTH (Bradley-Terry; ``certain``: always the
+    stronger one) and get gold right; with ``gold_liar`` one more annotator who always answers gold pairs
+    wrong and models at random."""
     create_app(study)  # makes the database
     con = db.connect(study / "votes.sqlite3")
     rng = random.Random(seed)
@@ -47,7 +48,7 @@ def _simulate(study, annotators: int, seed: int, gold_liar: bool = False) -> Non
                 pick = rng.choice("ab")
             else:
                 sa, sb = STRENGTH[row["a"]], STRENGTH[row["b"]]
-                pick = "a" if rng.random() < sa / (sa + sb) else "b"
+                pick = "a" if (sa > sb if certain else rng.random() < sa / (sa + sb)) else "b"
             db.record_vote(con, ann, row["pair_id"], "left" if pick == left else "right")
     con.close()
 
@@ -76,6 +77,14 @@ def test_known_strengths_through_the_vote_store(study):
     # keeping the liar mixes random answers in
     loose = compute_results(study, resamples=1000, max_gold_failure=1.0)
     assert loose["excluded_annotators"] == 0 and loose["votes"] == 61 * 16
+
+
+def test_agreement_of_certain_annotators(study):
+    _simulate(study, annotators=8, seed=1, certain=True)
+    res = compute_results(study, resamples=1000)
+    assert res["agreement"]["krippendorff_alpha"] == pytest.approx(1.0)
+    assert res["self_consistency"] == {"repeats": 16, "agreement": 1.0}
+    assert res["ranking"] == ["slow8", "mid4", "fast2"]
 
 
 def test_oracle_and_results_cli(study, tmp_path, capsys):

@@ -125,8 +125,10 @@ def _start(folder: StudyFolder, plan: dict) -> dict:
     return full
 
 
-def _load(m: ModelArg, preset: str | None, device: str):
-    """Load one model through the project's loaders; returns (pipe, schedule, steps, guidance, sampler kwargs)."""
+def _load(m: ModelArg, preset: str | None, device: str, prompts: list[str]):
+    """Load one model through the project's loaders; returns (pipe, schedule, steps, guidance, sampler
+    kwargs). Under a preset every prompt of the job is encoded up front (the preset may free the text
+    encoders after that)."""
     from ..evaluate.evaluator import resolve_sampling
     from ..models.branches import sampling_transformer
     from ..models.pipeline_io import load_pipeline
@@ -137,12 +139,13 @@ def _load(m: ModelArg, preset: str | None, device: str):
             from ..deploy.presets import get_preset
 
             dp = load_deployed(m.model, get_preset(preset), device=device, progress=False)
-            pipe, extra = dp.pipe, {"encoder": dp.encoder, "height": dp.size, "width": dp.size}
+            pipe = dp.pipe
         else:
             from ..deploy.pipeline import resolve_device
 
-            pipe, extra = load_pipeline(m.model, device=resolve_device(device)), {}
+            dp, pipe = None, load_pipeline(m.model, device=resolve_device(device))
         schedule, steps, guidance = resolve_sampling(pipe, m.model, m.steps, m.guidance)
+        extra = dp.generate_kwargs(prompts, guidance) if dp is not None else {}
         extra["transformer"] = sampling_transformer(pipe, m.model)
     except UserError as exc:
         raise UserError(f"model {m.name} ({m.model}) failed to load: {exc}") from None
@@ -162,11 +165,14 @@ def _generate_model(folder: StudyFolder, plan: dict, m: ModelArg, preset: str | 
             for i, p in enumerate(plan["prompts"]) for k in range(seeds)]
     todo = [j for j in jobs if not (folder.images / j[3]).is_file()]
     timing = _read_timing(folder)
-    pipe, schedule, steps, guidance, extra = _load(m, preset, device)
+    pipe, schedule, steps, guidance, extra = _load(m, preset, device, sorted({j[1] for j in todo}))
     entry = {"model": m.model, "steps": steps, "guidance": guidance, "nfe": steps * (2 if guidance > 1.0 else 1),
              "schedule": [float(t) for t in schedule], "preset": preset}
     bar = tqdm(total=len(jobs), initial=len(jobs) - len(todo), desc=f"study {m.name}", disable=not progress)
     times: list[tuple[float, int]] = []
+    if todo:  # warm-up (one image, not kept) so that the timed batches measure steady-state speed
+        with torch.inference_mode():
+            generate(pipe, [todo[0][1]], [todo[0][2]], schedule, guidance=guidance, batch_size=1, **extra)
     for start in range(0, len(todo), batch_size):
         chunk = todo[start:start + batch_size]
         t0 = time.perf_counter()
@@ -178,9 +184,8 @@ def _generate_model(folder: StudyFolder, plan: dict, m: ModelArg, preset: str | 
             save_png(folder.images / c[3], img)
         bar.update(len(chunk))
     bar.close()
-    if times:  # the first batch carries warm-up costs; leave it out when there are others
-        kept = times[1:] if len(times) > 1 else times
-        timing[m.name] = sum(t for t, _ in kept) / sum(n for _, n in kept)
+    if times:
+        timing[m.name] = sum(t for t, _ in times) / sum(n for _, n in times)
         atomic_write_text(folder.root / TIMING, json.dumps(timing, indent=1))
     entry["seconds_per_image"] = timing.get(m.name)
     del pipe, extra
@@ -213,11 +218,13 @@ def gold_images(spec_dict: dict, seed: int) -> tuple[Any, Any, str] | None:
 
 
 def build_pairs(plan: dict, names: list[str], rng: random.Random) -> list[dict]:
-    """Every unordered model pair on every (prompt, seed), plus the gold pairs (already rendered)."""
+    """Every unordered model pair on every (prompt, seed), each in a random a/b order."""
     pairs = []
     for p in plan["prompts"]:
         for k in range(plan["seeds"]):
             for a, b in itertools.combinations(names, 2):
+                if rng.random() < 0.5:  # no model sits on side "a" more often than another
+                    a, b = b, a
                 pairs.append({"pair_id": secrets.token_hex(6), "kind": "model", "prompt_id": p["id"], "seed_index": k,
                               "a": a, "b": b, "img_a": image_name(plan["salt"], a, p["id"], k),
                               "img_b": image_name(plan["salt"], b, p["id"], k), "correct": None})

@@ -31,35 +31,41 @@ def win_counts(a: Sequence[int], b: Sequence[int], winner: Sequence[str], n_mode
     return w
 
 
-def bradley_terry(w: np.ndarray, prior: float = 0.01, tol: float = 1e-10, max_iter: int = 10_000) -> np.ndarray:
+def bradley_terry(w: np.ndarray, prior: float = 0.01, tol: float = 1e-10, max_iter: int = 100) -> np.ndarray:
     """Maximum-likelihood Bradley-Terry strengths for one ``(M, M)`` or a batch ``(R, M, M)`` of win counts.
 
-    Model: ``P(i beats j) = p_i / (p_i + p_j)``. Zermelo's minorisation-maximisation update,
-    vectorised over the batch::
+    Model: ``P(i beats j) = p_i / (p_i + p_j) = sigmoid(theta_i - theta_j)`` with ``theta = log p``.
+    The log-likelihood ``L = sum_ij W_ij log P_ij`` is maximised by Newton's method, vectorised
+    over the batch::
 
-        p_i <- W_i / sum_j N_ij / (p_i + p_j),   W_i = sum_j W_ij,  N_ij = W_ij + W_ji
+        g_i  = sum_j (W_ij - N_ij P_ij),          N_ij = W_ij + W_ji
+        H_ij = N_ij P_ij (1 - P_ij) (i != j),     H_ii = -sum_j H_ij
+        theta <- theta + clip(( -H + 1 1^T / M )^-1 g)
 
-    then ``p`` is scaled to geometric mean 1. ``prior`` adds that many virtual ties to every pair of
-    models (half a win each way), which keeps a model with no wins at a finite strength; 0 gives the
-    plain maximum-likelihood fit (which needs every model to win and lose somewhere)."""
+    (the ``1 1^T`` term fixes the free shift of ``theta``; steps are clipped to 2 for safety), then
+    ``theta`` is centred, so ``p`` has geometric mean 1. ``prior`` adds that many virtual ties to
+    every pair of models (half a win each way), which keeps a model with no wins at a finite
+    strength; 0 gives the plain maximum-likelihood fit (which needs every model to win and lose)."""
     w = np.asarray(w, dtype=float)
     single = w.ndim == 2
     w = w[None] if single else w
     m = w.shape[-1]
-    off = 1.0 - np.eye(m)
-    w = w + 0.5 * prior * off
+    w = w + 0.5 * prior * (1.0 - np.eye(m))
     n = w + np.swapaxes(w, 1, 2)
-    wins = w.sum(axis=2)
-    p = np.ones(w.shape[:2])
+    theta = np.zeros(w.shape[:2])
+    ones = np.full((m, m), 1.0 / m)
     for _ in range(max_iter):
-        denom = (n / (p[:, :, None] + p[:, None, :])).sum(axis=2)
-        new = np.where(denom > 0, wins / np.where(denom > 0, denom, 1.0), p)
-        new = np.maximum(new, 1e-300)
-        new /= np.exp(np.log(new).mean(axis=1, keepdims=True))
-        done = np.max(np.abs(np.log(new) - np.log(p))) < tol
-        p = new
-        if done:
+        prob = 1.0 / (1.0 + np.exp(theta[:, None, :] - theta[:, :, None]))  # P_ij = sigmoid(theta_i - theta_j)
+        grad = (w - n * prob).sum(axis=2)
+        curv = n * prob * (1.0 - prob)
+        neg_h = np.einsum("rij,ij->rij", -curv, 1.0 - np.eye(m)) + np.einsum("ri,ij->rij", curv.sum(axis=2), np.eye(m))
+        step = np.linalg.solve(neg_h + ones, grad[..., None])[..., 0]
+        step = np.clip(step, -2.0, 2.0)
+        theta = theta + step
+        theta -= theta.mean(axis=1, keepdims=True)
+        if np.max(np.abs(step)) < tol:
             break
+    p = np.exp(theta)
     return p[0] if single else p
 
 

@@ -188,6 +188,9 @@ def compute_plot(res: dict[str, Any]) -> bytes | None:
             ax.annotate(n, (m[key], m["elo"]), textcoords="offset points", xytext=(6, 4), fontsize=8)
         if pts and min(m[key] for _, m in pts) > 0:
             ax.set_xscale("log")
+            plain = matplotlib.ticker.FuncFormatter(lambda x, _: f"{x:g}")
+            ax.xaxis.set_major_formatter(plain)
+            ax.xaxis.set_minor_formatter(plain)
         ax.set_xlabel(label)
         ax.set_ylabel("ELO-scale score")
         ax.grid(alpha=0.3)
