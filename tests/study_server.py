@@ -52,6 +52,6 @@ def thread_server(app):
 
 def start_process(study: Path, port: int, *extra: str) -> subprocess.Popen:
     """``sd35flash study serve`` as a child process (the real command line)."""
-    env = {**os.environ, "PYTHONPATH": str(Path(__file__).resolve().parents[1] / "src")}
+    env = {**os.environ, "PYTHONPATH": str(Path(__file__).resolve().parents[1] / "src"), "PYTHONUNBUFFERED": "1"}
     return subprocess.Popen([sys.executable, "-m", "sd35flash", "study", "serve", str(study), "--port", str(port),
                              *extra], env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)

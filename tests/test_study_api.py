@@ -46,20 +46,26 @@ def test_create_layout(study):
     for p in m["pairs"]:
         assert p["img_a"] in names and p["img_b"] in names
         assert not any(n in p["img_a"] + p["img_b"] for n in MODEL_NAMES)
-    # same seed, other model: the images of a pair differ (different step counts), and the judge
-    # accepts the truth side of every gold pair and rejects the other
     import numpy as np
     from PIL import Image
 
     from sd35flash.world import SceneSpec, judge
 
+    def load(name):
+        return np.asarray(Image.open(study / "images" / name).convert("RGB"), dtype=np.int16)
+
+    # same prompt and seed, another step count: close (same noise) but not the same image
+    for p in model_pairs[:6]:
+        diff = np.abs(load(p["img_a"]) - load(p["img_b"])).mean()
+        assert 0 < diff < 40
+    assert {p["a"] for p in model_pairs} == set(MODEL_NAMES)  # a/b order is random
+    # the judge accepts the truth side of every gold pair and rejects the other
     specs = {p["id"]: SceneSpec.from_dict(p["spec"]) for p in m["prompts"]}
     for g in gold:
         truth = g["img_a"] if g["correct"] == "a" else g["img_b"]
         wrong = g["img_b"] if g["correct"] == "a" else g["img_a"]
-        load = lambda n: np.asarray(Image.open(study / "images" / n).convert("RGB"))  # noqa: E731
-        assert judge(load(truth), specs[g["prompt_id"]]).correct
-        assert not judge(load(wrong), specs[g["prompt_id"]]).correct
+        assert judge(load(truth).astype(np.uint8), specs[g["prompt_id"]]).correct
+        assert not judge(load(wrong).astype(np.uint8), specs[g["prompt_id"]]).correct
 
 
 def test_create_is_resumable_and_refuses_another_study(smoke_study, smoke_teacher, tmp_path):

@@ -38,6 +38,9 @@ def test_concurrent_votes_survive_a_crash(smoke_study, tmp_path):
             time.sleep(0.02)
         proc.send_signal(signal.SIGKILL)  # crash mid-study
         proc.wait(timeout=30)
+        said = proc.stdout.read()
+        assert "admin_token" in said and "invite_code" in said  # where they are ...
+        assert StudyFolder(study).admin_token() not in said and invite not in said  # ... never what they are
         worker.join(timeout=120)
         acked = set(first.vote_ids)
         assert 0 < len(acked) < ANNOTATORS * VOTES

@@ -268,10 +268,10 @@ def create_study(models: list[ModelArg], prompts: str, out: str | Path, seeds: i
     if seeds < 1 or num_prompts < 1 or batch_size < 1:
         raise UserError("--seeds, --num-prompts and --batch-size must be >= 1")
     folder = StudyFolder(out)
-    if folder.manifest_path.is_file():
-        folder.manifest()  # valid
-        return folder.manifest_path
     plan = _start(folder, _plan(models, load_prompts(prompts, num_prompts, seed), seeds, seed, preset))
+    if folder.manifest_path.is_file():  # finished earlier with the same arguments
+        folder.manifest()
+        return folder.manifest_path
     entries = {m.name: _generate_model(folder, plan, m, preset, device, batch_size, progress) for m in models}
     rng = random.Random(plan["salt"])
     pairs = build_pairs(plan, names, rng) + _gold_pairs(folder, plan, rng)
