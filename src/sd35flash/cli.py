@@ -11,6 +11,7 @@ from pathlib import Path
 from .deploy import commands as _deploy
 from .errors import UserError
 from .prepare import register as _register_prepare
+from .study import commands as _study
 
 
 def _positive_int(name: str):
@@ -140,6 +141,7 @@ def build_parser() -> argparse.ArgumentParser:
     COMMANDS.update(_deploy.register(sub, g, e))  # presets, bench; --preset on generate / eval
     _add_export_plan_commands(sub)
     COMMANDS.update(_register_prepare(sub))  # `prepare`: embeddings (and trajectories) before `distill`
+    _study.register(sub)  # study create | serve | results | oracle
 
     d = sub.add_parser("demo", help="the whole chain on the shapes world: teacher, distillation, evaluation, report")
     d.add_argument("--preset", default="quick", choices=("smoke", "quick", "full"),
@@ -395,7 +397,7 @@ def _cmd_demo(args) -> int:
 COMMANDS = {"world": _cmd_world, "pretrain": _cmd_pretrain, "generate": _cmd_generate, "eval": _cmd_eval,
             "distill": _cmd_distill, "merge": _cmd_merge, "merge-sweep": _cmd_merge_sweep, "info": _cmd_info,
             "demo": _cmd_demo}
-COMMANDS.update({"export": _cmd_export, "plan": _cmd_plan})
+COMMANDS.update({"export": _cmd_export, "plan": _cmd_plan, "study": _study.run})
 
 
 def main(argv: list[str] | None = None) -> int:
