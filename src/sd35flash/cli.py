@@ -35,6 +35,17 @@ def _guidance(text: str) -> float:
     return v
 
 
+def _schedule(text: str) -> str:
+    """``--schedule``, validated at parse time (before any model is named or loaded)."""
+    from .evaluate.evaluator import parse_schedule
+
+    try:
+        parse_schedule(text)
+    except UserError as e:
+        raise argparse.ArgumentTypeError(str(e)) from None
+    return text
+
+
 class _Parser(argparse.ArgumentParser):
     def error(self, message: str) -> None:  # one line, exit 2
         self.exit(2, f"{self.prog}: error: {message} (see --help)\n")
@@ -98,7 +109,7 @@ def build_parser() -> argparse.ArgumentParser:
     e.add_argument("--no-t5", action="store_true")
     e.add_argument("--no-fd", action="store_true", help="skip the FD computation")
     e.add_argument("--variant", default="auto", help=VARIANT_HELP)
-    e.add_argument("--schedule", help="sampling times: scheduler | uniform | a list such as 1,0.9,0.75,0.5,0 "
+    e.add_argument("--schedule", type=_schedule, help="sampling times: scheduler | uniform | a list such as 1,0.9,0.75,0.5,0 "
                    "(default: the model's own)")
     e.add_argument("--json", dest="json_out", required=True)
     e.add_argument("--save-images", help="also write every image and a manifest.jsonl here")
@@ -298,10 +309,6 @@ def _cmd_eval(args) -> int:
                       specs_file=args.specs, num_images=args.num_images, seed=args.seed,
                       batch_size=args.batch_size, use_t5=not args.no_t5, fd=not args.no_fd, revision=args.revision,
                       variant=args.variant, schedule=args.schedule)
-    if args.schedule is not None:
-        from .evaluate.evaluator import parse_schedule
-
-        parse_schedule(args.schedule)  # a malformed list fails before any model is loaded
     dp = _deploy.deployed_from_args(args)
     req.use_t5 = dp.use_t5 if dp else req.use_t5
     res = evaluate(req, args.json_out, save_images=args.save_images,

@@ -208,21 +208,18 @@ def _valid_names(models: list[ShippedModel]) -> str:
 def resolve_model(model: str | os.PathLike[str] | None) -> str | None:
     """A ``--model`` / ``--teacher`` value as a loadable location.
 
-    An existing path is returned unchanged, and so is a hub id (``owner/name``). A shipped name
-    becomes its verified folder. Anything else is a one-line error listing the shipped names."""
+    A path (anything with a ``/``, or starting with ``.`` or ``~``, or existing on disk) and a hub id
+    (``owner/name``) are returned unchanged: loading them reports their own errors. A bare word is a
+    shipped name: it becomes that model's verified folder, or a one-line error listing the names."""
     if model is None:
         return None
     text = os.fspath(model)
-    if Path(text).expanduser().exists():
+    if Path(text).expanduser().exists() or os.sep in text or "/" in text or text.startswith((".", "~")):
         return text
     models = list_models()
     hit = next((m for m in models if m.name == text), None)
     if hit is not None:
         return str(verify_asset(hit))
-    from .pipeline_io import is_local_path
-
-    if not is_local_path(text):
-        return text  # a hub id; loading it reports network or auth problems
     raise UserError(f"model {text!r} is neither an existing folder nor a shipped model; shipped models: "
                     f"{_valid_names(models)} (see `sd35flash models`)")
 
