@@ -79,3 +79,10 @@ def test_snapshot_errors(cache_dir, tmp_path, capsys):
     with pytest.raises(SystemExit) as exc:  # neither --out nor --snapshot
         main(["pretrain", "--preset", "smoke"])
     assert exc.value.code == 2 and "--out --snapshot is required" in capsys.readouterr().err
+
+
+def test_snapshot_of_a_finished_run_copies_it_with_its_logs(smoke_teacher, tmp_path):
+    out = tmp_path / "snap"
+    assert main(["pretrain", "--preset", "smoke", "--snapshot", str(out)]) == 0
+    assert json.loads((out / "pretrain.json").read_text()) == json.loads((smoke_teacher / "pretrain.json").read_text())
+    assert "probe/overall" in (out / "training" / "flow-metrics.jsonl").read_text()

@@ -11,6 +11,8 @@ there, so it is safe while training continues in another process:
    text encoders);
 3. save it atomically to ``OUT`` with ``pretrain.json`` (config, commit, ``snapshot`` = step and
    checkpoint) and the run's logs under ``training/`` (``flow-metrics.jsonl``, ``vae-metrics.jsonl``).
+
+A finished run is copied as it is (its final pipeline), with the same ``training/`` logs.
 """
 
 from __future__ import annotations
@@ -76,10 +78,15 @@ def snapshot(cfg: PretrainConfig, name: str, out: Path) -> Path:
     from .flow_trainer import FlowModel, build_teacher_pipeline
 
     root = teacher_dir(cfg, name)
-    if is_finished(root / "pipeline"):
-        print(f"the {name} run is finished; copying its final pipeline {root / 'pipeline'}")
-        return copy_pipeline(root / "pipeline", Path(out))
     work = root / "work"
+    if is_finished(root / "pipeline"):
+        print(f"the {name} run is finished; copying its final pipeline {root / 'pipeline'} and its logs")
+        dest = copy_pipeline(root / "pipeline", Path(out))
+        (dest / "training").mkdir(exist_ok=True)
+        for name_, src in TRAINING_LOGS.items():
+            if (work / src).is_file():
+                shutil.copyfile(work / src, dest / "training" / name_)
+        return dest
     if not (work / "vae" / "final" / "config.json").is_file():
         raise UserError(f"no pretraining run of preset/config {name!r} has reached the flow stage in {work}; "
                         "start it with `sd35flash pretrain` (or wait for its first flow checkpoint)")
