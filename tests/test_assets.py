@@ -182,3 +182,19 @@ def test_ship_refuses_to_overwrite_or_oversize(assets, smoke_teacher, tmp_path):
         ship(str(smoke_teacher), "smoke-v2", root=tmp_path / "a", guidance=4.0, max_mb=0.1, check_prompts=1)
     assert not (tmp_path / "a" / "teachers" / "smoke-v2").exists()
     assert [m.name for m in list_models(assets)] == ["smoke-v1"]
+
+
+def test_package_data_covers_every_asset_file():
+    """Every file under src/sd35flash/assets (the registry, and each shipped folder, at any depth)
+    matches a package-data pattern of pyproject.toml, so a wheel or `pip install .` carries it."""
+    import glob
+    import tomllib
+
+    root = Path(__file__).resolve().parents[1]
+    pkg = root / "src" / "sd35flash"
+    patterns = tomllib.loads((root / "pyproject.toml").read_text())["tool"]["setuptools"]["package-data"]["sd35flash"]
+    covered = {Path(p) for pat in patterns for p in glob.glob(str(pkg / pat), recursive=True) if Path(p).is_file()}
+    files = {p for p in (pkg / "assets").rglob("*") if p.is_file() and "__pycache__" not in p.parts}
+    assert (pkg / "assets" / REGISTRY_FILE) in files
+    assert files <= covered, sorted(str(f) for f in files - covered)
+    assert "assets/**/*" in patterns  # shipped folders' files, at any depth
