@@ -37,7 +37,8 @@ else
   fi
 fi
 t0=$(date +%s)
-timeout "${TRAIN_TIMEOUT:-360}" $PY -m sd35flash pretrain --preset "$PRESET" --out "$OUT/pipeline" --no-progress
+# --resume: a rerun after a timeout continues from the last checkpoint (GPU_TEACHER_CACHE kept)
+timeout "${TRAIN_TIMEOUT:-360}" $PY -m sd35flash pretrain --preset "$PRESET" --out "$OUT/pipeline" --resume --no-progress
 t1=$(date +%s)
 WORK=$(ls -d "$SD35FLASH_CACHE"/teachers/"$PRESET"-*/work | head -1)
 timeout "${EVAL_TIMEOUT:-240}" "$PY" -m sd35flash.evaluate.teacher_table "$OUT/pipeline" "$OUT/eval" --work "$WORK" \
