@@ -37,6 +37,17 @@ def _guidance(text: str) -> float:
     return v
 
 
+def _schedule(text: str) -> str:
+    """``--schedule``, validated at parse time (before any model is named or loaded)."""
+    from .evaluate.evaluator import parse_schedule
+
+    try:
+        parse_schedule(text)
+    except UserError as e:
+        raise argparse.ArgumentTypeError(str(e)) from None
+    return text
+
+
 class _Parser(argparse.ArgumentParser):
     def error(self, message: str) -> None:  # one line, exit 2
         self.exit(2, f"{self.prog}: error: {message} (see --help)\n")
@@ -65,8 +76,11 @@ def build_parser() -> argparse.ArgumentParser:
     ws.add_argument("--out", required=True)
 
     pt = sub.add_parser("pretrain", help="train (or reuse) the toy teacher on the shapes world")
-    pt.add_argument("--out", required=True, help="folder for the finished SD3 pipeline")
-    pt.add_argument("--preset", default="default", help="smoke | quick | default")
+    pto = pt.add_mutually_exclusive_group(required=True)
+    pto.add_argument("--out", help="folder for the finished SD3 pipeline")
+    pto.add_argument("--snapshot", metavar="OUT", help="write the EMA pipeline at the newest checkpoint of this "
+                     "preset's run (running or not; read-only on its work folder) to OUT, and train nothing")
+    pt.add_argument("--preset", default="default", help="smoke | quick | default | teacher")
     pt.add_argument("--config", help="a YAML config instead of a preset")
     pt.add_argument("--resume", action="store_true", help="continue an unfinished run of the same config")
     pt.add_argument("--no-progress", action="store_true")
@@ -97,6 +111,8 @@ def build_parser() -> argparse.ArgumentParser:
     e.add_argument("--no-t5", action="store_true")
     e.add_argument("--no-fd", action="store_true", help="skip the FD computation")
     e.add_argument("--variant", default="auto", help=VARIANT_HELP)
+    e.add_argument("--schedule", type=_schedule, help="sampling times: scheduler | uniform | a list such as 1,0.9,0.75,0.5,0 "
+                   "(default: the model's own)")
     e.add_argument("--json", dest="json_out", required=True)
     e.add_argument("--save-images", help="also write every image and a manifest.jsonl here")
 
@@ -143,10 +159,16 @@ def build_parser() -> argparse.ArgumentParser:
     COMMANDS.update(_register_prepare(sub))  # `prepare`: embeddings (and trajectories) before `distill`
     _study.register(sub)  # study create | serve | results | oracle
 
+    mo = sub.add_parser("models", help="models shipped with the package (names for --model / --teacher)")
+    mo.add_argument("--json", action="store_true", help="print the list as JSON")
+    mo.add_argument("--verify", action="store_true", help="also check every file against its checksum")
+
     d = sub.add_parser("demo", help="the whole chain on the shapes world: teacher, distillation, evaluation, report")
     d.add_argument("--preset", default="quick", choices=("smoke", "quick", "full"),
-                   help="smoke (tests, ~3 min) | quick (`make demo`) | full (cached default teacher, default recipe)")
+                   help="smoke (tests, ~3 min) | quick (`make demo`: shipped teacher, quick students) | full "
+                   "(shipped teacher, default recipe)")
     d.add_argument("--out", default="runs/demo", help="output folder (report, evaluations, students)")
+    d.add_argument("--teacher", help="distil this teacher (folder or shipped name) instead of the preset's")
     d.add_argument("--num-images", type=_positive_int("--num-images"))
     d.add_argument("--no-progress", action="store_true")
     return p
@@ -236,6 +258,11 @@ def _cmd_pretrain(args) -> int:
 
     cfg = load_pretrain_config(args.preset, args.config)
     name = Path(args.config).stem if args.config else args.preset
+    if args.snapshot:
+        from .pretrain.snapshot import snapshot
+
+        snapshot(cfg, name, Path(args.snapshot))
+        return 0
     out = pretrain(cfg, Path(args.out), name, resume=args.resume, progress=not args.no_progress)
     if int(os.environ.get("RANK", "0")) == 0:
         print(f"teacher ready: {out}")
@@ -285,7 +312,7 @@ def _cmd_eval(args) -> int:
     req = EvalRequest(model=args.model, steps=args.steps, guidance=args.guidance, split=args.split,
                       specs_file=args.specs, num_images=args.num_images, seed=args.seed,
                       batch_size=args.batch_size, use_t5=not args.no_t5, fd=not args.no_fd, revision=args.revision,
-                      variant=args.variant)
+                      variant=args.variant, schedule=args.schedule)
     dp = _deploy.deployed_from_args(args)
     req.use_t5 = dp.use_t5 if dp else req.use_t5
     res = evaluate(req, args.json_out, save_images=args.save_images,
@@ -387,16 +414,47 @@ def _cmd_info(args) -> int:
     return 0
 
 
+def _cmd_models(args) -> int:
+    from .models.registry import list_models, verify_asset
+
+    models = list_models()
+    for m in models if args.verify else []:
+        verify_asset(m)
+    if args.json:
+        print(json.dumps([m.to_json() for m in models], indent=1))
+        return 0
+    if not models:
+        print("no models are shipped with this install")
+    for m in models:
+        print(f"{m.name}  {m.role}{' (default)' if m.default else ''}  {m.steps} steps, guidance {m.guidance}  "
+              f"{m.dtype}, {m.bytes / 1e6:.1f} MB  {m.folder}")
+    return 0
+
+
+#: Arguments that name a model: a folder, a hub id or a shipped name (`sd35flash models`).
+MODEL_ARGS = ("model", "teacher")
+
+
+def resolve_model_args(args) -> None:
+    """Replace every shipped model name among ``MODEL_ARGS`` by its verified folder."""
+    from .models.registry import resolve_model
+
+    for attr in MODEL_ARGS:
+        if getattr(args, attr, None) is not None:
+            setattr(args, attr, resolve_model(getattr(args, attr)))
+
+
 def _cmd_demo(args) -> int:
     from .demo import run_demo
 
-    run_demo(args.preset, Path(args.out), num_images=args.num_images, progress=not args.no_progress)
+    run_demo(args.preset, Path(args.out), num_images=args.num_images, progress=not args.no_progress,
+             teacher=args.teacher)
     return 0
 
 
 COMMANDS = {"world": _cmd_world, "pretrain": _cmd_pretrain, "generate": _cmd_generate, "eval": _cmd_eval,
             "distill": _cmd_distill, "merge": _cmd_merge, "merge-sweep": _cmd_merge_sweep, "info": _cmd_info,
-            "demo": _cmd_demo}
+            "demo": _cmd_demo, "models": _cmd_models}
 COMMANDS.update({"export": _cmd_export, "plan": _cmd_plan, "study": _study.run})
 
 
@@ -407,6 +465,7 @@ def main(argv: list[str] | None = None) -> int:
     os.environ.setdefault("DIFFUSERS_VERBOSITY", "error")
     os.environ.setdefault("HF_HUB_DISABLE_PROGRESS_BARS", "1")
     try:
+        resolve_model_args(args)
         return COMMANDS[args.command](args)
     except UserError as e:
         print(f"sd35flash: error: {e}", file=sys.stderr)

@@ -34,14 +34,20 @@ from .trainer import DistillTrainer
 
 
 def default_teacher() -> Path:
-    """The teacher ``sd35flash pretrain`` (default preset) caches; UserError if it is not there yet."""
+    """The teacher used when ``--teacher`` is not given: the shipped default teacher (verified against
+    its checksums), else the one ``sd35flash pretrain`` (default preset) cached; UserError if neither."""
+    from ..models.registry import default_teacher as shipped_teacher
+    from ..models.registry import verify_asset
     from ..pretrain.config import load_pretrain_config
     from ..pretrain.run import is_finished, teacher_dir
 
+    shipped = shipped_teacher()
+    if shipped is not None:
+        return verify_asset(shipped)
     folder = teacher_dir(load_pretrain_config("default"), "default") / "pipeline"
     if not is_finished(folder):
-        raise UserError("no --teacher given and no default teacher is cached; run `sd35flash pretrain --out DIR` "
-                        "first, or pass --teacher DIR_OR_HUB_ID")
+        raise UserError("no --teacher given, no teacher is shipped and no default teacher is cached; run "
+                        "`sd35flash pretrain --out DIR` first, or pass --teacher DIR_OR_HUB_ID")
     return folder
 
 
