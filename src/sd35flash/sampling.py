@@ -212,8 +212,12 @@ def generate(
     transformer: torch.nn.Module | TransformerFor | None = None,
     progress: Callable[[int], None] | None = None,
     encoder: Callable[[Sequence[str]], PromptEmbeds] | None = None,
+    name: str | None = None,
 ) -> np.ndarray:
     """Generate one image per (prompt, seed) pair. Returns uint8 (N, H, W, 3).
+
+    Non-finite latents or images raise :class:`NonFiniteError` naming the model (``name``; by default
+    the folder ``pipe`` was loaded from, when its own transformer samples) and the prompt.
 
     ``encoder`` (prompts -> :class:`PromptEmbeds`) replaces :func:`encode_prompts`, e.g. a cached
     encoder whose text encoders were freed (``sd35flash.deploy.text_encoders``); ``use_t5`` is then
@@ -227,6 +231,7 @@ def generate(
     device = pipe._execution_device
     dtype = pipe.transformer.dtype
     model = transformer if transformer is not None else pipe.transformer
+    label = name if name is not None else (pipeline_name(pipe) if transformer is None else "")
     out = []
     uncond_cache: PromptEmbeds | None = None
     for start in range(0, len(prompts), batch_size):
@@ -240,7 +245,7 @@ def generate(
             uncond = PromptEmbeds(uncond_cache.embeds.expand(len(ps), -1, -1), uncond_cache.pooled.expand(len(ps), -1))
         noise = make_noise(latent_shape(pipe, height, width), seeds[start : start + batch_size], dtype=dtype, device=device)
         lat = sample_latents(model, noise, schedule, cond, uncond, guidance)
-        out.append(decode_latents(pipe.vae, lat, pipeline_name(pipe), ps))
+        out.append(decode_latents(pipe.vae, lat, label, ps))
         if progress is not None:
             progress(len(ps))
     return np.concatenate(out)

@@ -96,7 +96,7 @@ def evaluate(req: EvalRequest, json_out: str | Path, save_images: str | Path | N
     if encoder is not None:
         encoder.preload(prompts + ([""] if guidance > 1.0 else []))
     with torch.inference_mode():
-        images = generate(pipe, prompts, seeds, schedule, guidance=guidance, use_t5=req.use_t5,
+        images = generate(pipe, prompts, seeds, schedule, guidance=guidance, use_t5=req.use_t5, name=str(req.model),
                           batch_size=req.batch_size, progress=bar.update, transformer=model, encoder=encoder,
                           height=size, width=size)
     seconds = time.perf_counter() - t0

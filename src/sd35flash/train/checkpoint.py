@@ -36,6 +36,7 @@ from ..checksums import check_safetensors, folder_files, sha256_file
 from ..errors import TrainingAlarm, UserError
 from ..faults import fault_point
 from .alarms import CollapseDetector
+from .runtime import world_info
 
 PREFIX = "ckpt-"
 META = "meta.json"
@@ -195,11 +196,14 @@ class CheckpointManager:
             self._problems[path] = checkpoint_problem(path)
         return self._problems[path]
 
-    def latest(self, quiet: bool = False) -> Path | None:
+    def latest(self, quiet: bool | None = None) -> Path | None:
         """The newest valid checkpoint (``None`` when there is no checkpoint at all).
 
-        Damaged newer checkpoints are skipped with a one-line warning naming them and the one used;
-        when every checkpoint is damaged, a one-line :class:`UserError`."""
+        Damaged newer checkpoints are skipped with a one-line warning naming them and the one used
+        (printed by the rank-0 process unless ``quiet``); when every checkpoint is damaged, a
+        one-line :class:`UserError`."""
+        if quiet is None:
+            quiet = world_info()[0] != 0
         ckpts = self.all()
         if not ckpts:
             return None
