@@ -239,6 +239,18 @@ def test_damaged_weights_are_one_line_errors(tiny_folder, tmp_path, capsys):
         load_pipeline(missing)
 
 
+def test_own_edits_keep_checksums_valid(tiny_folder, tmp_path):
+    from sd35flash.models.student_info import StudentInfo, read_student_info, write_student_info
+
+    folder = _copy(tiny_folder, tmp_path / "edited")
+    write_student_info(folder, StudentInfo(timesteps=[1.0, 0.5], steps=2))
+    assert "sd35flash.json" in (folder / CHECKSUM_FILE).read_text()
+    assert verify_folder(folder) and read_student_info(folder).steps == 2
+    (folder / "sd35flash.json").write_text((folder / "sd35flash.json").read_text().replace("0.5", "0.25"))
+    with pytest.raises(DamagedFileError, match="sd35flash.json is damaged"):
+        verify_folder(folder)
+
+
 def test_non_finite_samples_are_errors(tiny_folder, tmp_path, capsys):
     pipe = load_pipeline(tiny_folder)
     sched = [1.0, 0.5, 0.0]

@@ -74,6 +74,17 @@ def write_checksums(folder: str | Path) -> Path:
     return path
 
 
+def update_checksum(folder: str | Path, rel: str) -> None:
+    """Re-hash one file ``rel`` of ``folder`` into its ``checksums.sha256`` (no-op without that file):
+    for sd35flash's own edits of a saved folder, which must not read as damage."""
+    root = Path(folder)
+    sums = read_checksums(root)
+    if sums is None:
+        return
+    sums[rel] = sha256_file(root / rel)
+    _atomic_text(root / CHECKSUM_FILE, "".join(f"{h}  {r}\n" for r, h in sorted(sums.items())))
+
+
 def read_checksums(folder: str | Path) -> dict[str, str] | None:
     """``{relative path: hex sha256}`` from ``folder/checksums.sha256``; ``None`` when there is none."""
     path = Path(folder) / CHECKSUM_FILE
