@@ -134,28 +134,31 @@ def checkpoint_problem(folder: str | Path) -> str | None:
 def weights_health(folder: str | Path, max_abs: float) -> tuple[bool, float]:
     """(every floating weight in the checkpoint's models and registered objects is finite and below
     ``max_abs``, the largest magnitude seen). Optimiser states are not weights and are not read."""
-    from safetensors.torch import load_file
+    from safetensors import safe_open
+
+    def tensors():
+        for p in sorted(root.glob("*.safetensors")):
+            with safe_open(str(p), "pt") as f:  # one tensor at a time
+                for k in f.keys():
+                    yield f.get_tensor(k)
+        for p in sorted(root.glob("custom_checkpoint_*.pkl")):
+            try:
+                state = torch.load(p, weights_only=True, map_location="cpu", mmap=True)
+            except Exception:  # an object whose state is not plain tensors/containers holds no weights
+                continue
+            stack = [state]
+            while stack:
+                x = stack.pop()
+                if isinstance(x, torch.Tensor):
+                    yield x
+                elif isinstance(x, dict):
+                    stack += list(x.values())
+                elif isinstance(x, (list, tuple)):
+                    stack += list(x)
 
     root = Path(folder)
-    tensors: list[torch.Tensor] = []
-    for p in root.glob("*.safetensors"):
-        tensors += list(load_file(str(p)).values())
-    for p in root.glob("custom_checkpoint_*.pkl"):
-        try:
-            state = torch.load(p, weights_only=True, map_location="cpu")
-        except Exception:  # an object whose state is not plain tensors/containers holds no weights we can read
-            continue
-        stack = [state]
-        while stack:
-            x = stack.pop()
-            if isinstance(x, torch.Tensor):
-                tensors.append(x)
-            elif isinstance(x, dict):
-                stack += list(x.values())
-            elif isinstance(x, (list, tuple)):
-                stack += list(x)
     peak = 0.0
-    for t in tensors:
+    for t in tensors():
         if not t.is_floating_point() or t.numel() == 0:
             continue
         if not torch.isfinite(t).all():
@@ -259,7 +262,7 @@ class CheckpointManager:
             if final.exists():
                 shutil.rmtree(final)
             tmp.rename(final)
-            self._problems.pop(final, None)
+            self._problems[final] = None  # just written and hashed
             self._retain()
         accelerator.wait_for_everyone()
         return final
