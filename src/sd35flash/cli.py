@@ -299,6 +299,7 @@ def _cmd_generate(args) -> int:
     seeds = [args.seed + i for i in range(len(prompts))]
     model = sampling_transformer(pipe, args.model, args.variant)
     imgs = generate(pipe, prompts, seeds, schedule, guidance=guidance, use_t5=not args.no_t5, transformer=model,
+                    name=str(args.model),
                     **(dp.generate_kwargs(prompts, guidance) if dp else {}))
     out = imgs[0] if len(imgs) == 1 else make_grid(imgs, scale=2, captions=prompts, caption_width=150)
     save_png(args.out, out)

@@ -46,6 +46,7 @@ from typing import Any
 
 import torch
 
+from sd35flash.checksums import write_checksums
 from sd35flash.errors import UserError
 
 __all__ = [
@@ -363,6 +364,7 @@ def staged_dir(target: Path) -> Iterator[Path]:
     tmp.mkdir()
     try:
         yield tmp
+        write_checksums(tmp)
         _replace_dir(tmp, target)
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)

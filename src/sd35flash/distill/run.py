@@ -17,7 +17,7 @@ import torch
 from tqdm.auto import tqdm
 
 from ..config import fingerprint, to_dict
-from ..errors import UserError
+from ..errors import NonFiniteError, TrainingAlarm, UserError
 from ..models.branches import PRESPLIT_SUBFOLDER, branch_infos
 from ..models.student_info import SplitInfo
 from ..paths import cache_root
@@ -216,6 +216,8 @@ def distill(cfg: DistillConfig, teacher: str | None, out: Path, prompts: str = "
                                        "work_dir": str(work)}, split=split)
             export_student(models.pipe, merged, out, info, extra_transformers=extras)
         acc.wait_for_everyone()
+    except (TrainingAlarm, NonFiniteError) as exc:
+        raise CheckpointManager(work / "checkpoints").alarm(exc, acc.is_main_process) from None
     finally:
         acc.end_training()
         acc.free_memory()

@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import json
+import math
+import sys
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -137,7 +139,7 @@ def evaluate(req: EvalRequest, json_out: str | Path, save_images: str | Path | N
     if encoder is not None:
         encoder.preload(prompts + ([""] if guidance > 1.0 else []))
     with torch.inference_mode():
-        images = generate(pipe, prompts, seeds, schedule, guidance=guidance, use_t5=req.use_t5,
+        images = generate(pipe, prompts, seeds, schedule, guidance=guidance, use_t5=req.use_t5, name=str(req.model),
                           batch_size=req.batch_size, progress=bar.update, transformer=model, encoder=encoder,
                           height=size, width=size)
     seconds = time.perf_counter() - t0
@@ -178,8 +180,23 @@ def evaluate(req: EvalRequest, json_out: str | Path, save_images: str | Path | N
     if save_images is not None:
         write_image_folder(Path(save_images), images, specs, prompts, seeds, verdicts)
         result["images_dir"] = str(save_images)
-    atomic_write_text(json_out, json.dumps(result, indent=1))
+    result = finite_json(result)
+    atomic_write_text(json_out, json.dumps(result, indent=1, allow_nan=False))
     return result
+
+
+def finite_json(value, path: str = ""):
+    """``value`` with every NaN/inf float replaced by ``None`` (JSON ``null``), each named in a
+    one-line warning on stderr, so the file is valid JSON. (Non-finite images never get this far:
+    :func:`~sd35flash.sampling.generate` refuses them.)"""
+    if isinstance(value, float) and not math.isfinite(value):
+        print(f"sd35flash: warning: {path or 'value'} is {value}; written as null", file=sys.stderr)
+        return None
+    if isinstance(value, dict):
+        return {k: finite_json(v, f"{path}.{k}" if path else str(k)) for k, v in value.items()}
+    if isinstance(value, (list, tuple)):
+        return [finite_json(v, f"{path}[{i}]") for i, v in enumerate(value)]
+    return value
 
 
 def write_image_folder(folder: Path, images: np.ndarray, specs, prompts, seeds, verdicts) -> None:

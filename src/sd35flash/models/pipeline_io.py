@@ -8,7 +8,10 @@ A model is named either by a local folder (made by ``sd35flash pretrain`` / ``di
 
 Saving is atomic: the pipeline (plus any extra files, such as ``sd35flash.json``) is written into a
 temporary sibling folder which then replaces the target by two renames, so an interrupted save never
-leaves a half-written model folder behind.
+leaves a half-written model folder behind. The last file written is ``checksums.sha256``
+(:mod:`sd35flash.checksums`, ``sha256sum -c`` format); loading a local folder verifies it, and a
+folder without it (a hub download, a stock ``save_pretrained``) gets a size check of its
+safetensors files instead.
 """
 
 from __future__ import annotations
@@ -24,7 +27,9 @@ from typing import Any
 import torch
 from diffusers import StableDiffusion3Pipeline
 
+from sd35flash.checksums import verify_folder, write_checksums
 from sd35flash.errors import UserError
+from sd35flash.faults import fault_point
 
 __all__ = [
     "MODEL_INDEX",
@@ -130,6 +135,7 @@ def load_pipeline(
     if is_local_path(name):
         folder = Path(name).expanduser()
         _check_pipeline_folder(folder, name)
+        verify_folder(folder, name)
         try:
             pipe = StableDiffusion3Pipeline.from_pretrained(folder, **_dtype_kwarg(torch_dtype), **components)
         except (OSError, ValueError, KeyError) as exc:
@@ -188,7 +194,8 @@ def save_pipeline(
     ``extra_models`` maps subfolder names to diffusers models saved beside the pipeline's own
     components (e.g. split-timestep branches; ``model_index.json`` does not list them, so stock
     ``from_pretrained`` ignores them).
-    Steps: write everything into ``.<name>.tmp-<id>`` next to ``out_dir``; move an existing
+    Steps: write everything into ``.<name>.tmp-<id>`` next to ``out_dir``, with ``checksums.sha256``
+    last; move an existing
     ``out_dir`` aside to ``.<name>.old-<id>``; rename the new folder into place; delete the old one.
     If anything fails before the swap, ``out_dir`` is untouched and the temporary folder is removed.
     Returns the final path.
@@ -215,6 +222,8 @@ def save_pipeline(
                 dest.write_bytes(data)
             else:
                 dest.write_text(data, encoding="utf-8")
+        write_checksums(tmp)
+        fault_point("save-pipeline")
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise

@@ -44,6 +44,7 @@ from dataclasses import asdict, dataclass, field, fields
 from pathlib import Path
 from typing import Any
 
+from sd35flash.checksums import update_checksum
 from sd35flash.errors import UserError
 
 __all__ = [
@@ -248,7 +249,8 @@ class StudentInfo:
 
 
 def write_student_info(folder: str | os.PathLike[str], info: StudentInfo) -> Path:
-    """Validate ``info`` and write ``folder/sd35flash.json`` atomically (temp file + rename)."""
+    """Validate ``info`` and write ``folder/sd35flash.json`` atomically (temp file + rename), updating
+    the folder's ``checksums.sha256`` when it has one."""
     try:
         info.validate()
     except UserError as exc:
@@ -261,6 +263,7 @@ def write_student_info(folder: str | os.PathLike[str], info: StudentInfo) -> Pat
     try:
         tmp.write_text(info_to_json(info), encoding="utf-8")
         os.replace(tmp, path)
+        update_checksum(folder, FILENAME)
     finally:
         if tmp.exists():
             tmp.unlink()
