@@ -195,6 +195,7 @@ def ship(src: str, name: str, eval_dir: Path | None = None, dtype: str = "float1
     with tempfile.TemporaryDirectory(prefix=f".{name}-", dir=root) as tmp:
         stage = save_pipeline(small, Path(tmp) / name, extra_files=extras)
         load_in_float32(stage)
+        write_checksums(stage)
         check = storage_check(pipe, stage, steps, guidance, check_prompts)
         if check["mean_abs_pixel_diff"] > max_pixel_diff:
             raise UserError(f"{dtype} storage changes the images by {check['mean_abs_pixel_diff']} pixel levels on "

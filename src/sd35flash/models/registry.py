@@ -19,14 +19,13 @@ asset before it is committed).
 
 from __future__ import annotations
 
-import hashlib
 import json
 import os
-import struct
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
+from sd35flash.checksums import CHECKSUM_FILE, DamagedFileError, check_safetensors, sha256_file, write_checksums
 from sd35flash.errors import UserError
 
 __all__ = [
@@ -45,9 +44,7 @@ __all__ = [
 ]
 
 REGISTRY_FILE = "models.json"
-CHECKSUM_FILE = "checksums.sha256"
 ROLES = ("teacher", "student")
-_CHUNK = 1 << 20
 
 
 class AssetError(UserError):
@@ -127,51 +124,6 @@ def find_shipped(name: str, root: Path | None = None) -> ShippedModel | None:
     return next((m for m in list_models(root) if m.name == name), None)
 
 
-def _sha256(path: Path) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        while chunk := f.read(_CHUNK):
-            h.update(chunk)
-    return h.hexdigest()
-
-
-def _files(folder: Path) -> list[str]:
-    return sorted(p.relative_to(folder).as_posix() for p in folder.rglob("*")
-                  if p.is_file() and p.name != CHECKSUM_FILE)
-
-
-def write_checksums(folder: str | os.PathLike[str]) -> Path:
-    """Write ``folder/checksums.sha256`` over every other file below ``folder``."""
-    root = Path(folder)
-    text = "".join(f"{_sha256(root / rel)}  {rel}\n" for rel in _files(root))
-    out = root / CHECKSUM_FILE
-    tmp = out.with_name(f".{out.name}.tmp")
-    tmp.write_text(text, encoding="utf-8")
-    os.replace(tmp, out)
-    return out
-
-
-def _check_safetensors(path: Path) -> str | None:
-    """Why ``path`` is not a complete safetensors file (None when it is): the 8-byte header length,
-    the JSON header, then exactly as many bytes as the largest ``data_offsets`` end."""
-    size = path.stat().st_size
-    try:
-        with open(path, "rb") as f:
-            head = f.read(8)
-            if len(head) < 8:
-                return "shorter than its header"
-            (n,) = struct.unpack("<Q", head)
-            if n > size - 8:
-                return "header runs past the end of the file"
-            header = json.loads(f.read(n))
-        end = max((int(v["data_offsets"][1]) for k, v in header.items() if k != "__metadata__"), default=0)
-    except (ValueError, KeyError, TypeError, IndexError, UnicodeDecodeError) as exc:
-        return f"unreadable header ({exc})"
-    if 8 + n + end != size:
-        return f"truncated ({size} bytes, its header says {8 + n + end})"
-    return None
-
-
 def verify_asset(model: ShippedModel) -> Path:
     """Check a shipped model's folder against its ``checksums.sha256``; return the folder.
 
@@ -193,9 +145,12 @@ def verify_asset(model: ShippedModel) -> Path:
         path = folder / rel
         if not path.is_file():
             raise AssetError(f"shipped model {model.name!r}: {path} is missing; {fix}")
-        if path.suffix == ".safetensors" and (why := _check_safetensors(path)):
-            raise AssetError(f"shipped model {model.name!r}: {path} is {why}; {fix}")
-        if _sha256(path) != digest.lower():
+        if path.suffix == ".safetensors":
+            try:
+                check_safetensors(path)
+            except DamagedFileError as exc:
+                raise AssetError(f"shipped model {model.name!r}: {exc}; {fix}") from None
+        if sha256_file(path) != digest.lower():
             raise AssetError(f"shipped model {model.name!r}: {path} does not match its checksum in "
                              f"{CHECKSUM_FILE}; {fix}")
     return folder
