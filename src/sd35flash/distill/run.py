@@ -23,7 +23,7 @@ from ..models.student_info import SplitInfo
 from ..paths import cache_root
 from ..train.checkpoint import CheckpointManager, read_meta
 from ..train.runtime import make_accelerator
-from .config import DistillConfig
+from .config import DistillConfig, MemoryConfig
 from .export import export_student, student_info
 from .merge import merged_transformer
 from .models import DistillModels
@@ -53,10 +53,13 @@ def default_teacher() -> Path:
 
 def work_dir(cfg: DistillConfig, teacher_id: str, prompts: str, out: Path) -> Path:
     """``<cache>/distill/<out name>-<fingerprint>``. A config without stage 2 (``split.steps: 0``)
-    leaves the ``split`` section out of the fingerprint, so its folder is the one earlier versions used."""
+    leaves the ``split`` section out of the fingerprint, and one with the default ``memory`` section
+    leaves that out, so their folders are the ones earlier versions used."""
     conf = to_dict(cfg)
     if cfg.split.steps == 0:
         conf.pop("split")
+    if conf["memory"] == to_dict(MemoryConfig()):
+        conf.pop("memory")
     key = fingerprint({"config": conf, "teacher": teacher_id, "prompts": prompts, "out": str(out)})
     return cache_root() / "distill" / f"{out.name}-{key}"
 
@@ -120,6 +123,8 @@ def trajectory_bank(cfg: DistillConfig, models: DistillModels, source: PromptSou
     schedule = cfg.student_schedule(models.shift)
     settings = {"schedule": schedule, "teacher_steps": tc.teacher_steps, "guidance": cfg.guidance,
                 "shift": models.shift, "seed": cfg.runtime.seed, "shape": list(models.latent_shape())}
+    if cfg.memory.teacher_dtype != "fp32":  # a 16-bit teacher draws other trajectories
+        settings["teacher_dtype"] = cfg.memory.teacher_dtype
     key = cache_key(teacher_id, prompts, settings)
     path = (cache_root() / "trajectories" if tc.cache else work) / f"{key}.pt"
     dev = acc.device
@@ -183,7 +188,7 @@ def distill(cfg: DistillConfig, teacher: str | None, out: Path, prompts: str = "
         raise UserError(f"--out {out} is a file; pass a folder for the student")
     if out.is_dir() and any(out.iterdir()) and not (out / "model_index.json").is_file():
         raise UserError(f"--out {out} exists and is not a model folder; choose a new folder")
-    models = DistillModels.load(teacher, revision)
+    models = DistillModels.load(teacher, revision, cfg.memory.teacher_dtype, cfg.memory.gradient_checkpointing)
     cfg.branch_steps(models.shift)  # a split branch without student steps fails here, before any work
     source = load_prompts(prompts, cfg.num_prompts, seed=cfg.runtime.seed)
     teacher_id = teacher_identity(teacher, revision)
@@ -207,6 +212,7 @@ def distill(cfg: DistillConfig, teacher: str | None, out: Path, prompts: str = "
     try:
         student = trainer.run()
         branches = trainer.branch_results()
+        models.unpark_encoders()  # export saves the teacher's encoders
         if acc.is_main_process:
             split, merged, extras = None, student, {}
             if branches:
