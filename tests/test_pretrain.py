@@ -64,9 +64,10 @@ def test_checkpoint_layout_is_unchanged(cache_dir, tmp_path, monkeypatch):
     with pytest.raises(StopTraining):
         pretrain(cfg, tmp_path / "s", "t", progress=False, stop_at=2)
     ckpt = teacher_dir(cfg, "t") / "work" / "flow" / "ckpt-00000002"
+    # manifest.json (checksums) is new; older checkpoints without it still load (tests/test_integrity.py)
     assert sorted(p.name for p in ckpt.iterdir()) == [
-        "custom_checkpoint_0.pkl", "custom_checkpoint_1.pkl", "meta.json", "model.safetensors", "optimizer.bin",
-        "random_states_0.pkl", "scheduler.bin"]
+        "custom_checkpoint_0.pkl", "custom_checkpoint_1.pkl", "manifest.json", "meta.json", "model.safetensors",
+        "optimizer.bin", "random_states_0.pkl", "scheduler.bin"]
     model = load_file(str(ckpt / "model.safetensors"))
     assert len(model) == 129 and {k.split(".")[0] for k in model} == {
         "transformer", "text_encoder", "text_encoder_2", "text_encoder_3"}
