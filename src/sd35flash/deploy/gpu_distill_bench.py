@@ -98,9 +98,10 @@ class _Models:
             self.params = {"student": list(self.student.parameters()), "fake": list(self.fake.parameters())}
         self.autocast = setting == "full" and compute != torch.float32
 
-    def use(self, role: str, train: str | None) -> torch.nn.Module:
-        """The module that plays ``role`` (teacher / student / fake), with only ``train``'s
-        parameters requiring gradients (``None``: none)."""
+    def use(self, role: str, train: str) -> torch.nn.Module:
+        """The module that plays ``role`` (teacher / student / fake) in the update of ``train``
+        (student / fake): only ``train``'s parameters require gradients, through the whole update, so
+        that checkpointed blocks recompute what they saved."""
         for name, params in self.params.items():
             for p in params:
                 p.requires_grad_(name == train)
@@ -146,7 +147,7 @@ def run_setting(setting: str, arch: Architecture, device: torch.device, resoluti
     m = _Models(setting, teacher, rank, compute)
     dim = tr_cfg["num_attention_heads"] * tr_cfg["attention_head_dim"]
     disc = Discriminator(dim, 1, 64, "conv").to(device)
-    fake_module = m.use("fake", None)
+    fake_module = m.use("fake", "fake")
     tap = FeatureTap(fake_module, [len(fake_module.transformer_blocks) - 1])
     opt_s = torch.optim.AdamW(m.params["student"], lr=1e-5, weight_decay=0.0)
     opt_c = torch.optim.AdamW(m.params["fake"] + list(disc.parameters()), lr=1e-5, weight_decay=0.0)
@@ -174,7 +175,7 @@ def run_setting(setting: str, arch: Architecture, device: torch.device, resoluti
         noise, eps = rnd(batch, c, side, side), rnd(batch, c, side, side)
         # critic update
         with torch.no_grad(), ctx():
-            x0_s = noise - _velocity(m.use("student", None), noise, torch.ones_like(t), emb, pooled)
+            x0_s = noise - _velocity(m.use("student", "fake"), noise, torch.ones_like(t), emb, pooled)
         x_fm = (1 - 0.75) * x0_s + 0.75 * eps
         x_r = (1 - 0.75) * rnd(batch, c, side, side) + 0.75 * eps
         with ctx():
@@ -194,12 +195,12 @@ def run_setting(setting: str, arch: Architecture, device: torch.device, resoluti
             x0_hat = x_i.float() - v
             x_tau = x_i.float() + (0.75 - 1.0) * v
             with torch.no_grad():
-                teacher_m = m.use("teacher", None)
+                teacher_m = m.use("teacher", "student")
                 both = _velocity(teacher_m, torch.cat([x_tau, x_tau]).to(frozen_dtype), torch.cat([t, t]),
                                  torch.cat([uncond_emb, emb]), torch.cat([uncond_pooled, pooled])).float()
                 v_u, v_c = both.chunk(2)
                 v_real = v_u + 4.0 * (v_c - v_u)
-            v_fake, logits = features(m.use("fake", None), x_tau.to(frozen_dtype), t, emb, pooled)
+            v_fake, logits = features(m.use("fake", "student"), x_tau.to(frozen_dtype), t, emb, pooled)
             x0_real = x_tau - 0.75 * v_real
             x0_fake = x_tau - 0.75 * v_fake.detach().float()
             norm = (x0_hat - x0_real).abs().mean(dim=(1, 2, 3), keepdim=True).clamp_min(1e-6).detach()
@@ -212,7 +213,7 @@ def run_setting(setting: str, arch: Architecture, device: torch.device, resoluti
         with torch.no_grad():
             for e, p in zip(ema, m.params["student"]):
                 e.mul_(0.99).add_(p.detach().float(), alpha=0.01)
-        return {"fake_loss": float(fm), "d_loss": float(d_loss), "dmd_loss": float(dmd), "g_loss": float(g_loss)}
+        return {k: float(v.detach()) for k, v in (("fake_loss", fm), ("d_loss", d_loss), ("dmd_loss", dmd), ("g_loss", g_loss))}
 
     losses = step()  # warm-up (optimiser states appear here)
     gc.collect()
@@ -245,8 +246,9 @@ def run_setting(setting: str, arch: Architecture, device: torch.device, resoluti
            "peak_error": (max(stage.values()) - peak) / peak if peak else None, "losses": losses,
            "plan_setup": plan["setup"]}
     log(f"{setting}: {row['seconds_per_step']:.2f} s/step, peak "
-        + (f"{peak:.2f} GiB" if peak is not None else "n/a (cpu)")
-        + f" (planned {row['planned_peak_gib']:.2f}), resident {resident:.2f} GiB (planned {row['planned_resident_gib']:.2f})")
+        + (f"{peak:.3f} GiB" if peak is not None else "n/a (cpu)")
+        + f" (planned {row['planned_peak_gib']:.3f}), resident {resident * 1024:.1f} MiB (planned "
+        f"{row['planned_resident_gib'] * 1024:.1f})")
     tap.remove()
     del m, teacher, disc, opt_s, opt_c, ema
     gc.collect()

@@ -253,7 +253,7 @@ def _io_saved_elements(kind: str, n_img: int, n_txt: int, d: int) -> int:
 
 def train_pass_bytes(cfg: dict[str, Any], resolution: int, text_tokens: int, batch: int, kind: str,
                      checkpointing: bool, act_bytes: int, grad_bytes: int = 0, rank: int = 0,
-                     vae_scale: int = 8) -> dict[str, int]:
+                     vae_scale: int = 8, first_block_grad_bytes: int = 0) -> dict[str, int]:
     """Bytes of one forward + backward of an SD3 transformer with gradients (beyond its weights).
 
     ``saved``: what the forward leaves for the backward,
@@ -263,8 +263,9 @@ def train_pass_bytes(cfg: dict[str, Any], resolution: int, text_tokens: int, bat
     * the start of the backward: ``S + W`` with the working set ``W = 2 N_i D b`` for full
       fine-tuning and ``8 N_i D b`` otherwise (gradients of the MLP hidden and of the attention
       inputs); with checkpointing ``S + (s_block + 8 N_i D) b`` (one block recomputed);
-    * the end of the backward: every parameter gradient ``grad_bytes`` plus one block's saved
-      activations and working set, ``(s_block + 8 N_i D) b``.
+    * the end of the backward, in the first block: every parameter gradient but that block's
+      (``grad_bytes - first_block_grad_bytes``) plus its saved activations and working set,
+      ``(s_block + 8 N_i D) b``.
     """
     n_img, n_txt, d, heads = _tokens(cfg, resolution, text_tokens, vae_scale)
     layers = cfg["num_layers"]
@@ -280,7 +281,7 @@ def train_pass_bytes(cfg: dict[str, Any], resolution: int, text_tokens: int, bat
         saved = (layers - dual) * plain + dual * dual_blk + _io_saved_elements(kind, n_img, n_txt, d)
         start = saved + (2 * n_img * d if kind == "full" else work)
     end_acts = largest + work
-    peak = max(start * batch * act_bytes, grad_bytes + end_acts * batch * act_bytes)
+    peak = max(start * batch * act_bytes, grad_bytes - first_block_grad_bytes + end_acts * batch * act_bytes)
     return {"saved": saved * batch * act_bytes, "peak": peak}
 
 
@@ -354,8 +355,9 @@ def plan_training(setup: TrainSetup, arch: Architecture | None = None) -> dict[s
         return transformer_activation_elements(tr_cfg, setup.resolution, text_tokens, batch, vae_scale) * ab
 
     def train(batch: int, grad_bytes: float, k: str = kind) -> dict[str, int]:
+        first = 4 * facts.block_params * shard if grad_bytes and not lora else 0
         return train_pass_bytes(tr_cfg, setup.resolution, text_tokens, batch, k, ck, ab, int(grad_bytes),
-                                setup.lora_rank, vae_scale)
+                                setup.lora_rank, vae_scale, int(first))
 
     cfg_batch = 2 * b if setup.guidance else b
     critic_batch = 2 * b if setup.gan else b

@@ -82,10 +82,11 @@ def check_train_pass(setting: str, cfg: dict[str, Any], resolution: int, text_to
         inputs = _transformer_inputs(cfg, resolution, text_tokens, batch, dtype)
         if kind == "frozen":
             inputs = (inputs[0].requires_grad_(True), *inputs[1:])
-        grads = sum(p.numel() * 4 for p in model.parameters() if p.requires_grad) if dtype == torch.float32 else \
-            sum(p.numel() * p.element_size() for p in model.parameters() if p.requires_grad)
+        grads = sum(p.numel() * 4 for p in model.parameters() if p.requires_grad)
+        first = sum(p.numel() * 4 for p in model.transformer_blocks[0].parameters() if p.requires_grad)
         measured = measure_train_peak(model, inputs)
-    predicted = train_pass_bytes(cfg, resolution, text_tokens, batch, kind, checkpointing, act_bytes, grads, rank)["peak"]
+    predicted = train_pass_bytes(cfg, resolution, text_tokens, batch, kind, checkpointing, act_bytes, grads, rank,
+                                 first_block_grad_bytes=first)["peak"]
     return {"setting": setting, "kind": kind, "checkpointing": checkpointing, "resolution": resolution, "batch": batch,
             "dtype": str(dtype).split(".")[-1], "predicted_gib": predicted / GIB, "measured_gib": measured / GIB,
             "error": (predicted - measured) / measured}

@@ -9,8 +9,8 @@ When it does not fit, the one-line error names the cheapest change that does, tr
 then together) and more GPUs under FSDP2.
 
 ``SD35FLASH_DEVICE_MEMORY_GIB`` overrides the device memory (tests; a GPU shared with another job).
-Options the config does not have yet are taken at today's behaviour (full fine-tuning, DDP, fp32
-teacher on the CPU, text encoders resident, EMA on the device).
+Options the config does not have are taken at what ``distill/trainer.py`` does without them: full
+fine-tuning, DDP, an fp32 teacher, text encoders resident, EMA on the device, every optimiser kept.
 """
 
 from __future__ import annotations
@@ -91,7 +91,7 @@ def setup_for_distill(cfg: Any, arch: Architecture, world: int, device: str | to
         tg_batch=per(cfg.trajectory.batch_size) if cfg.trajectory.steps > 0 else None,
         gradient_checkpointing=bool(_option(cfg, "gradient_checkpointing", False)),
         optimizer=_option(cfg, "optimizer", "adamw"),
-        teacher_dtype=_option(cfg, "teacher_dtype", "fp32" if on_cpu else "bf16"), compute_dtype=compute,
+        teacher_dtype=_option(cfg, "teacher_dtype", "fp32"), compute_dtype=compute,
         ema=_option(cfg, "ema_device", "device"), lora_rank=int(_option(cfg, "lora_rank", 64)),
         encoders="freed" if _option(cfg, "precompute_embeddings", False) else "resident",
         gan=bool(gan.enabled) if gan is not None else True, gan_heads=len(gan.blocks) if gan is not None else 1,
@@ -142,10 +142,11 @@ def check_training_fits(setup: TrainSetup, budget_gib: float, where: str = "this
     if plan["peak_gib"] + HEADROOM_GIB <= budget_gib:
         return plan
     fix = cheapest_fit(setup, budget_gib, arch)
-    advice = (f"{fix[0]} would fit ({fix[1]:.1f} GiB)" if fix is not None
+    advice = (f"{fix[0]} would fit ({fix[1]:.3g} GiB)" if fix is not None
               else "no single option fits; lower the batch size or the resolution")
-    raise UserError(f"this distillation is planned at {plan['peak_gib']:.1f} GiB per device ({plan['peak_phase']}, "
-                    f"`sd35flash plan --train`), more than the {budget_gib:.1f} GiB of {where}; {advice}, "
+    raise UserError(f"this distillation is planned at {plan['peak_gib']:.3g} GiB per device ({plan['peak_phase']}, "
+                    f"`sd35flash plan --train`) + {HEADROOM_GIB:g} GiB headroom, more than the {budget_gib:.3g} GiB of "
+                    f"{where}; {advice}, "
                     "or pass --force to run anyway")
 
 
