@@ -439,6 +439,12 @@ def plan_training(setup: TrainSetup, arch: Architecture | None = None) -> dict[s
         "params": {"transformer": p, "transformer_buffers": buf, "trainable_per_model": trained,
                    "lora_rank": setup.lora_rank if lora else None, "critic_heads": heads},
         "tokens": {"image": _tokens(tr_cfg, setup.resolution, text_tokens, vae_scale)[0], "text": text_tokens},
+        "assumptions": [
+            f"batch {b} per GPU per forward; the critic update runs {critic_batch}, the teacher's CFG pass {cfg_batch}",
+            f"activations in {setup.compute_dtype}; trainable weights, gradients and EMA in fp32",
+            "LoRA adapters on " + ", ".join(LORA_TARGETS) if lora else "student and fake: full fp32 copies",
+            "trajectory and real banks on the CPU; split branches allocated when stage 2 starts",
+        ],
         "not_counted": "CUDA context and allocator fragmentation (add 1-3 GiB per GPU), NCCL buffers, host RSS",
     }
 
