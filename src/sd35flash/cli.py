@@ -131,6 +131,8 @@ def build_parser() -> argparse.ArgumentParser:
     ds.add_argument("--init-from", metavar="WORK", help="start at stage 2 (split-timestep) from the end of stage 1 "
                     "of another run of this config (its work folder), instead of redoing stages 0-1")
     ds.add_argument("--no-progress", action="store_true")
+    ds.add_argument("--force", action="store_true", help="skip the memory check (the planner's verdict that the "
+                    "configuration does not fit on the visible devices)")
 
     m = sub.add_parser("merge", help="merge a split-timestep student's branches at a ratio (or weights)")
     m.add_argument("--student", required=True, help="student folder with split-timestep branches")
@@ -185,13 +187,33 @@ def _add_export_plan_commands(sub) -> None:
     x.add_argument("--int8", action="store_true", help="onnxruntime int8 dynamic quantization (not the VAE)")
     x.add_argument("--resolution", type=_positive_int("--resolution"), help="image size in pixels (default: the model's)")
     x.add_argument("--no-progress", action="store_true")
-    pl = sub.add_parser("plan", help="predict the memory a preset needs (weights, activations, peak)")
+    pl = sub.add_parser("plan", help="predict the memory a preset (or, with --train, a distillation) needs")
     pl.add_argument("--config", required=True, help="sd35-medium | sd35-large | an SD3 pipeline folder")
-    pl.add_argument("--preset", required=True, help="desktop-16bit-t5 | laptop-8bit-no-t5 | mobile-6bit-no-t5 | cpu-onnx-int8")
+    pl.add_argument("--preset", help="desktop-16bit-t5 | laptop-8bit-no-t5 | mobile-6bit-no-t5 | cpu-onnx-int8")
     pl.add_argument("--resolution", type=_positive_int("--resolution"), default=1024, help="image size in pixels")
     pl.add_argument("--cfg", action="store_true", help="classifier-free guidance (batch 2 per image; teachers)")
-    pl.add_argument("--batch", type=_positive_int("--batch"), default=1, help="images per batch")
+    pl.add_argument("--batch", type=_positive_int("--batch"), default=1, help="images per batch (--train: per GPU)")
     pl.add_argument("--json", dest="json_out", help="write the plan JSON here")
+    _add_train_plan_arguments(pl)
+
+
+def _add_train_plan_arguments(pl) -> None:
+    """`plan --train`: per-GPU memory of a distillation (deploy/plan_train.py)."""
+    t = pl.add_argument_group("--train (distillation memory per GPU)")
+    t.add_argument("--train", action="store_true", help="plan a distillation run instead of inference")
+    t.add_argument("--mode", choices=("full", "lora"), default="full", help="full fine-tuning or LoRA adapters")
+    t.add_argument("--gpus", type=_positive_int("--gpus"), default=1)
+    t.add_argument("--sharding", choices=("ddp", "fsdp"), help="default: fsdp for full mode on > 1 GPU")
+    t.add_argument("--gradient-checkpointing", action="store_true")
+    t.add_argument("--optimizer", choices=("adamw", "adamw8bit"), default="adamw")
+    t.add_argument("--teacher-dtype", choices=("bf16", "fp16", "fp32"), default="bf16")
+    t.add_argument("--ema", choices=("device", "cpu", "off"), default="device", help="where the student's EMA lives")
+    t.add_argument("--lora-rank", type=_positive_int("--lora-rank"), default=64)
+    t.add_argument("--encoders", choices=("freed", "resident"), default="freed",
+                   help="freed: prompt embeddings precomputed; resident: text encoders stay loaded")
+    t.add_argument("--no-gan", action="store_true", help="without the discriminator (critic batch b, not 2b)")
+    t.add_argument("--split-branches", type=int, default=0, help="stage-2 branches (0: no stage 2)")
+    t.add_argument("--probe-batch", type=_positive_int("--probe-batch"), default=1)
 
 
 def _cmd_export(args) -> int:
@@ -216,10 +238,25 @@ def _cmd_plan(args) -> int:
     from .deploy.plan import plan_memory, plan_to_text
     from .imaging import atomic_write_text
 
-    res = plan_memory(args.config, args.preset, args.resolution, cfg=args.cfg, batch=args.batch)
+    if args.train:
+        from .deploy.plan_train import TrainSetup, plan_training, training_plan_to_text
+
+        setup = TrainSetup(config=args.config, mode=args.mode, gpus=args.gpus, sharding=args.sharding,
+                           resolution=args.resolution, batch=args.batch,
+                           gradient_checkpointing=args.gradient_checkpointing, optimizer=args.optimizer,
+                           teacher_dtype=args.teacher_dtype, ema=args.ema, lora_rank=args.lora_rank,
+                           encoders=args.encoders, gan=not args.no_gan, split_branches=args.split_branches,
+                           probe_batch=args.probe_batch)
+        res = plan_training(setup)
+        text = training_plan_to_text(res)
+    elif args.preset is None:
+        raise UserError("plan needs --preset NAME (inference) or --train (distillation)")
+    else:
+        res = plan_memory(args.config, args.preset, args.resolution, cfg=args.cfg, batch=args.batch)
+        text = plan_to_text(res)
     if args.json_out:
         atomic_write_text(args.json_out, json.dumps(res, indent=1))
-    print(plan_to_text(res))
+    print(text)
     return 0
 
 
@@ -363,7 +400,7 @@ def _cmd_distill(args) -> int:
         cfg = merge(cfg, {"student_steps": args.student_steps})
     recipe = (args.config or f"preset:{args.preset}") + "".join(f" --set {o}" for o in args.overrides)
     out = distill(cfg, args.teacher, Path(args.out), prompts=args.prompts, revision=args.revision, recipe=recipe,
-                  resume=args.resume, progress=not args.no_progress, init=args.init_from)
+                  resume=args.resume, progress=not args.no_progress, init=args.init_from, force=args.force)
     print(f"student ready: {out} ({cfg.student_steps} steps)")
     return 0
 

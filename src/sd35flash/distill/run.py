@@ -25,6 +25,7 @@ from ..train.checkpoint import CheckpointManager, read_meta
 from ..train.runtime import make_accelerator
 from .config import DistillConfig, MemoryConfig
 from .export import export_student, student_info
+from .memory_check import check_distill_fits
 from .merge import merged_transformer
 from .models import DistillModels
 from .prompts import PromptSource, load_prompts
@@ -172,7 +173,7 @@ def split_outputs(cfg: DistillConfig, presplit, branches) -> tuple[SplitInfo, to
 
 def distill(cfg: DistillConfig, teacher: str | None, out: Path, prompts: str = "shapes", revision: str | None = None,
             recipe: str = "", resume: bool = False, progress: bool = True, stop_at: int | None = None,
-            init: str | Path | None = None) -> Path:
+            init: str | Path | None = None, force: bool = False) -> Path:
     """Distil ``teacher`` into a ``cfg.student_steps``-step student saved at ``out``; returns ``out``.
 
     With stage 2 (``split.steps > 0``) the folder's ``transformer/`` is the merge of the branches at
@@ -180,7 +181,9 @@ def distill(cfg: DistillConfig, teacher: str | None, out: Path, prompts: str = "
 
     ``stop_at`` stops after that global step with a checkpoint (raising ``StopTraining``); ``resume``
     continues from the newest checkpoint of the same run; ``init`` (a work folder) starts stage 2 from
-    the end of stage 1 of another run of this config (:func:`init_from`).
+    the end of stage 1 of another run of this config (:func:`init_from`). Unless ``force``, a config the
+    training-memory planner says will not fit on the visible devices is refused before anything loads
+    (:func:`.memory_check.check_distill_fits`).
     """
     teacher = str(teacher) if teacher is not None else str(default_teacher())
     out = Path(out).expanduser().resolve()
@@ -188,6 +191,8 @@ def distill(cfg: DistillConfig, teacher: str | None, out: Path, prompts: str = "
         raise UserError(f"--out {out} is a file; pass a folder for the student")
     if out.is_dir() and any(out.iterdir()) and not (out / "model_index.json").is_file():
         raise UserError(f"--out {out} exists and is not a model folder; choose a new folder")
+    if not force:
+        check_distill_fits(cfg, teacher)
     models = DistillModels.load(teacher, revision, cfg.memory.teacher_dtype, cfg.memory.gradient_checkpointing)
     cfg.branch_steps(models.shift)  # a split branch without student steps fails here, before any work
     source = load_prompts(prompts, cfg.num_prompts, seed=cfg.runtime.seed)
