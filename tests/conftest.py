@@ -27,3 +27,17 @@ def smoke_teacher(cache_dir, tmp_path_factory) -> Path:
 
     out = tmp_path_factory.mktemp("teacher") / "smoke"
     return pretrain(load_pretrain_config("smoke"), out, "smoke", resume=False, progress=False)
+
+
+@pytest.fixture(scope="session")
+def smoke_study(smoke_teacher, tmp_path_factory) -> Path:
+    """A tiny finished study: the smoke teacher at 2, 4 and 8 steps as three "models" (fast2, mid4,
+    slow8), 5 shapes-world prompts x 2 seeds (30 model pairs, up to 5 gold pairs). Copy it before
+    serving: votes go into the folder."""
+    from sd35flash.study.create import ModelArg, create_study
+
+    out = tmp_path_factory.mktemp("study") / "smoke"
+    models = [ModelArg("fast2", str(smoke_teacher), 2), ModelArg("mid4", str(smoke_teacher), 4),
+              ModelArg("slow8", str(smoke_teacher), 8)]
+    create_study(models, "shapes", out, seeds=2, num_prompts=5, progress=False)
+    return out

@@ -13,9 +13,14 @@ MODELS = ["teacher-28step", "teacher-4step", "student-4step", "student-4step-unm
           "student-2step"]
 
 
-def test_demo_smoke_end_to_end(smoke_teacher, tmp_path):
+def test_demo_smoke_end_to_end(smoke_teacher, tmp_path, monkeypatch):
+    """The demo distils a shipped teacher named with --teacher (the smoke teacher shipped in fp16)."""
+    from sd35flash.ship import ship
+
+    folder = ship(str(smoke_teacher), "smoke-v1", root=tmp_path / "assets", guidance=4.0, check_prompts=1)
+    monkeypatch.setenv("SD35FLASH_ASSETS", str(tmp_path / "assets"))
     out = tmp_path / "demo"
-    assert main(["demo", "--preset", "smoke", "--out", str(out), "--no-progress"]) == 0
+    assert main(["demo", "--preset", "smoke", "--teacher", "smoke-v1", "--out", str(out), "--no-progress"]) == 0
     report = (out / "report.html").read_text()
     table = report.split("<h2>Metrics</h2>")[1].split("</table>")[0]
     side = report.split("<h2>Side by side")[1].split("</table>")[0]
@@ -32,5 +37,6 @@ def test_demo_smoke_end_to_end(smoke_teacher, tmp_path):
                    "student-4step-presplit": 4, "student-2step": 2}
     r = demo["results"]
     assert r["student-4step-unmerged"]["transformer_bytes"] == 2 * r["student-4step"]["transformer_bytes"]
+    assert r["teacher-28step"]["model"] == str(folder) and r["teacher-28step"]["guidance"] == 4.0
     assert read_student_info(out / "student-4step").split is not None
     assert read_student_info(out / "student-2step").split is None and read_student_info(out / "student-2step").steps == 2

@@ -52,3 +52,31 @@ def test_cached_teacher_is_reused(cache_dir, tmp_path, monkeypatch, capsys):
     assert (teacher_dir(cfg, "t") / "pipeline" / "pretrain.json").stat().st_mtime == stamp
     assert json.loads((second / "pretrain.json").read_text())["fingerprint"] == cfg.cache_key()
     assert first != second and (second / "model_index.json").is_file()
+
+
+def test_checkpoint_layout_is_unchanged(cache_dir, tmp_path, monkeypatch):
+    """A teacher run in progress resumes across code versions: its flow checkpoint holds exactly the
+    files and keys earlier versions wrote (recorded from them for this config)."""
+    from safetensors.torch import load_file
+
+    monkeypatch.setenv("SD35FLASH_CACHE", str(tmp_path / "c"))
+    cfg = _tiny_cfg()
+    with pytest.raises(StopTraining):
+        pretrain(cfg, tmp_path / "s", "t", progress=False, stop_at=2)
+    ckpt = teacher_dir(cfg, "t") / "work" / "flow" / "ckpt-00000002"
+    # manifest.json (checksums) is new; older checkpoints without it still load (tests/test_integrity.py)
+    assert sorted(p.name for p in ckpt.iterdir()) == [
+        "custom_checkpoint_0.pkl", "custom_checkpoint_1.pkl", "manifest.json", "meta.json", "model.safetensors",
+        "optimizer.bin", "random_states_0.pkl", "scheduler.bin"]
+    model = load_file(str(ckpt / "model.safetensors"))
+    assert len(model) == 129 and {k.split(".")[0] for k in model} == {
+        "transformer", "text_encoder", "text_encoder_2", "text_encoder_3"}
+    opt = torch.load(ckpt / "optimizer.bin", weights_only=False)
+    assert sorted(opt) == ["param_groups", "state"] and len(opt["param_groups"]) == 2
+    sched = torch.load(ckpt / "scheduler.bin", weights_only=False)
+    assert {"last_epoch", "base_lrs", "_step_count"} <= set(sched) and sched["last_epoch"] == 2
+    ema = torch.load(ckpt / "custom_checkpoint_0.pkl", weights_only=False)  # the EMA, then the sampler
+    assert sorted(ema) == ["decay", "inv_gamma", "min_decay", "optimization_step", "power", "shadow_params",
+                           "update_after_step", "use_ema_warmup"] and ema["optimization_step"] == 2
+    sampler = torch.load(ckpt / "custom_checkpoint_1.pkl", weights_only=False)
+    assert sorted(sampler) == ["epoch", "n", "pos", "seed"] and sampler["pos"] == 2 * cfg.flow.batch_size % 32

@@ -39,3 +39,11 @@ def test_no_t5_equals_pipeline_without_t5(smoke_teacher):
     assert with_t5.embeds[:, L:].abs().max() > 0
     assert pipe.text_encoder_3 is not None  # restored
     assert isinstance(without, PromptEmbeds)
+
+
+def test_encoding_without_t5_keeps_t5_in_the_pipeline_config(smoke_teacher):
+    pipe = StableDiffusion3Pipeline.from_pretrained(smoke_teacher)
+    before = pipe.config["text_encoder_3"]
+    encode_prompts(pipe, ["a red circle"], use_t5=False)
+    assert pipe.config["text_encoder_3"] == before and before[0] is not None
+    assert pipe.text_encoder_3 is not None

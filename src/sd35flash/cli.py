@@ -13,10 +13,23 @@ from . import args as A
 from .deploy import commands as _deploy
 from .errors import UserError
 from .io import check_model_output, check_writable_output, read_text
+from .prepare import register as _register_prepare
+from .study import commands as _study
 
 #: Most prompts ``generate --prompts`` puts in one grid.
 MAX_PROMPTS = 1024
 _positive_int = A.positive_int  # kept for modules that registered their options with it
+
+
+def _schedule(text: str) -> str:
+    """``--schedule``, validated at parse time (before any model is named or loaded)."""
+    from .evaluate.evaluator import parse_schedule
+
+    try:
+        parse_schedule(text)
+    except UserError as e:
+        raise argparse.ArgumentTypeError(str(e)) from None
+    return text
 
 
 class _Parser(argparse.ArgumentParser):
@@ -47,8 +60,11 @@ def build_parser() -> argparse.ArgumentParser:
     ws.add_argument("--out", required=True)
 
     pt = sub.add_parser("pretrain", help="train (or reuse) the toy teacher on the shapes world")
-    pt.add_argument("--out", required=True, help="folder for the finished SD3 pipeline")
-    pt.add_argument("--preset", default="default", help="smoke | quick | default")
+    pto = pt.add_mutually_exclusive_group(required=True)
+    pto.add_argument("--out", help="folder for the finished SD3 pipeline")
+    pto.add_argument("--snapshot", metavar="OUT", help="write the EMA pipeline at the newest checkpoint of this "
+                     "preset's run (running or not; read-only on its work folder) to OUT, and train nothing")
+    pt.add_argument("--preset", default="default", help="smoke | quick | default | teacher")
     pt.add_argument("--config", help="a YAML config instead of a preset")
     pt.add_argument("--resume", action="store_true", help="continue an unfinished run of the same config")
     pt.add_argument("--no-progress", action="store_true")
@@ -79,6 +95,8 @@ def build_parser() -> argparse.ArgumentParser:
     e.add_argument("--no-t5", action="store_true")
     e.add_argument("--no-fd", action="store_true", help="skip the FD computation")
     e.add_argument("--variant", default="auto", help=VARIANT_HELP)
+    e.add_argument("--schedule", type=_schedule, help="sampling times: scheduler | uniform | a list such as 1,0.9,0.75,0.5,0 "
+                   "(default: the model's own)")
     e.add_argument("--json", dest="json_out", required=True)
     e.add_argument("--save-images", help="also write every image and a manifest.jsonl here")
 
@@ -99,6 +117,8 @@ def build_parser() -> argparse.ArgumentParser:
     ds.add_argument("--from-work", metavar="WORK", help="use the work folder of an earlier run of this config: "
                     "continue it, or export its finished student to --out without training")
     ds.add_argument("--no-progress", action="store_true")
+    ds.add_argument("--force", action="store_true", help="skip the memory check (the planner's verdict that the "
+                    "configuration does not fit on the visible devices)")
 
     m = sub.add_parser("merge", help="merge a split-timestep student's branches at a ratio (or weights)")
     m.add_argument("--student", required=True, help="student folder with split-timestep branches")
@@ -125,11 +145,19 @@ def build_parser() -> argparse.ArgumentParser:
 
     COMMANDS.update(_deploy.register(sub, g, e))  # presets, bench; --preset on generate / eval
     _add_export_plan_commands(sub)
+    COMMANDS.update(_register_prepare(sub))  # `prepare`: embeddings (and trajectories) before `distill`
+    _study.register(sub)  # study create | serve | results | oracle
+
+    mo = sub.add_parser("models", help="models shipped with the package (names for --model / --teacher)")
+    mo.add_argument("--json", action="store_true", help="print the list as JSON")
+    mo.add_argument("--verify", action="store_true", help="also check every file against its checksum")
 
     d = sub.add_parser("demo", help="the whole chain on the shapes world: teacher, distillation, evaluation, report")
     d.add_argument("--preset", default="quick", choices=("smoke", "quick", "full"),
-                   help="smoke (tests, ~3 min) | quick (`make demo`) | full (cached default teacher, default recipe)")
+                   help="smoke (tests, ~3 min) | quick (`make demo`: shipped teacher, quick students) | full "
+                   "(shipped teacher, default recipe)")
     d.add_argument("--out", default="runs/demo", help="output folder (report, evaluations, students)")
+    d.add_argument("--teacher", help="distil this teacher (folder or shipped name) instead of the preset's")
     d.add_argument("--num-images", type=A.integer("--num-images", 1, 100_000))
     d.add_argument("--no-progress", action="store_true")
     return p
@@ -146,13 +174,34 @@ def _add_export_plan_commands(sub) -> None:
     x.add_argument("--int8", action="store_true", help="onnxruntime int8 dynamic quantization (not the VAE)")
     x.add_argument("--resolution", type=A.resolution, help="image size in pixels (default: the model's)")
     x.add_argument("--no-progress", action="store_true")
-    pl = sub.add_parser("plan", help="predict the memory a preset needs (weights, activations, peak)")
+    pl = sub.add_parser("plan", help="predict the memory a preset (or, with --train, a distillation) needs")
     pl.add_argument("--config", required=True, help="sd35-medium | sd35-large | an SD3 pipeline folder")
-    pl.add_argument("--preset", required=True, help="desktop-16bit-t5 | laptop-8bit-no-t5 | mobile-6bit-no-t5 | cpu-onnx-int8")
+    pl.add_argument("--preset", help="desktop-16bit-t5 | laptop-8bit-no-t5 | mobile-6bit-no-t5 | cpu-onnx-int8")
     pl.add_argument("--resolution", type=A.resolution, default=1024, help="image size in pixels")
     pl.add_argument("--cfg", action="store_true", help="classifier-free guidance (batch 2 per image; teachers)")
-    pl.add_argument("--batch", type=A.integer("--batch", 1, A.MAX_BATCH), default=1, help="images per batch")
+    pl.add_argument("--batch", type=A.integer("--batch", 1, A.MAX_BATCH), default=1,
+                    help="images per batch (--train: per GPU)")
     pl.add_argument("--json", dest="json_out", help="write the plan JSON here")
+    _add_train_plan_arguments(pl)
+
+
+def _add_train_plan_arguments(pl) -> None:
+    """`plan --train`: per-GPU memory of a distillation (deploy/plan_train.py)."""
+    t = pl.add_argument_group("--train (distillation memory per GPU)")
+    t.add_argument("--train", action="store_true", help="plan a distillation run instead of inference")
+    t.add_argument("--mode", choices=("full", "lora"), default="full", help="full fine-tuning or LoRA adapters")
+    t.add_argument("--gpus", type=A.integer("--gpus", 1, 65536), default=1)
+    t.add_argument("--sharding", choices=("ddp", "fsdp"), help="default: fsdp for full mode on > 1 GPU")
+    t.add_argument("--gradient-checkpointing", action="store_true")
+    t.add_argument("--optimizer", choices=("adamw", "adamw8bit"), default="adamw")
+    t.add_argument("--teacher-dtype", choices=("bf16", "fp16", "fp32"), default="bf16")
+    t.add_argument("--ema", choices=("device", "cpu", "off"), default="device", help="where the student's EMA lives")
+    t.add_argument("--lora-rank", type=A.integer("--lora-rank", 1, 65536), default=64)
+    t.add_argument("--encoders", choices=("freed", "resident"), default="freed",
+                   help="freed: prompt embeddings precomputed; resident: text encoders stay loaded")
+    t.add_argument("--no-gan", action="store_true", help="without the discriminator (critic batch b, not 2b)")
+    t.add_argument("--split-branches", type=A.integer("--split-branches", 0, 64), default=0, help="stage-2 branches (0: no stage 2)")
+    t.add_argument("--probe-batch", type=A.integer("--probe-batch", 1, A.MAX_BATCH), default=1)
 
 
 def _cmd_export(args) -> int:
@@ -180,10 +229,25 @@ def _cmd_plan(args) -> int:
 
     if args.json_out:
         check_writable_output(args.json_out, "file", "--json")
-    res = plan_memory(args.config, args.preset, args.resolution, cfg=args.cfg, batch=args.batch)
+    if args.train:
+        from .deploy.plan_train import TrainSetup, plan_training, training_plan_to_text
+
+        setup = TrainSetup(config=args.config, mode=args.mode, gpus=args.gpus, sharding=args.sharding,
+                           resolution=args.resolution, batch=args.batch,
+                           gradient_checkpointing=args.gradient_checkpointing, optimizer=args.optimizer,
+                           teacher_dtype=args.teacher_dtype, ema=args.ema, lora_rank=args.lora_rank,
+                           encoders=args.encoders, gan=not args.no_gan, split_branches=args.split_branches,
+                           probe_batch=args.probe_batch)
+        res = plan_training(setup)
+        text = training_plan_to_text(res)
+    elif args.preset is None:
+        raise UserError("plan needs --preset NAME (inference) or --train (distillation)")
+    else:
+        res = plan_memory(args.config, args.preset, args.resolution, cfg=args.cfg, batch=args.batch)
+        text = plan_to_text(res)
     if args.json_out:
         atomic_write_json(args.json_out, res, "--json")
-    print(plan_to_text(res))
+    print(text)
     return 0
 
 
@@ -226,6 +290,11 @@ def _cmd_pretrain(args) -> int:
     cfg = load_pretrain_config(args.preset, args.config)
     check_model_output(args.out)
     name = Path(args.config).stem if args.config else args.preset
+    if args.snapshot:
+        from .pretrain.snapshot import snapshot
+
+        snapshot(cfg, name, Path(args.snapshot))
+        return 0
     out = pretrain(cfg, Path(args.out), name, resume=args.resume, progress=not args.no_progress)
     if int(os.environ.get("RANK", "0")) == 0:
         print(f"teacher ready: {out}")
@@ -263,6 +332,7 @@ def _cmd_generate(args) -> int:
     seeds = [args.seed + i for i in range(len(prompts))]
     model = sampling_transformer(pipe, args.model, args.variant)
     imgs = generate(pipe, prompts, seeds, schedule, guidance=guidance, use_t5=not args.no_t5, transformer=model,
+                    name=str(args.model),
                     **(dp.generate_kwargs(prompts, guidance) if dp else {}))
     out = imgs[0] if len(imgs) == 1 else make_grid(imgs, scale=2, captions=prompts, caption_width=150)
     save_png(args.out, out)
@@ -280,7 +350,7 @@ def _cmd_eval(args) -> int:
     req = EvalRequest(model=args.model, steps=args.steps, guidance=args.guidance, split=args.split,
                       specs_file=args.specs, num_images=args.num_images, seed=args.seed,
                       batch_size=args.batch_size, use_t5=not args.no_t5, fd=not args.no_fd, revision=args.revision,
-                      variant=args.variant, device=_plain_device(args))
+                      variant=args.variant, device=_plain_device(args), schedule=args.schedule)
     dp = _deploy.deployed_from_args(args)
     req.use_t5 = dp.use_t5 if dp else req.use_t5
     res = evaluate(req, args.json_out, save_images=args.save_images,
@@ -333,7 +403,8 @@ def _cmd_distill(args) -> int:
     recipe = (args.config or f"preset:{args.preset}") + "".join(f" --set {o}" for o in args.overrides)
     check_model_output(args.out)
     out = distill(cfg, args.teacher, Path(args.out), prompts=args.prompts, revision=args.revision, recipe=recipe,
-                  resume=args.resume, progress=not args.no_progress, init=args.init_from, from_work=args.from_work)
+                  resume=args.resume, progress=not args.no_progress, init=args.init_from, from_work=args.from_work,
+                  force=args.force)
     print(f"student ready: {out} ({cfg.student_steps} steps)")
     return 0
 
@@ -395,18 +466,49 @@ def _cmd_info(args) -> int:
     return 0
 
 
+def _cmd_models(args) -> int:
+    from .models.registry import list_models, verify_asset
+
+    models = list_models()
+    for m in models if args.verify else []:
+        verify_asset(m)
+    if args.json:
+        print(json.dumps([m.to_json() for m in models], indent=1))
+        return 0
+    if not models:
+        print("no models are shipped with this install")
+    for m in models:
+        print(f"{m.name}  {m.role}{' (default)' if m.default else ''}  {m.steps} steps, guidance {m.guidance}  "
+              f"{m.dtype}, {m.bytes / 1e6:.1f} MB  {m.folder}")
+    return 0
+
+
+#: Arguments that name a model: a folder, a hub id or a shipped name (`sd35flash models`).
+MODEL_ARGS = ("model", "teacher")
+
+
+def resolve_model_args(args) -> None:
+    """Replace every shipped model name among ``MODEL_ARGS`` by its verified folder."""
+    from .models.registry import resolve_model
+
+    for attr in MODEL_ARGS:
+        if isinstance(getattr(args, attr, None), str):  # study create's --model NAME=MODEL list resolves itself
+            setattr(args, attr, resolve_model(getattr(args, attr)))
+
+
 def _cmd_demo(args) -> int:
     from .demo import run_demo
 
     check_writable_output(args.out, "dir")
-    run_demo(args.preset, Path(args.out), num_images=args.num_images, progress=not args.no_progress)
+    run_demo(args.preset, Path(args.out), num_images=args.num_images, progress=not args.no_progress,
+             teacher=args.teacher)
     return 0
 
 
 COMMANDS = {"world": _cmd_world, "pretrain": _cmd_pretrain, "generate": _cmd_generate, "eval": _cmd_eval,
             "distill": _cmd_distill, "merge": _cmd_merge, "merge-sweep": _cmd_merge_sweep, "info": _cmd_info,
-            "demo": _cmd_demo}
-COMMANDS.update({"export": _cmd_export, "plan": _cmd_plan})
+            "demo": _cmd_demo, "models": _cmd_models}
+COMMANDS.update({"export": _cmd_export, "plan": _cmd_plan, "study": _study.run})
 
 
 def _one_line(text: str) -> str:
@@ -434,6 +536,7 @@ def main(argv: list[str] | None = None) -> int:
     os.environ.setdefault("HF_HUB_DISABLE_PROGRESS_BARS", "1")
     try:
         _check_device(args)
+        resolve_model_args(args)
         return COMMANDS[args.command](args)
     except UserError as e:
         print(f"sd35flash: error: {_one_line(str(e))}", file=sys.stderr)

@@ -66,6 +66,7 @@ RANGES: list[tuple[str, tuple[float, float, bool]]] = [
     ("log_every", (1, 10**8, False)),
     ("*_every", (0, 10**8, False)),
     ("*batch_size", (1, 2**16, False)),
+    ("probe_batch", (1, 2**16, False)),
     ("updates", (1, 1000, False)),
     ("teacher_steps", (1, 10**4, False)),
     ("probe_steps", (1, 10**4, False)),

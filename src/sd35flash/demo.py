@@ -1,6 +1,8 @@
 """``sd35flash demo``: the whole SD3.5-Flash chain on the shapes world, then an HTML report.
 
-1. teacher: ``pretrain`` (or the cached one; ``full`` requires the cached default teacher);
+1. teacher: the teacher shipped with the package (``quick`` and ``full``; ``sd35flash models``), a
+   folder given with ``teacher=`` (``--teacher``), or for ``smoke`` the cached smoke ``pretrain``;
+   a missing or damaged shipped teacher is an error, never a silent retraining;
 2. 4-step student: ``distill`` (trajectory guidance, DMD + GAN, split-timestep branches, merge at the
    config's ratio; ``full`` then picks the ratio with ``merge-sweep`` on ``val``);
 3. 2-step student: a second ``distill`` (stages 0-1 only: with the boundary at t = 0.5 both of its
@@ -21,11 +23,14 @@ from pathlib import Path
 
 from .config import merge
 from .distill.config import load_distill_config
-from .distill.run import default_teacher, distill
+from .distill.run import distill
 from .evaluate.evaluator import EvalRequest, evaluate
 from .evaluate.merge_sweep import SweepRequest, merge_sweep, parse_ratios
 from .evaluate.report import write_report
+from .errors import UserError
 from .io import atomic_write_json
+from .models.registry import default_teacher as shipped_teacher
+from .models.registry import verify_asset
 from .models.student_info import read_student_info
 from .pretrain.config import load_pretrain_config
 from .pretrain.run import pretrain, teacher_dir
@@ -33,8 +38,9 @@ from .pretrain.run import pretrain, teacher_dir
 
 @dataclass(frozen=True)
 class DemoPreset:
-    """``teacher``: pretrain preset; ``distill``: distill preset; ``num_images``: test images per
-    model; ``sweep``: merge ratios to sweep on ``val`` (None: keep the config's ratio)."""
+    """``teacher``: pretrain preset, or ``shipped`` (the package's default teacher); ``distill``:
+    distill preset; ``num_images``: test images per model; ``sweep``: merge ratios to sweep on
+    ``val`` (None: keep the config's ratio)."""
 
     teacher: str
     distill: str
@@ -45,8 +51,8 @@ class DemoPreset:
 
 PRESETS = {
     "smoke": DemoPreset("smoke", "smoke", 8),
-    "quick": DemoPreset("quick", "quick", 64),
-    "full": DemoPreset("default", "default", 200, sweep="0:1:0.1", sweep_images=100),
+    "quick": DemoPreset("shipped", "quick", 64),
+    "full": DemoPreset("shipped", "default", 200, sweep="0:1:0.1", sweep_images=100),
 }
 
 
@@ -65,16 +71,29 @@ class _Clock:
         return out
 
 
-def _teacher(preset: DemoPreset, progress: bool) -> tuple[Path, Path]:
-    """(teacher pipeline folder, its work folder with the VAE and flow metrics)."""
+def _teacher(preset: DemoPreset, progress: bool, override: str | None) -> tuple[Path, dict[str, Path]]:
+    """(teacher pipeline folder, its training logs for the report: ``{"VAE": ..., "teacher": ...}``)."""
+    if override is not None or preset.teacher == "shipped":
+        if override is not None:
+            folder = Path(override)
+        else:
+            shipped = shipped_teacher()
+            if shipped is None:
+                raise UserError("no teacher is shipped with this install (`sd35flash models` lists none); pass "
+                                "--teacher DIR, e.g. a folder from `sd35flash pretrain --preset teacher`")
+            folder = verify_asset(shipped)
+        return folder, {"VAE": folder / "training" / "vae-metrics.jsonl",
+                        "teacher": folder / "training" / "flow-metrics.jsonl"}
     cfg = load_pretrain_config(preset.teacher)
-    if preset.teacher == "default":
-        return default_teacher(), teacher_dir(cfg, "default") / "work"  # never trains or continues it here
-    return pretrain(cfg, None, preset.teacher, resume=True, progress=progress), teacher_dir(cfg, preset.teacher) / "work"
+    work = teacher_dir(cfg, preset.teacher) / "work"
+    folder = pretrain(cfg, None, preset.teacher, resume=True, progress=progress)
+    return folder, {"VAE": work / "vae" / "metrics.jsonl", "teacher": work / "flow" / "metrics.jsonl"}
 
 
-def run_demo(name: str, out: Path, num_images: int | None = None, progress: bool = True) -> Path:
-    """Run preset ``name`` (``smoke`` | ``quick`` | ``full``) into ``out``; returns the report path."""
+def run_demo(name: str, out: Path, num_images: int | None = None, progress: bool = True,
+             teacher: str | None = None) -> Path:
+    """Run preset ``name`` (``smoke`` | ``quick`` | ``full``) into ``out``; returns the report path.
+    ``teacher`` (a pipeline folder) replaces the preset's teacher."""
     preset = PRESETS[name]
     n = num_images or preset.num_images
     out = Path(out)
@@ -84,7 +103,9 @@ def run_demo(name: str, out: Path, num_images: int | None = None, progress: bool
     recipe = f"preset:{preset.distill}"
     clock = _Clock(5 + (preset.sweep is not None))
 
-    teacher, teacher_work = clock.run(f"teacher ({preset.teacher} preset)", lambda: _teacher(preset, progress))
+    label = f"teacher {teacher}" if teacher else ("shipped teacher" if preset.teacher == "shipped"
+                                                  else f"teacher ({preset.teacher} preset)")
+    teacher, teacher_logs = clock.run(label, lambda: _teacher(preset, progress, teacher))
     s4 = clock.run("4-step student: trajectory guidance, DMD + GAN, split-timestep, merge", lambda: distill(
         cfg4, str(teacher), out / "student-4step", recipe=recipe, resume=True, progress=progress))
     if preset.sweep is not None:
@@ -116,7 +137,7 @@ def run_demo(name: str, out: Path, num_images: int | None = None, progress: bool
         return results
 
     results = clock.run(f"evaluate {len(runs)} models on {n} test images", evaluate_all)
-    metric_files = {"VAE": teacher_work / "vae" / "metrics.jsonl", "teacher": teacher_work / "flow" / "metrics.jsonl"}
+    metric_files = dict(teacher_logs)
     for key, folder in (("distill 4-step", s4), ("distill 2-step", s2)):
         work = read_student_info(folder).extra.get("work_dir")
         if work:
@@ -126,8 +147,9 @@ def run_demo(name: str, out: Path, num_images: int | None = None, progress: bool
              "per model (same specs and seeds for every model)", f"teacher: {teacher}", f"4-step student: {s4}",
              f"2-step student: {s2} (stages 0-1; with the split boundary at t = 0.5 both of its times lie in one "
              "branch)"]
-    if preset.teacher != "default":
-        notes.append("smoke / quick budgets are tiny: these models show the pipeline, not the method's quality")
+    if preset.distill != "default":
+        notes.append(f"the {preset.distill} distillation budget is tiny: the students show the pipeline, not the "
+                     "method's quality")
     report = clock.run("report", lambda: write_report(out, f"sd35flash demo ({name})", results, metric_files,
                                                       notes=notes, figures=figures, timings=clock.seconds))
     atomic_write_json(out / "demo.json", {"preset": name, "seconds": clock.seconds, "report": str(report),

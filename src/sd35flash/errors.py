@@ -19,3 +19,7 @@ class ConfigError(UserError):
 
 class TrainingAlarm(UserError):
     """Training stopped on purpose: NaN/inf, or collapse. The last good checkpoint is kept."""
+
+
+class NonFiniteError(UserError):
+    """A model produced NaN or inf (latents, images): its weights are damaged or diverged, or an input was."""

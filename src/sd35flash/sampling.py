@@ -8,6 +8,7 @@ transformer (split-timestep branches). ``tests/test_sampling.py`` checks the equ
 
 from __future__ import annotations
 
+import math
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 
@@ -15,6 +16,7 @@ import numpy as np
 import torch
 
 from . import flow
+from .errors import NonFiniteError, UserError
 
 
 @dataclass
@@ -62,7 +64,9 @@ def encode_prompts(pipe, prompts: Sequence[str], use_t5: bool = True, device: to
     device = device or pipe._execution_device
     t5 = pipe.text_encoder_3
     if not use_t5:
-        pipe.text_encoder_3 = None
+        # object.__setattr__: diffusers' pipeline __setattr__ would also rewrite the registered
+        # component in the config, and a pipeline saved afterwards would lose its T5.
+        object.__setattr__(pipe, "text_encoder_3", None)
     try:
         embeds, _, pooled, _ = pipe.encode_prompt(
             prompt=list(prompts),
@@ -73,7 +77,7 @@ def encode_prompts(pipe, prompts: Sequence[str], use_t5: bool = True, device: to
             max_sequence_length=t5_length(pipe),
         )
     finally:
-        pipe.text_encoder_3 = t5
+        object.__setattr__(pipe, "text_encoder_3", t5)
     return PromptEmbeds(embeds, pooled)
 
 
@@ -167,11 +171,31 @@ def make_noise(shape: tuple[int, int, int], seeds: Sequence[int], dtype=torch.fl
     return torch.cat(out).to(device=device, dtype=dtype)
 
 
+def check_finite_output(x: torch.Tensor, what: str, model: str = "", prompts: Sequence[str] = ()) -> None:
+    """Raise :class:`NonFiniteError` if ``x`` holds NaN or inf, naming the model and the first prompt
+    whose sample is affected (a NaN image would otherwise be written as a black PNG)."""
+    bad = ~torch.isfinite(x.reshape(x.shape[0], -1)).all(dim=1)
+    if not bool(bad.any()):
+        return
+    i = int(bad.nonzero()[0])
+    prompt = f" for prompt {prompts[i]!r}" if i < len(prompts) else ""
+    raise NonFiniteError(f"{model or 'the model'} produced non-finite {what} (NaN/inf){prompt}: its weights are "
+                         "damaged or diverged, or a setting such as the guidance scale is out of range")
+
+
+def pipeline_name(pipe) -> str:
+    """The folder or hub id a pipeline was loaded from (empty for one built in memory)."""
+    return str(getattr(pipe, "name_or_path", "") or "")
+
+
 @torch.no_grad()
-def decode_latents(vae, latents: torch.Tensor) -> np.ndarray:
-    """Latents -> uint8 images (B, H, W, 3): ``x = vae.decode(z / scaling + shift)``, then [-1, 1] -> [0, 255]."""
+def decode_latents(vae, latents: torch.Tensor, model: str = "", prompts: Sequence[str] = ()) -> np.ndarray:
+    """Latents -> uint8 images (B, H, W, 3): ``x = vae.decode(z / scaling + shift)``, then [-1, 1] -> [0, 255].
+    Non-finite latents or decoded pixels raise :class:`NonFiniteError` (``model``/``prompts`` name it)."""
+    check_finite_output(latents, "latents", model, prompts)
     z = latents / vae.config.scaling_factor + (vae.config.shift_factor or 0.0)
     img = vae.decode(z.to(vae.dtype), return_dict=False)[0]
+    check_finite_output(img, "images", model, prompts)
     img = (img.float() / 2 + 0.5).clamp(0, 1)
     return (img.permute(0, 2, 3, 1).cpu().numpy() * 255).round().astype(np.uint8)
 
@@ -190,19 +214,26 @@ def generate(
     transformer: torch.nn.Module | TransformerFor | None = None,
     progress: Callable[[int], None] | None = None,
     encoder: Callable[[Sequence[str]], PromptEmbeds] | None = None,
+    name: str | None = None,
 ) -> np.ndarray:
     """Generate one image per (prompt, seed) pair. Returns uint8 (N, H, W, 3).
+
+    Non-finite latents or images raise :class:`NonFiniteError` naming the model (``name``; by default
+    the folder ``pipe`` was loaded from, when its own transformer samples) and the prompt.
 
     ``encoder`` (prompts -> :class:`PromptEmbeds`) replaces :func:`encode_prompts`, e.g. a cached
     encoder whose text encoders were freed (``sd35flash.deploy.text_encoders``); ``use_t5`` is then
     the encoder's business."""
     if len(prompts) != len(seeds):
         raise ValueError("need one seed per prompt")
+    if not math.isfinite(guidance):
+        raise UserError(f"guidance must be a finite number, got {guidance}")
     size = pipe.transformer.config.sample_size * (2 ** (len(pipe.vae.config.block_out_channels) - 1))
     height, width = height or size, width or size
     device = pipe._execution_device
     dtype = pipe.transformer.dtype
     model = transformer if transformer is not None else pipe.transformer
+    label = name if name is not None else (pipeline_name(pipe) if transformer is None else "")
     out = []
     uncond_cache: PromptEmbeds | None = None
     for start in range(0, len(prompts), batch_size):
@@ -216,7 +247,7 @@ def generate(
             uncond = PromptEmbeds(uncond_cache.embeds.expand(len(ps), -1, -1), uncond_cache.pooled.expand(len(ps), -1))
         noise = make_noise(latent_shape(pipe, height, width), seeds[start : start + batch_size], dtype=dtype, device=device)
         lat = sample_latents(model, noise, schedule, cond, uncond, guidance)
-        out.append(decode_latents(pipe.vae, lat))
+        out.append(decode_latents(pipe.vae, lat, label, ps))
         if progress is not None:
             progress(len(ps))
     return np.concatenate(out)

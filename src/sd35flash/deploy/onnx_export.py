@@ -46,6 +46,7 @@ from typing import Any
 
 import torch
 
+from sd35flash.checksums import write_checksums
 from sd35flash.errors import UserError
 from sd35flash.io import atomic_write_json, check_model_output, copy_dir, staged_dir
 
@@ -348,6 +349,14 @@ def ensure_writable_dir(path: str | os.PathLike[str], what: str) -> Path:
 # ----------------------------------------------------------------------------- export
 
 
+@contextmanager
+def _staged_export(target: Path) -> Iterator[Path]:
+    """:func:`sd35flash.io.staged_dir` with ``checksums.sha256`` written last, before the swap."""
+    with staged_dir(target, "export folder") as tmp:
+        yield tmp
+        write_checksums(tmp)
+
+
 def _write_manifest(folder: Path, manifest: dict[str, Any]) -> None:
     atomic_write_json(folder / MANIFEST, manifest, "export manifest")
 
@@ -373,7 +382,7 @@ def export_onnx(pipe, out_dir: str | os.PathLike[str], int8: bool = False, resol
             return quantize_export(fp32, target, progress=progress)
     settings = _export_settings(pipe, resolution)
     specs = _graph_specs(pipe, resolution)
-    with staged_dir(target) as tmp:
+    with _staged_export(target) as tmp:
         graphs: dict[str, Any] = {}
         opset = 0
         for graph, spec in tqdm(list(specs.items()), desc="ONNX export", disable=not progress):
@@ -425,7 +434,7 @@ def quantize_export(src_dir: str | os.PathLike[str], out_dir: str | os.PathLike[
         raise UserError(f"{src} is already an int8 export")
     target = Path(out_dir).expanduser()
     ensure_writable_dir(target.parent, "output folder")
-    with staged_dir(target) as tmp:
+    with _staged_export(target) as tmp:
         for graph, info in tqdm(list(manifest["graphs"].items()), desc="int8 quantization", disable=not progress):
             if graph in QUANTIZED_GRAPHS:
                 external = info["bytes"] > EXTERNAL_DATA_BYTES

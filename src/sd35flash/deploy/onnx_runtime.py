@@ -26,6 +26,7 @@ import numpy as np
 import torch
 from diffusers.configuration_utils import FrozenDict
 
+from sd35flash.checksums import verify_checksums
 from sd35flash.deploy.onnx_export import (
     GRAPHS,
     MANIFEST,
@@ -197,6 +198,7 @@ def load_onnx_modules(export_dir: str | os.PathLike[str], providers: list[str] |
     (``transformer``, ``vae``, ``text_encoder``, ``text_encoder_2``, ``text_encoder_3``)."""
     folder = Path(export_dir).expanduser()
     manifest = read_manifest(folder)
+    verify_checksums(folder)
     out: dict[str, OrtModel] = {}
     for graph, info in manifest["graphs"].items():
         attr = GRAPHS[graph]

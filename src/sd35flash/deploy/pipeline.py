@@ -6,7 +6,7 @@ Steps, in the order that keeps peak memory low:
 2. load the pipeline directly in the preset's dtype; without T5 its weights are never loaded (the
    T5 tokenizer stays: it fixes the length of the zero block the transformer was trained with); a
    prepared quantized transformer / T5 checkpoint replaces the full-precision one at load time;
-3. build the :class:`~sd35flash.deploy.text_encoders.PromptEncoder` (fingerprint taken before any
+3. build the :class:`~sd35flash.text.encoder.PromptEncoder` (fingerprint taken before any
    encoder is quantized), then quantize T5 to int8 if asked;
 4. quantize the transformer, keeping the layers a sensitivity scan chose when the preset has an
    error budget (the scan's result is cached per transformer fingerprint, method and budget);
@@ -27,7 +27,8 @@ from ..errors import UserError
 from ..paths import cache_root
 from .presets import Preset, check_runnable
 from .quantize import get_method, load_quantized, quantize_module, read_quant_info
-from .text_encoders import PromptEncoder, _hash_module, check_writable, default_cache_dir, quantize_t5
+from ..text.encoder import PromptEncoder, _hash_module, check_writable, default_cache_dir
+from .text_encoders import quantize_t5
 
 __all__ = ["DeployedPipeline", "CALIBRATION_PROMPTS", "load_deployed", "resolve_device"]
 

@@ -3,8 +3,8 @@
 A preset fixes how a model is run, not which model: the precision of the unquantized parts, the
 transformer quantization (with an optional mixed-precision error budget), T5 on / off / int8, what
 happens to the text encoders after encoding, a resolution cap and the backend. The paper ships
-"16-bit with T5" and "8-bit without T5" variants and a 6-bit mobile one (``../shared/METHOD.md``,
-"Pipeline optimisations"); the presets below are those recipes plus an fp32 reference, an fp8 GPU
+"16-bit with T5" and "8-bit without T5" variants and a 6-bit mobile one (``docs/METHOD.md``,
+"Deployment"); the presets below are those recipes plus an fp32 reference, an fp8 GPU
 recipe and an onnxruntime CPU recipe.
 
 Hardware rules (:func:`unsupported_reason`): fp8 needs a CUDA GPU of compute capability >= 8.9;

@@ -27,7 +27,8 @@ eager mode); they save memory. ``torch.compile`` and GPU kernels are where they 
 
 A quantized module is saved as a folder: ``config.json`` (class and config), ``weights.safetensors``
 (torchao's flattened tensor-subclass layout, or quanto's plain state dict, both without pickle) and
-``quantization.json`` (method, the layers left unquantized, library versions). :func:`load_quantized`
+``quantization.json`` (method, the layers left unquantized, library versions), plus
+``checksums.sha256`` (:mod:`sd35flash.checksums`), which :func:`load_quantized` verifies. :func:`load_quantized`
 rebuilds the module on the meta device and assigns the stored tensors, so the full-precision
 weights are never materialised.
 """
@@ -45,6 +46,7 @@ from pathlib import Path
 import torch
 from torch import nn
 
+from ..checksums import verify_folder, write_checksums
 from ..errors import UserError
 from ..io import atomic_write_json, atomic_write_text, staged_dir
 
@@ -305,6 +307,7 @@ def save_quantized(module: nn.Module, folder: str | Path, method: str, kept: Col
         save_file({k: v.detach().cpu() for k, v in tensors.items()}, str(tmp / WEIGHTS_FILE), metadata=meta or None)
         atomic_write_text(tmp / CONFIG_FILE, json.dumps(_config_dict(module), indent=1, default=str))
         atomic_write_json(tmp / QUANT_FILE, info)
+        write_checksums(tmp)
     return folder
 
 
@@ -323,6 +326,7 @@ def load_quantized(folder: str | Path, device: torch.device | str = "cpu") -> nn
 
     folder = Path(folder)
     info = read_quant_info(folder)
+    verify_folder(folder)
     method = info["method"]
     check_supported(method, device)
     cls = _module_classes().get(info["class"])

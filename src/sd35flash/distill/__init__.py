@@ -11,5 +11,7 @@
 - :mod:`.critic`: fake model + heads as one module;
 - :mod:`.real`: the GAN's real side;
 - :mod:`.randomness`: per-step draws independent of the process count;
-- :mod:`.trainer`: the staged runner; :mod:`.export`: the student folder; :mod:`.run`: the command.
+- :mod:`.method`: ``FlowDMD``, the method object (models, optimisers, the losses of each stage);
+- :mod:`.trainer`: the run on the generic loop (hooks, checkpoints); :mod:`.export`: the student folder;
+  :mod:`.run`: the command.
 """

@@ -161,6 +161,33 @@ class SplitConfig:
 
 
 @dataclass
+class MemoryConfig:
+    """How the models of a run are held; ``distill/README.md`` ("Memory") gives the savings.
+
+    ``teacher_dtype``: the frozen teacher transformer in ``fp32``, ``bf16`` or ``fp16`` (inputs cast
+    in, velocities cast back to fp32); student, fake and the text encoders stay as loaded.
+    ``gradient_checkpointing``: recompute the trainable transformers' block activations in backward.
+    ``optimizer``: ``adamw`` (torch) or ``adamw8bit`` (8-bit states: bitsandbytes on CUDA when
+    installed, else torchao's ``AdamW8bit``).
+    ``free_finished_optimizers``: drop an optimiser's state when its stage is over (trajectory
+    guidance's when stage 1 starts, the student's when stage 2 starts).
+    ``ema_device``: ``accelerator`` (with the weights) or ``cpu`` (the EMA copies live in host memory).
+    ``probe_batch``: images generated and decoded at once by probes and sample grids.
+    ``conditioning``: ``live`` encodes every batch's prompts with the text encoders; ``precompute``
+    encodes every prompt the run uses once at the start, then moves the encoders off the device and
+    out of the pipeline until export.
+    """
+
+    teacher_dtype: Literal["fp32", "bf16", "fp16"] = "fp32"
+    gradient_checkpointing: bool = False
+    optimizer: Literal["adamw", "adamw8bit"] = "adamw"
+    free_finished_optimizers: bool = True
+    ema_device: Literal["accelerator", "cpu"] = "accelerator"
+    probe_batch: int = 32
+    conditioning: Literal["live", "precompute"] = "live"
+
+
+@dataclass
 class DistillConfig:
     """Everything one distillation run needs besides the teacher and the output folder.
 
@@ -190,6 +217,7 @@ class DistillConfig:
     collapse_ratio: float = 0.35
     collapse_patience: int = 2
     log_every: int = 10
+    memory: MemoryConfig = field(default_factory=MemoryConfig)
     runtime: RuntimeConfig = field(default_factory=RuntimeConfig)
 
     def validate(self) -> None:
@@ -202,6 +230,7 @@ class DistillConfig:
                 raise ConfigError(f"schedule must hold {self.student_steps} descending times in (0, 1] starting at 1.0, "
                                   f"got {s}")
         for name, v in (("batch_size", self.batch_size), ("trajectory.batch_size", self.trajectory.batch_size),
+                        ("memory.probe_batch", self.memory.probe_batch),
                         ("fake.updates", self.fake.updates), ("trajectory.teacher_steps", self.trajectory.teacher_steps)):
             if v < 1:
                 raise ConfigError(f"{name} must be >= 1, got {v}")

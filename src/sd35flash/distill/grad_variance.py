@@ -26,7 +26,7 @@ import copy
 import json
 import sys
 from collections.abc import Iterable, Sequence
-from dataclasses import asdict, dataclass, replace
+from dataclasses import asdict, dataclass
 from pathlib import Path
 
 import torch
@@ -67,38 +67,38 @@ def gradient_statistics(grads: Iterable[torch.Tensor]) -> GradStats:
     return GradStats(n, trace_cov, sq / n, mean_sq, trace_cov / max(sq / n, 1e-300), cos)
 
 
-def student_gradients(trainer, steps: Sequence[int], sharing: bool) -> Iterable[torch.Tensor]:
+def student_gradients(method, steps: Sequence[int], sharing: bool) -> Iterable[torch.Tensor]:
     """Yield the flattened ``L_dm`` gradient of the student for each step's minibatch, with timestep
-    sharing on or off. The prompt sampler is rewound first, so every call sees the same batches."""
-    state = copy.deepcopy(trainer.prompt_sampler.state_dict())
-    cfg0 = trainer.cfg
-    trainer.cfg = replace(cfg0, dmd=replace(cfg0.dmd, timestep_sharing=sharing))
-    params = [p for p in trainer.student_p.parameters() if p.requires_grad]
+    sharing on or off, through the method's public API (:meth:`FlowDMD.student_loss`). The prompt
+    sampler is rewound first, so every call sees the same batches."""
+    state = copy.deepcopy(method.data_state())
+    params = method.student_parameters()
+    weight = max(method.cfg.dmd.weight, 1e-30)
     try:
-        trainer.prompt_sampler.load_state_dict(state)
+        method.load_data_state(state)
         for step in steps:
             for p in params:
                 p.grad = None
-            loss, _ = trainer.student_loss(step, gan=False)
-            trainer.acc.backward(loss / max(trainer.cfg.dmd.weight, 1e-30))  # L_dm itself
+            loss, _ = method.student_loss(step, gan=False, timestep_sharing=sharing)
+            method.acc.backward(loss / weight)  # L_dm itself
             yield torch.cat([(p.grad if p.grad is not None else torch.zeros_like(p)).flatten() for p in params])
     finally:
         for p in params:
             p.grad = None
-        trainer.cfg = cfg0
-        trainer.prompt_sampler.load_state_dict(state)
+        method.load_data_state(state)
 
 
-def measure(trainer, batches: int = 16, first_step: int = 1_000_000) -> dict[str, dict]:
+def measure(method, batches: int = 16, first_step: int = 1_000_000) -> dict[str, dict]:
     """Both estimators on the same ``batches`` minibatches (step seeds ``first_step ...``, which no
     training run reaches, so the draws are fresh)."""
     steps = list(range(first_step, first_step + batches))
-    return {name: asdict(gradient_statistics(student_gradients(trainer, steps, sharing)))
+    return {name: asdict(gradient_statistics(student_gradients(method, steps, sharing)))
             for name, sharing in (("timestep_sharing", True), ("renoise", False))}
 
 
 def load_trainer(work: Path, checkpoint: int | None = None):
-    """A :class:`DistillTrainer` restored from ``work/checkpoints`` (newest, or ``ckpt-<checkpoint>``)."""
+    """The distillation method (:class:`~sd35flash.distill.method.FlowDMD`) of a run, restored from
+    ``work/checkpoints`` (newest, or ``ckpt-<checkpoint>``), and the checkpoint's step."""
     from ..config import from_dict
     from ..train.checkpoint import CheckpointManager
     from ..train.runtime import make_accelerator
@@ -124,7 +124,7 @@ def load_trainer(work: Path, checkpoint: int | None = None):
         have = ", ".join(p.name for p in ckpts.all()) or "none"
         raise UserError(f"no checkpoint {checkpoint if checkpoint is not None else ''} in {work / 'checkpoints'} "
                         f"(have: {have})")
-    models = DistillModels.load(meta["teacher"])
+    models = DistillModels.load(meta["teacher"], None, cfg.memory.teacher_dtype, cfg.memory.gradient_checkpointing)
     source = load_prompts(meta["prompts"], cfg.num_prompts, seed=cfg.runtime.seed)
     acc = make_accelerator(cfg.runtime, work, log_with=None)
     tid = teacher_identity(meta["teacher"], None)
@@ -134,7 +134,7 @@ def load_trainer(work: Path, checkpoint: int | None = None):
                              progress=False)
     trainer._setup()
     step = trainer.restore(ckpts, path)
-    return trainer, step
+    return trainer.method, step
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -148,10 +148,10 @@ def main(argv: list[str] | None = None) -> int:
     try:
         if args.batches < 2:
             raise UserError("--batches must be >= 2")
-        trainer, step = load_trainer(Path(args.work).expanduser(), args.checkpoint)
-        result = {"work": str(args.work), "checkpoint": step, "batch_size": trainer.cfg.batch_size,
+        method, step = load_trainer(Path(args.work).expanduser(), args.checkpoint)
+        result = {"work": str(args.work), "checkpoint": step, "batch_size": method.cfg.batch_size,
                   "statistic": "relative_variance = trace(Cov[g]) / E||g||^2 over minibatch gradients of L_dm",
-                  **measure(trainer, args.batches)}
+                  **measure(method, args.batches)}
     except UserError as e:
         print(f"error: {e}", file=sys.stderr)
         return 2

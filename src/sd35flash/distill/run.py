@@ -19,15 +19,16 @@ import torch
 from tqdm.auto import tqdm
 
 from ..config import fingerprint, to_dict
-from ..errors import UserError
+from ..errors import NonFiniteError, TrainingAlarm, UserError
 from ..io import atomic_write_json, check_model_output, clean_stale, copy_dir, read_text
 from ..models.branches import PRESPLIT_SUBFOLDER, branch_infos
 from ..models.student_info import SplitInfo
 from ..paths import cache_root
 from ..train.checkpoint import CheckpointManager, read_meta
 from ..train.runtime import make_accelerator
-from .config import DistillConfig
+from .config import DistillConfig, MemoryConfig
 from .export import export_student, student_info
+from .memory_check import check_distill_fits
 from .merge import merged_transformer
 from .models import DistillModels
 from .prompts import PromptSource, load_prompts
@@ -40,23 +41,32 @@ TRAINED = "trained.json"
 
 
 def default_teacher() -> Path:
-    """The teacher ``sd35flash pretrain`` (default preset) caches; UserError if it is not there yet."""
+    """The teacher used when ``--teacher`` is not given: the shipped default teacher (verified against
+    its checksums), else the one ``sd35flash pretrain`` (default preset) cached; UserError if neither."""
+    from ..models.registry import default_teacher as shipped_teacher
+    from ..models.registry import verify_asset
     from ..pretrain.config import load_pretrain_config
     from ..pretrain.run import is_finished, teacher_dir
 
+    shipped = shipped_teacher()
+    if shipped is not None:
+        return verify_asset(shipped)
     folder = teacher_dir(load_pretrain_config("default"), "default") / "pipeline"
     if not is_finished(folder):
-        raise UserError("no --teacher given and no default teacher is cached; run `sd35flash pretrain --out DIR` "
-                        "first, or pass --teacher DIR_OR_HUB_ID")
+        raise UserError("no --teacher given, no teacher is shipped and no default teacher is cached; run "
+                        "`sd35flash pretrain --out DIR` first, or pass --teacher DIR_OR_HUB_ID")
     return folder
 
 
 def work_dir(cfg: DistillConfig, teacher_id: str, prompts: str, out: Path) -> Path:
     """``<cache>/distill/<out name>-<fingerprint>``. A config without stage 2 (``split.steps: 0``)
-    leaves the ``split`` section out of the fingerprint, so its folder is the one earlier versions used."""
+    leaves the ``split`` section out of the fingerprint, and one with the default ``memory`` section
+    leaves that out, so their folders are the ones earlier versions used."""
     conf = to_dict(cfg)
     if cfg.split.steps == 0:
         conf.pop("split")
+    if conf["memory"] == to_dict(MemoryConfig()):
+        conf.pop("memory")
     key = fingerprint({"config": conf, "teacher": teacher_id, "prompts": prompts, "out": str(out)})
     return cache_root() / "distill" / f"{out.name}-{key}"
 
@@ -154,6 +164,8 @@ def trajectory_bank(cfg: DistillConfig, models: DistillModels, source: PromptSou
     schedule = cfg.student_schedule(models.shift)
     settings = {"schedule": schedule, "teacher_steps": tc.teacher_steps, "guidance": cfg.guidance,
                 "shift": models.shift, "seed": cfg.runtime.seed, "shape": list(models.latent_shape())}
+    if cfg.memory.teacher_dtype != "fp32":  # a 16-bit teacher draws other trajectories
+        settings["teacher_dtype"] = cfg.memory.teacher_dtype
     key = cache_key(teacher_id, prompts, settings)
     path = (cache_root() / "trajectories" if tc.cache else work) / f"{key}.pt"
     dev = acc.device
@@ -201,7 +213,7 @@ def split_outputs(cfg: DistillConfig, presplit, branches) -> tuple[SplitInfo, to
 
 def distill(cfg: DistillConfig, teacher: str | None, out: Path, prompts: str = "shapes", revision: str | None = None,
             recipe: str = "", resume: bool = False, progress: bool = True, stop_at: int | None = None,
-            init: str | Path | None = None, from_work: str | Path | None = None) -> Path:
+            init: str | Path | None = None, from_work: str | Path | None = None, force: bool = False) -> Path:
     """Distil ``teacher`` into a ``cfg.student_steps``-step student saved at ``out``; returns ``out``.
 
     With stage 2 (``split.steps > 0``) the folder's ``transformer/`` is the merge of the branches at
@@ -214,7 +226,9 @@ def distill(cfg: DistillConfig, teacher: str | None, out: Path, prompts: str = "
     when it finished, exporting its student to ``out`` without training).
 
     ``out`` is checked before any work starts: it must be writable, and an existing folder is
-    replaced only when it is a model folder or empty.
+    replaced only when it is a model folder or empty. Unless ``force``, a config the training-memory
+    planner says will not fit on the visible devices is refused before anything loads
+    (:func:`.memory_check.check_distill_fits`).
     """
     teacher = str(teacher) if teacher is not None else str(default_teacher())
     out = check_model_output(Path(out).expanduser().resolve())
@@ -227,7 +241,9 @@ def distill(cfg: DistillConfig, teacher: str | None, out: Path, prompts: str = "
         raise UserError(f"--init-from {init} is not a distillation work folder (no config.json); pass the "
                         "folder `sd35flash distill` printed as 'work folder'")
     source = load_prompts(prompts, cfg.num_prompts, seed=cfg.runtime.seed)
-    models = DistillModels.load(teacher, revision)
+    if not force:
+        check_distill_fits(cfg, teacher)
+    models = DistillModels.load(teacher, revision, cfg.memory.teacher_dtype, cfg.memory.gradient_checkpointing)
     cfg.branch_steps(models.shift)  # a split branch without student steps fails here, before any work
     teacher_id = teacher_identity(teacher, revision)
     work = from_work if from_work is not None else work_dir(cfg, teacher_id, prompts, out)
@@ -255,6 +271,7 @@ def distill(cfg: DistillConfig, teacher: str | None, out: Path, prompts: str = "
         branches = trainer.branch_results()
         if acc.is_main_process and not trained:
             atomic_write_json(work / TRAINED, {"step": total_steps(cfg)})
+        models.unpark_encoders()  # export saves the teacher's encoders
         if acc.is_main_process:
             split, merged, extras = None, student, {}
             if branches:
@@ -268,6 +285,8 @@ def distill(cfg: DistillConfig, teacher: str | None, out: Path, prompts: str = "
                 raise UserError(f"{e}; the trained run is kept: export it with the same command and "
                                 f"--out NEW_FOLDER --from-work {work}") from None
         acc.wait_for_everyone()
+    except (TrainingAlarm, NonFiniteError) as exc:
+        raise CheckpointManager(work / "checkpoints").alarm(exc, acc.is_main_process) from None
     finally:
         acc.end_training()
         acc.free_memory()

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import math
+import sys
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -16,6 +18,7 @@ from ..imaging import make_grid, save_png
 from ..io import atomic_write_json, atomic_write_text, to_json
 from ..models.pipeline_io import load_pipeline
 from ..models.branches import param_bytes, resolve_variant, sampling_transformer
+from ..models.registry import settings_for_folder
 from ..models.student_info import read_student_info
 from ..sampling import generate, scheduler_schedule
 from ..world import canonical_prompt, render, split_specs
@@ -44,6 +47,7 @@ class EvalRequest:
     revision: str | None = None
     device: str = "cpu"
     variant: str = "auto"  # split-timestep students: merged | unmerged | presplit (models.branches)
+    schedule: str | None = None  # None (the model's own) | "scheduler" | "uniform" | "1,0.9,0.75,0.5,0"
 
 
 def load_specs(split: str | None, specs_file: str | None, n: int) -> list[SceneSpec]:
@@ -58,19 +62,58 @@ def load_specs(split: str | None, specs_file: str | None, n: int) -> list[SceneS
     return [lines[i % len(lines)] for i in range(n)]
 
 
+def parse_schedule(text: str) -> list[float] | str:
+    """``--schedule``: a keyword (``scheduler`` | ``uniform``) or an explicit list of times
+    ``t_1 > t_2 > ... > t_{K+1} = 0`` with every ``t`` in [0, 1]."""
+    text = text.strip()
+    if text in ("scheduler", "uniform"):
+        return text
+    try:
+        times = [float(x) for x in text.split(",")]
+    except ValueError:
+        raise UserError(f"--schedule {text!r}: expected 'scheduler', 'uniform' or comma-separated numbers "
+                        "such as 1,0.9,0.75,0.5,0") from None
+    if len(times) < 2:
+        raise UserError(f"--schedule {text!r}: needs at least two times (one step), e.g. 1,0")
+    if any(not 0.0 <= t <= 1.0 for t in times):
+        raise UserError(f"--schedule {text!r}: every time must lie in [0, 1]")
+    if any(a <= b for a, b in zip(times, times[1:])):
+        raise UserError(f"--schedule {text!r}: times must be strictly descending")
+    if times[-1] != 0.0:
+        raise UserError(f"--schedule {text!r}: the last time must be 0 (the data end)")
+    return times
+
+
+def apply_schedule(pipe, spec: str, steps: int | None, default_steps: int) -> tuple[list[float], int]:
+    """The schedule ``--schedule spec`` asks for, and its step count (``steps`` must agree with a list)."""
+    parsed = parse_schedule(spec)
+    if isinstance(parsed, list):
+        if steps is not None and steps != len(parsed) - 1:
+            raise UserError(f"--steps {steps} disagrees with --schedule {spec} ({len(parsed) - 1} steps); "
+                            "drop --steps")
+        return parsed, len(parsed) - 1
+    n = steps or default_steps
+    if parsed == "scheduler":
+        return scheduler_schedule(pipe, n), n
+    return flow.sampling_schedule(n, float(pipe.scheduler.config.get("shift", 3.0))), n
+
+
 def resolve_sampling(pipe, model: str, steps: int | None, guidance: float | None) -> tuple[list[float], int, float]:
     """Schedule, steps and guidance: a student's ``sd35flash.json`` supplies its own schedule (when
     ``steps`` is not overridden) and guidance 1.0; a teacher uses its scheduler's own schedule, as
-    the stock pipeline does; a student run at another step count uses shifted uniform steps."""
+    the stock pipeline does, and a shipped teacher's registry entry its recommended steps and
+    guidance; a student run at another step count uses shifted uniform steps."""
     info = read_student_info(model) if Path(model).is_dir() else None
+    shipped = settings_for_folder(model) if info is None and Path(model).is_dir() else None
     shift = float(pipe.scheduler.config.get("shift", 3.0))
     if steps is not None and steps < 1:
         raise UserError(f"--steps must be >= 1, got {steps}")
     if info is not None and (steps is None or steps == info.steps):
         sched = [float(t) for t in info.timesteps] + [0.0]
         return sched, info.steps, info.guidance if guidance is None else guidance
-    steps = steps or (info.steps if info is not None else TEACHER_DEFAULT_STEPS)
-    g = guidance if guidance is not None else (info.guidance if info is not None else TEACHER_DEFAULT_GUIDANCE)
+    steps = steps or (info.steps if info is not None else shipped.steps if shipped else TEACHER_DEFAULT_STEPS)
+    g = guidance if guidance is not None else (info.guidance if info is not None else
+                                               shipped.guidance if shipped else TEACHER_DEFAULT_GUIDANCE)
     sched = flow.sampling_schedule(steps, shift) if info is not None else scheduler_schedule(pipe, steps)
     return sched, steps, g
 
@@ -85,6 +128,8 @@ def evaluate(req: EvalRequest, json_out: str | Path, save_images: str | Path | N
     if pipe is None:
         pipe = load_pipeline(req.model, revision=req.revision, device=req.device)
     schedule, steps, guidance = resolve_sampling(pipe, req.model, req.steps, req.guidance)
+    if req.schedule is not None:
+        schedule, steps = apply_schedule(pipe, req.schedule, req.steps, steps)
     variant = resolve_variant(req.model, req.variant)
     model = sampling_transformer(pipe, req.model, variant)
     prompts = [canonical_prompt(s) for s in specs]
@@ -94,7 +139,7 @@ def evaluate(req: EvalRequest, json_out: str | Path, save_images: str | Path | N
     if encoder is not None:
         encoder.preload(prompts + ([""] if guidance > 1.0 else []))
     with torch.inference_mode():
-        images = generate(pipe, prompts, seeds, schedule, guidance=guidance, use_t5=req.use_t5,
+        images = generate(pipe, prompts, seeds, schedule, guidance=guidance, use_t5=req.use_t5, name=str(req.model),
                           batch_size=req.batch_size, progress=bar.update, transformer=model, encoder=encoder,
                           height=size, width=size)
     seconds = time.perf_counter() - t0
@@ -135,8 +180,23 @@ def evaluate(req: EvalRequest, json_out: str | Path, save_images: str | Path | N
     if save_images is not None:
         write_image_folder(Path(save_images), images, specs, prompts, seeds, verdicts)
         result["images_dir"] = str(save_images)
+    result = finite_json(result)
     atomic_write_json(json_out, result, "evaluation JSON")
     return result
+
+
+def finite_json(value, path: str = ""):
+    """``value`` with every NaN/inf float replaced by ``None`` (JSON ``null``), each named in a
+    one-line warning on stderr, so the file is valid JSON. (Non-finite images never get this far:
+    :func:`~sd35flash.sampling.generate` refuses them.)"""
+    if isinstance(value, float) and not math.isfinite(value):
+        print(f"sd35flash: warning: {path or 'value'} is {value}; written as null", file=sys.stderr)
+        return None
+    if isinstance(value, dict):
+        return {k: finite_json(v, f"{path}.{k}" if path else str(k)) for k, v in value.items()}
+    if isinstance(value, (list, tuple)):
+        return [finite_json(v, f"{path}[{i}]") for i, v in enumerate(value)]
+    return value
 
 
 def write_image_folder(folder: Path, images: np.ndarray, specs, prompts, seeds, verdicts) -> None:

@@ -8,7 +8,10 @@ A model is named either by a local folder (made by ``sd35flash pretrain`` / ``di
 
 Saving is atomic: the pipeline (plus any extra files, such as ``sd35flash.json``) is written into a
 temporary sibling folder which then replaces the target by two renames, so an interrupted save never
-leaves a half-written model folder behind.
+leaves a half-written model folder behind. The last file written is ``checksums.sha256``
+(:mod:`sd35flash.checksums`, ``sha256sum -c`` format); loading a local folder verifies it, and a
+folder without it (a hub download, a stock ``save_pretrained``) gets a size check of its
+safetensors files instead.
 """
 
 from __future__ import annotations
@@ -22,7 +25,9 @@ from typing import Any
 import torch
 from diffusers import StableDiffusion3Pipeline
 
+from sd35flash.checksums import verify_folder, write_checksums
 from sd35flash.errors import UserError
+from sd35flash.faults import fault_point
 from sd35flash.io import check_model_output, staged_dir
 
 __all__ = [
@@ -129,6 +134,7 @@ def load_pipeline(
     if is_local_path(name):
         folder = Path(name).expanduser()
         _check_pipeline_folder(folder, name)
+        verify_folder(folder, name)
         try:
             pipe = StableDiffusion3Pipeline.from_pretrained(folder, **_dtype_kwarg(torch_dtype), **components)
         except (OSError, ValueError, KeyError) as exc:
@@ -188,9 +194,9 @@ def save_pipeline(
     components (e.g. split-timestep branches; ``model_index.json`` does not list them, so stock
     ``from_pretrained`` ignores them).
     The folder is written through :func:`sd35flash.io.staged_dir` (a temporary sibling swapped in
-    when complete), so a failure leaves ``out_dir`` as it was. An existing ``out_dir`` is replaced
-    only when it is a model folder (``model_index.json``) or empty: a user's other files are never
-    deleted. Returns the final path.
+    when complete), with ``checksums.sha256`` written last, so a failure leaves ``out_dir`` as it
+    was. An existing ``out_dir`` is replaced only when it is a model folder (``model_index.json``)
+    or empty: a user's other files are never deleted. Returns the final path.
     """
     target = Path(out_dir).expanduser()
     check_model_output(target, "output folder")
@@ -208,4 +214,6 @@ def save_pipeline(
                 dest.write_bytes(data)
             else:
                 dest.write_text(data, encoding="utf-8")
+        write_checksums(tmp)
+        fault_point("save-pipeline")
     return target

@@ -43,6 +43,7 @@ from dataclasses import asdict, dataclass, field, fields
 from pathlib import Path
 from typing import Any
 
+from sd35flash.checksums import update_checksum
 from sd35flash.errors import UserError
 from sd35flash.io import atomic_write_text
 
@@ -248,7 +249,8 @@ class StudentInfo:
 
 
 def write_student_info(folder: str | os.PathLike[str], info: StudentInfo) -> Path:
-    """Validate ``info`` and write ``folder/sd35flash.json`` atomically (temp file + rename)."""
+    """Validate ``info`` and write ``folder/sd35flash.json`` atomically (temp file + rename), updating
+    the folder's ``checksums.sha256`` when it has one."""
     try:
         info.validate()
     except UserError as exc:
@@ -257,6 +259,7 @@ def write_student_info(folder: str | os.PathLike[str], info: StudentInfo) -> Pat
     if not folder.is_dir():
         raise UserError(f"cannot write {FILENAME}: folder {folder} does not exist")
     path = atomic_write_text(folder / FILENAME, info_to_json(info), FILENAME)
+    update_checksum(folder, FILENAME)
     return path
 
 

@@ -11,7 +11,7 @@ from ..models.toy import ToyConfig
 from ..train.runtime import RuntimeConfig
 
 CONFIG_DIR = Path(__file__).resolve().parent.parent / "configs"
-PRESETS = ("smoke", "quick", "default", "teacher")
+PRESETS = ("smoke", "quick", "default", "teacher", "teacher-gpu")
 #: Bumped when a change to the training code makes old cached teachers stale.
 PRETRAIN_CODE_VERSION = 1
 

@@ -2,7 +2,11 @@
 
 from __future__ import annotations
 
+import multiprocessing
+import os
 import random
+from concurrent.futures import ProcessPoolExecutor
+from contextlib import ExitStack
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -23,10 +27,30 @@ class WorldImages:
 
     @staticmethod
     def build(n: int, seed: int, size: int, progress: bool = True) -> WorldImages:
+        """Render the ``n`` scenes, in parallel over the cores this process may use (each image has its
+        own seed, so the result does not depend on the number of workers)."""
         specs = split_specs("train", n, seed=seed)
-        imgs = np.stack([render(s, seed=seed * 1_000_003 + i, size=size)
-                         for i, s in enumerate(tqdm(specs, desc="render", disable=not progress, leave=False))])
-        return WorldImages(specs, imgs)
+        jobs = [(s, seed * 1_000_003 + i, size) for i, s in enumerate(specs)]
+        workers = min(len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else 1, 16)
+        bar = tqdm(total=n, desc="render", disable=not progress, leave=False)
+        out = []
+        with ExitStack() as stack:
+            if workers > 1 and n >= 2000:
+                # spawn, not fork: the parent may already hold CUDA and torch threads
+                pool = stack.enter_context(ProcessPoolExecutor(workers, mp_context=multiprocessing.get_context("spawn")))
+                images = pool.map(_render_job, jobs, chunksize=256)
+            else:
+                images = map(_render_job, jobs)
+            for im in images:
+                out.append(im)
+                bar.update()
+        bar.close()
+        return WorldImages(specs, np.stack(out))
+
+
+def _render_job(job: tuple[SceneSpec, int, int]) -> np.ndarray:
+    spec, seed, size = job
+    return render(spec, seed=seed, size=size)
 
 
 def images_to_tensor(images: np.ndarray) -> torch.Tensor:

@@ -15,10 +15,11 @@ from .. import flow
 from ..imaging import make_grid, save_png
 from ..models.toy import build_scheduler, build_text_encoders, build_transformer
 from ..sampling import PromptEmbeds, clip_length, drop_encoders, encode_prompts, generate, predict_velocity, scheduler_schedule
-from ..train.alarms import check_finite
-from ..train.checkpoint import CheckpointManager, StopTraining
+from ..train.checkpoint import CheckpointManager
 from ..train.data import EpochSampler
+from ..train.ema import EMAHook
 from ..train.logger import RunLogger
+from ..train.loop import CheckpointHook, PeriodicHook, Stage, TrainLoop, Update
 from ..train.schedules import warmup_cosine
 from ..world import CATEGORIES, all_words, canonical_prompt, judge, split_specs
 from ..world.spec import SceneSpec
@@ -75,7 +76,11 @@ def build_teacher_pipeline(cfg: PretrainConfig, vae: AutoencoderKL) -> StableDif
 
 
 class FlowTrainer:
-    """Rectified-flow training with EMA, periodic sample grids and a judged probe, atomic checkpoints."""
+    """Rectified-flow training on :class:`~sd35flash.train.loop.TrainLoop`: one stage whose update is
+    the flow-matching loss; the EMA, sample grids, the judged probe and checkpoints are hooks.
+
+    Checkpoint layout (kept so that runs in progress resume): the prepared model (transformer + text
+    encoders), optimiser and LR schedule, then the registered EMA and epoch sampler."""
 
     def __init__(self, cfg: PretrainConfig, work_dir: Path, accelerator: Accelerator, progress: bool = True,
                  stop_at: int | None = None) -> None:
@@ -134,41 +139,34 @@ class FlowTrainer:
         ckpt = CheckpointManager(self.dir)
         step = ckpt.load(acc)
         ema.to(acc.device)
+        n_params = sum(p.numel() for p in model.transformer.parameters()) / 1e6
         log = RunLogger(acc, self.dir, "flow", total=fc.steps, start=step, desc="teacher", progress=self.progress)
-        log.write(f"teacher: {sum(p.numel() for p in model.transformer.parameters()) / 1e6:.2f}M transformer "
-                  f"parameters, {len(specs)} training scenes, resuming at step {step}" if step else
-                  f"teacher: {sum(p.numel() for p in model.transformer.parameters()) / 1e6:.2f}M transformer "
-                  f"parameters, {len(specs)} training scenes")
+        log.write(f"teacher: {n_params:.2f}M transformer parameters, {len(specs)} training scenes"
+                  + (f", resuming at step {step}" if step else ""))
         pmodel.train()
-        while step < fc.steps:
+
+        def loss(micro: int) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+            """``L_flow`` on the sampler's next batch."""
             epoch = sampler.epoch
             idx = sampler.next_local(fc.batch_size, acc.process_index, acc.num_processes)
             x0, eps, t, prompts, drop_clip, drop_t5 = self.batch(latents, specs, idx, epoch)
             x_t = flow.interpolate(x0, eps, t)
             with acc.autocast():
                 v = pmodel(x_t, t, prompts, drop_clip, drop_t5)
-            loss = flow_matching_loss(v, x0, eps)
-            acc.backward(loss)
-            gn = acc.clip_grad_norm_(pmodel.parameters(), fc.grad_clip)
-            check_finite(step, **{"teacher loss": loss, "teacher grad norm": gn})
-            opt.step()
-            sched.step()
-            opt.zero_grad(set_to_none=True)
-            ema.step(model.parameters())
-            step += 1
-            log.advance()
-            if step % 25 == 0 or step == fc.steps:
-                log.scalars(step, {"flow/loss": loss.item(), "flow/grad_norm": float(gn), "flow/lr": sched.get_last_lr()[0]})
-            if step % fc.sample_every == 0 or step == fc.steps:
-                self.with_ema(ema, model, lambda: self.sample_grid(pipe, step, log))
-            if fc.probe_every > 0 and (step % fc.probe_every == 0 or step == fc.steps):
-                self.with_ema(ema, model, lambda: self.probe(pipe, step, log))
-            if step % fc.checkpoint_every == 0 or step == fc.steps or step == self.stop_at:
-                ckpt.save(acc, step)
-            if step == self.stop_at and step < fc.steps:
-                log.close(end_training=False)
-                raise StopTraining(f"stopped at step {step} as asked; resume to continue")
-        log.close(end_training=False)
+            value = flow_matching_loss(v, x0, eps)
+            return value, {"flow/loss": value.detach()}
+
+        update = Update(loss, opt, pmodel, fc.grad_clip, "flow/grad_norm", "flow/loss", scheduler=sched,
+                        lr_key="flow/lr")
+        hooks = [EMAHook(ema, model.parameters),
+                 PeriodicHook(fc.sample_every, lambda s, lg: self.with_ema(ema, model, lambda: self.sample_grid(pipe, s, lg))),
+                 PeriodicHook(fc.probe_every, lambda s, lg: self.with_ema(ema, model, lambda: self.probe(pipe, s, lg))),
+                 CheckpointHook(acc, ckpt, fc.checkpoint_every, self.stop_at)]
+        loop = TrainLoop(acc, [Stage("flow", fc.steps, lambda s: [update])], hooks, log_every=25)
+        try:
+            loop.run(step, log)
+        finally:
+            log.close(end_training=False)
         ema.copy_to(model.parameters())
         pipe.to("cpu")
         acc.free_memory()

@@ -13,10 +13,11 @@ import time
 from pathlib import Path
 
 from ..config import to_dict
-from ..errors import UserError
+from ..errors import NonFiniteError, TrainingAlarm, UserError
 from ..io import atomic_write_json, check_model_output, copy_dir, to_json
 from ..models.pipeline_io import MODEL_INDEX, save_pipeline
 from ..paths import cache_root, git_commit
+from ..train.checkpoint import CheckpointManager
 from ..train.runtime import make_accelerator
 from .config import PretrainConfig
 from .flow_trainer import FlowTrainer
@@ -69,12 +70,18 @@ def pretrain(cfg: PretrainConfig, out: Path | None, name: str, resume: bool = Fa
     atomic_write_json(work / "config.json", to_dict(cfg))
     t0 = time.time()
     acc = make_accelerator(cfg.runtime, work)
-    vae = VAETrainer(cfg, work, acc, progress).run()
+    try:
+        vae = VAETrainer(cfg, work, acc, progress).run()
+    except (TrainingAlarm, NonFiniteError) as exc:
+        raise CheckpointManager(work / "vae").alarm(exc, acc.is_main_process) from None
     vae_metrics = json.loads((work / "vae" / "metrics.json").read_text())
     if acc.is_main_process:
         print(f"VAE: PSNR {vae_metrics['psnr']:.2f} dB, judge accuracy on reconstructions "
               f"{vae_metrics['judge_accuracy']:.3f}")
-    pipe = FlowTrainer(cfg, work, acc, progress, stop_at=stop_at).run(vae)
+    try:
+        pipe = FlowTrainer(cfg, work, acc, progress, stop_at=stop_at).run(vae)
+    except (TrainingAlarm, NonFiniteError) as exc:
+        raise CheckpointManager(work / "flow").alarm(exc, acc.is_main_process) from None
     if acc.is_main_process:
         info = {"name": name, "fingerprint": cfg.cache_key(), "commit": git_commit(), "config": to_dict(cfg),
                 "vae": vae_metrics, "train_seconds_this_session": round(time.time() - t0, 1),

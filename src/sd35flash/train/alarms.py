@@ -1,4 +1,8 @@
-"""Alarms: stop training on NaN/inf or collapse instead of silently training on garbage."""
+"""Alarms: stop training on NaN/inf or collapse instead of silently training on garbage.
+
+The messages say what went wrong and when; the caller adds which checkpoint is the last good one
+(:meth:`sd35flash.train.checkpoint.CheckpointManager.alarm`).
+"""
 
 from __future__ import annotations
 
@@ -16,8 +20,7 @@ def check_finite(step: int, **values: float | torch.Tensor) -> None:
         x = float(v.detach().float().item()) if isinstance(v, torch.Tensor) else float(v)
         if not math.isfinite(x):
             raise TrainingAlarm(
-                f"{name} became {x} at step {step}; training stopped and the last good checkpoint is kept "
-                "(lower the learning rate or use --resume from it)"
+                f"{name} became {x} at step {step}; training stopped"
             )
 
 
@@ -46,7 +49,8 @@ class CollapseDetector:
 
     def update(self, step: int, value: float) -> None:
         if not math.isfinite(value):
-            raise TrainingAlarm(f"probe {self.name} became {value} at step {step}; training stopped")
+            self.bad = self.patience
+            raise TrainingAlarm(f"probe {self.name} became {value} at step {step} (NaN/inf samples); training stopped")
         if self.reference is None:
             self.reference = value
             return
@@ -55,8 +59,13 @@ class CollapseDetector:
         if self.bad >= self.patience:
             raise TrainingAlarm(
                 f"samples collapsed: {self.name} fell to {value:.4g} (reference {self.reference:.4g}) at step "
-                f"{step}; training stopped, the last good checkpoint is kept"
+                f"{step}; training stopped"
             )
+
+    @property
+    def healthy(self) -> bool:
+        """Whether the latest probe was fine (no bad probe pending)."""
+        return self.bad == 0
 
     def state_dict(self) -> dict:
         return {"reference": self.reference, "bad": self.bad}

@@ -11,6 +11,8 @@ import numpy as np
 from accelerate import Accelerator
 from tqdm.auto import tqdm
 
+from ..faults import fault_point
+
 
 class RunLogger:
     """Logs scalars to TensorBoard and ``metrics.jsonl``; only the main process writes."""
@@ -30,6 +32,7 @@ class RunLogger:
         self.bar = tqdm(total=total, initial=start, desc=desc or name, disable=not (self.main and progress), dynamic_ncols=True,
                         smoothing=0.05)
         self._t0 = time.time()
+        self.step = start
 
     def scalars(self, step: int, values: dict[str, float], show: bool = True) -> None:
         values = {k: float(v) for k, v in values.items()}
@@ -51,7 +54,10 @@ class RunLogger:
             pass
 
     def advance(self, n: int = 1) -> None:
+        """Count ``n`` finished steps (the fault-injection point ``<name>:<step>``, see :mod:`sd35flash.faults`)."""
         self.bar.update(n)
+        self.step += n
+        fault_point(self.name, self.step)
 
     def write(self, msg: str) -> None:
         if self.main:

@@ -1,0 +1,105 @@
+"""The training curve of a teacher: the judged val probe per category, and the loss, against step.
+
+``python -m sd35flash.evaluate.training_curve SOURCE OUT.png [--json OUT.json]``. SOURCE is a
+``metrics.jsonl`` (``train/logger.py``: ``flow/loss`` every 25 steps, ``probe/<category>`` and
+``probe/overall`` every ``probe_every`` steps), a pretraining work folder (``work/flow/metrics.jsonl``)
+or a pipeline folder that carries ``training/flow-metrics.jsonl`` (snapshots and shipped models).
+A resumed run appends to the file and may log a step twice: the last value of a step wins.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from pathlib import Path
+
+import matplotlib
+
+matplotlib.use("Agg")
+import matplotlib.pyplot as plt  # noqa: E402
+
+from ..errors import UserError  # noqa: E402
+from ..imaging import atomic_write_text  # noqa: E402
+from ..train.logger import read_metrics  # noqa: E402
+
+CANDIDATES = ("flow/metrics.jsonl", "training/flow-metrics.jsonl", "metrics.jsonl")
+
+
+def find_metrics(source: str | Path) -> Path:
+    p = Path(source)
+    if p.is_file():
+        return p
+    for rel in CANDIDATES:
+        if (p / rel).is_file():
+            return p / rel
+    raise UserError(f"{p} holds no training metrics ({', '.join(CANDIDATES)}); pass a metrics.jsonl, a "
+                    "pretraining work folder or a snapshot / shipped model folder")
+
+
+def curves(rows: list[dict]) -> dict[str, list[tuple[int, float]]]:
+    """``{key: [(step, value), ...]}`` for ``flow/loss`` and every ``probe/*`` key, one value per step."""
+    by_key: dict[str, dict[int, float]] = {}
+    for r in rows:
+        for k, v in r.items():
+            if k == "flow/loss" or (k.startswith("probe/") and k != "probe/pixel_std"):
+                by_key.setdefault(k, {})[int(r["step"])] = float(v)
+    return {k: sorted(v.items()) for k, v in sorted(by_key.items())}
+
+
+def plot(series: dict[str, list[tuple[int, float]]], out: Path, title: str) -> Path:
+    fig, (ax_p, ax_l) = plt.subplots(1, 2, figsize=(11, 3.8))
+    for k, pts in series.items():
+        if k.startswith("probe/"):
+            ax_p.plot(*zip(*pts), "o-" if k == "probe/overall" else "-", ms=3,
+                      lw=2.2 if k == "probe/overall" else 1, label=k.split("/", 1)[1])
+    ax_p.set_ylim(0, 1)
+    ax_p.set_xlabel("flow step")
+    ax_p.set_ylabel("judged pass rate (val probe)")
+    ax_p.legend(fontsize=7, loc="upper left")
+    ax_p.grid(alpha=0.3)
+    loss = series.get("flow/loss", [])
+    if loss:
+        steps, vals = zip(*loss)
+        k = max(1, len(vals) // 50)  # moving average over ~2% of the run
+        smooth = [sum(vals[max(0, i - k + 1): i + 1]) / len(vals[max(0, i - k + 1): i + 1]) for i in range(len(vals))]
+        ax_l.plot(steps, vals, lw=0.5, alpha=0.4, color="tab:blue")
+        ax_l.plot(steps, smooth, lw=1.5, color="tab:blue", label=f"flow loss (moving mean of {k})")
+        ax_l.set_yscale("log")
+        ax_l.legend(fontsize=7)
+    ax_l.set_xlabel("flow step")
+    ax_l.grid(alpha=0.3)
+    fig.suptitle(title, fontsize=9)
+    fig.tight_layout()
+    out.parent.mkdir(parents=True, exist_ok=True)
+    tmp = out.with_name(f".{out.stem}.tmp.png")
+    fig.savefig(tmp, dpi=110)
+    plt.close(fig)
+    tmp.replace(out)
+    return out
+
+
+def main(argv: list[str] | None = None) -> int:
+    p = argparse.ArgumentParser(prog="python -m sd35flash.evaluate.training_curve", description=__doc__.splitlines()[0])
+    p.add_argument("source", help="metrics.jsonl, a pretraining work folder or a snapshot / shipped model folder")
+    p.add_argument("out", help="output PNG")
+    p.add_argument("--json", dest="json_out", help="also write the curves as JSON")
+    args = p.parse_args(argv)
+    try:
+        path = find_metrics(args.source)
+        series = curves(read_metrics(path))
+        if not any(k.startswith("probe/") for k in series):
+            raise UserError(f"{path} holds no probe/* scalars yet (the probe runs every probe_every steps)")
+        plot(series, Path(args.out), str(path))
+        if args.json_out:
+            atomic_write_text(args.json_out, json.dumps({"source": str(path), "curves": series}, indent=1))
+    except UserError as e:
+        print(f"training_curve: error: {e}", file=sys.stderr)
+        return 2
+    last = series["probe/overall"][-1] if "probe/overall" in series else None
+    print(f"wrote {args.out}" + (f" (last probe: step {last[0]}, overall {last[1]:.3f})" if last else ""))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
