@@ -317,7 +317,7 @@ def test_prepare_cli_embeddings_trajectories_and_resume(pipe, tiny_dir, tmp_path
     (["--resolution", "48"], "larger than this model's position table allows (32 px"),
     (["--resolution", "20"], "multiple of 8"),
     (["--prompts", "missing.txt"], "prompt file missing.txt does not exist"),
-    (["--teacher", "no-such-folder"], "model folder no-such-folder does not exist"),
+    (["--teacher", "no-such-folder"], "'no-such-folder' is neither an existing folder nor a shipped model"),
     (["--set", "num_promts=3"], "num_promts"),
 ])
 def test_prepare_cli_bad_input(tiny_dir, tmp_path, capsys, monkeypatch, extra, match):

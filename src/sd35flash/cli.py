@@ -288,13 +288,14 @@ def _cmd_pretrain(args) -> int:
     from .pretrain.run import pretrain
 
     cfg = load_pretrain_config(args.preset, args.config)
-    check_model_output(args.out)
     name = Path(args.config).stem if args.config else args.preset
     if args.snapshot:
         from .pretrain.snapshot import snapshot
 
+        check_model_output(args.snapshot, "--snapshot")
         snapshot(cfg, name, Path(args.snapshot))
         return 0
+    check_model_output(args.out)
     out = pretrain(cfg, Path(args.out), name, resume=args.resume, progress=not args.no_progress)
     if int(os.environ.get("RANK", "0")) == 0:
         print(f"teacher ready: {out}")
@@ -394,8 +395,6 @@ def _cmd_distill(args) -> int:
     from .distill.run import distill
 
     cfg = load_distill_config(args.preset, args.config)
-    if args.prompts != "shapes" and not Path(args.prompts).is_file():
-        raise UserError(f"--prompts {args.prompts} is not a file; pass shapes or a text / JSONL prompt file")
     if args.overrides:
         cfg = merge(cfg, parse_overrides(args.overrides), where="--set")
     if args.student_steps is not None:

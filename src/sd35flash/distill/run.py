@@ -240,9 +240,9 @@ def distill(cfg: DistillConfig, teacher: str | None, out: Path, prompts: str = "
     if init is not None and not (Path(init).expanduser() / "config.json").is_file():
         raise UserError(f"--init-from {init} is not a distillation work folder (no config.json); pass the "
                         "folder `sd35flash distill` printed as 'work folder'")
-    source = load_prompts(prompts, cfg.num_prompts, seed=cfg.runtime.seed)
     if not force:
         check_distill_fits(cfg, teacher)
+    source = load_prompts(prompts, cfg.num_prompts, seed=cfg.runtime.seed)
     models = DistillModels.load(teacher, revision, cfg.memory.teacher_dtype, cfg.memory.gradient_checkpointing)
     cfg.branch_steps(models.shift)  # a split branch without student steps fails here, before any work
     teacher_id = teacher_identity(teacher, revision)
