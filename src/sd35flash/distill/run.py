@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import json
 import shutil
+import tempfile
 from pathlib import Path
 
 import torch
@@ -33,6 +34,9 @@ from .real import RealBank, from_renders, from_teacher
 from .trajectory import TrajectoryBank, build_bank, cache_key, load_or_build, teacher_identity
 from .trainer import DistillTrainer
 
+#: The subfolder of a LoRA-mode student folder holding the student adapter alone (``load_lora_weights``).
+LORA_SUBFOLDER = "student_lora"
+
 
 def default_teacher() -> Path:
     """The teacher used when ``--teacher`` is not given: the shipped default teacher (verified against
@@ -54,13 +58,16 @@ def default_teacher() -> Path:
 
 def work_dir(cfg: DistillConfig, teacher_id: str, prompts: str, out: Path) -> Path:
     """``<cache>/distill/<out name>-<fingerprint>``. A config without stage 2 (``split.steps: 0``)
-    leaves the ``split`` section out of the fingerprint, and one with the default ``memory`` section
-    leaves that out, so their folders are the ones earlier versions used."""
+    leaves the ``split`` section out of the fingerprint, one with the default ``memory`` section
+    leaves that out, and one in ``mode: full`` leaves out ``mode`` and ``lora``, so their folders are the ones earlier versions used."""
     conf = to_dict(cfg)
     if cfg.split.steps == 0:
         conf.pop("split")
     if conf["memory"] == to_dict(MemoryConfig()):
         conf.pop("memory")
+    if cfg.mode == "full":
+        conf.pop("mode")
+        conf.pop("lora")
     key = fingerprint({"config": conf, "teacher": teacher_id, "prompts": prompts, "out": str(out)})
     return cache_root() / "distill" / f"{out.name}-{key}"
 
@@ -82,6 +89,9 @@ def init_from(source: Path, work: Path, cfg: DistillConfig, teacher: str, prompt
     mine = {"config": to_dict(cfg), "teacher": teacher, "prompts": prompts}
     for side in (theirs, mine):
         side["config"].pop("split", None)
+        if side["config"].get("mode", "full") == "full":  # folders from before LoRA mode existed
+            side["config"].pop("mode", None)
+            side["config"].pop("lora", None)
         if Path(side["teacher"]).expanduser().exists():
             side["teacher"] = str(Path(side["teacher"]).expanduser().resolve())
     if theirs != mine:
@@ -193,7 +203,8 @@ def distill(cfg: DistillConfig, teacher: str | None, out: Path, prompts: str = "
         raise UserError(f"--out {out} exists and is not a model folder; choose a new folder")
     if not force:
         check_distill_fits(cfg, teacher)
-    models = DistillModels.load(teacher, revision, cfg.memory.teacher_dtype, cfg.memory.gradient_checkpointing)
+    models = DistillModels.load(teacher, revision, cfg.memory.teacher_dtype, cfg.memory.gradient_checkpointing,
+                                lora=cfg.lora if cfg.mode == "lora" else None, lora_seed=cfg.runtime.seed)
     cfg.branch_steps(models.shift)  # a split branch without student steps fails here, before any work
     source = load_prompts(prompts, cfg.num_prompts, seed=cfg.runtime.seed)
     teacher_id = teacher_identity(teacher, revision)
@@ -202,6 +213,8 @@ def distill(cfg: DistillConfig, teacher: str | None, out: Path, prompts: str = "
         raise UserError(f"an unfinished distillation run for this config exists in {work}; pass --resume to "
                         "continue it, or delete that folder to start over")
     acc = make_accelerator(cfg.runtime, work)
+    if cfg.mode == "lora" and acc.num_processes > 1:
+        raise UserError("--mode lora runs on one process; launch it without torchrun (or use --mode full)")
     if acc.is_main_process:
         work.mkdir(parents=True, exist_ok=True)
         if init is not None and not any(work.glob("checkpoints/ckpt-*")):  # with --resume: continue this run
@@ -219,13 +232,16 @@ def distill(cfg: DistillConfig, teacher: str | None, out: Path, prompts: str = "
         branches = trainer.branch_results()
         models.unpark_encoders()  # export saves the teacher's encoders
         if acc.is_main_process:
+            with tempfile.TemporaryDirectory() as tmp:
+                files = {f"{LORA_SUBFOLDER}/{name}": data for name, data in models.adapter_files(student, tmp).items()}
+            student, branches = models.plain(student), [models.plain(b) for b in branches]
             split, merged, extras = None, student, {}
             if branches:
                 split, merged, extras = split_outputs(cfg, student, branches)
             info = student_info(cfg.student_schedule(models.shift), teacher, recipe, needs_t5=cfg.t5_dropout == 0.0,
                                 extra={"config": to_dict(cfg), "prompts": prompts, "world_size": acc.num_processes,
                                        "work_dir": str(work)}, split=split)
-            export_student(models.pipe, merged, out, info, extra_transformers=extras)
+            export_student(models.pipe, merged, out, info, extra_transformers=extras, extra_files=files)
         acc.wait_for_everyone()
     except (TrainingAlarm, NonFiniteError) as exc:
         raise CheckpointManager(work / "checkpoints").alarm(exc, acc.is_main_process) from None

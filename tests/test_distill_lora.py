@@ -1,0 +1,114 @@
+"""``distill --mode lora``: student, fake and split branches are adapters on one frozen base that, with
+the adapters disabled, is exactly the teacher; training moves only the adapters; a LoRA run resumes
+exactly; the fused export loads in stock diffusers, and the adapter alone (``student_lora/``) loaded
+into the teacher with ``load_lora_weights`` reproduces it."""
+
+from __future__ import annotations
+
+import copy
+
+import pytest
+import torch
+from diffusers import SD3Transformer2DModel, StableDiffusion3Pipeline
+
+from sd35flash.cli import main
+from sd35flash.config import merge
+from sd35flash.distill.config import load_distill_config
+from sd35flash.distill.models import DistillModels
+from sd35flash.distill.prompts import load_prompts
+from sd35flash.distill.run import LORA_SUBFOLDER, distill
+from sd35flash.distill.trainer import DistillTrainer
+from sd35flash.models.lora import AdapterView
+from sd35flash.sampling import encode_prompts, predict_velocity
+from sd35flash.train.checkpoint import StopTraining
+from sd35flash.train.runtime import make_accelerator
+
+LORA = {"mode": "lora", "lora": {"rank": 4, "alpha": 4.0}}
+
+
+def _cfg(**over):
+    base = {"trajectory": {"steps": 2}, "student": {"steps": 2}, "split": {"steps": 0}, **LORA}
+    return merge(load_distill_config("smoke"), {**base, **over})
+
+
+def _probe(pipe):
+    g = torch.Generator().manual_seed(3)
+    c = pipe.transformer.config
+    x = torch.randn((2, c.in_channels, c.sample_size, c.sample_size), generator=g)
+    return x, torch.tensor([0.9, 0.4]), encode_prompts(pipe, ["a red circle", "a blue square"], device="cpu")
+
+
+def test_lora_models_share_one_frozen_base_and_train_only_adapters(smoke_teacher, tmp_path):
+    """Teacher = base with adapters disabled; after DMD and split steps the base is bit-identical,
+    student, fake and branch adapters moved, and each has only its own adapter's parameters."""
+    cfg = _cfg(trajectory={"steps": 0}, gan={"enabled": False}, split={"steps": 1}, probe_images=0)
+    torch.manual_seed(0)
+    models = DistillModels.load(str(smoke_teacher), lora=cfg.lora)
+    base = models.pipe.transformer
+    assert models.teacher.base is base and models.student.base is base and models.fake.base is base
+    plain = StableDiffusion3Pipeline.from_pretrained(smoke_teacher).transformer
+    x, t, cond = _probe(models.pipe)
+    with torch.no_grad():
+        assert torch.equal(predict_velocity(models.teacher, x, t, cond), predict_velocity(plain, x, t, cond))
+    frozen = {n: p.detach().clone() for n, p in base.named_parameters() if ".lora_" not in n}
+    names = lambda m: {id(p) for p in m.parameters()}  # noqa: E731
+    assert not list(models.teacher.parameters()) and names(models.student).isdisjoint(names(models.fake))
+    assert all(p.requires_grad for p in models.student.parameters())
+    start = {n: p.detach().clone() for n, p in base.named_parameters() if ".lora_" in n}
+    acc = make_accelerator(cfg.runtime, tmp_path, log_with=None)
+    trainer = DistillTrainer(cfg, models, load_prompts("shapes", cfg.num_prompts, seed=0), tmp_path, acc,
+                             progress=False)
+    student = trainer.run()
+    assert isinstance(student, AdapterView) and student.name == "student"
+    after = dict(base.named_parameters())
+    assert all(torch.equal(after[n], v) for n, v in frozen.items())  # the base never moved
+    moved = {a for n, v in start.items() if not torch.equal(after[n], v) for a in ("student", "fake") if f".{a}." in n}
+    assert moved == {"student", "fake"}
+    assert set(base.peft_config) == {"student", "fake", "branch0", "branch1"}
+    for b, branch in enumerate(trainer.branches):
+        assert branch.name == f"branch{b}" and names(branch).isdisjoint(names(models.student))
+    with torch.no_grad():  # still exactly the teacher with the adapters disabled
+        assert torch.equal(predict_velocity(models.teacher, x, t, cond), predict_velocity(plain, x, t, cond))
+    acc.end_training()
+
+
+@pytest.fixture(scope="module")
+def straight(smoke_teacher, tmp_path_factory):
+    out = tmp_path_factory.mktemp("lora") / "straight"
+    return distill(_cfg(), str(smoke_teacher), out, progress=False)
+
+
+def test_lora_resume_equals_uninterrupted(smoke_teacher, straight, tmp_path):
+    out = tmp_path / "resumed"
+    with pytest.raises(StopTraining):
+        distill(_cfg(), str(smoke_teacher), out, progress=False, stop_at=3)
+    distill(_cfg(), str(smoke_teacher), out, progress=False, resume=True)
+    a = SD3Transformer2DModel.from_pretrained(straight / "transformer").state_dict()
+    b = SD3Transformer2DModel.from_pretrained(out / "transformer").state_dict()
+    assert a.keys() == b.keys() and all(torch.allclose(a[k], b[k], atol=1e-6) for k in a)
+    name = "pytorch_lora_weights.safetensors"
+    from safetensors.torch import load_file
+
+    la, lb = load_file(straight / LORA_SUBFOLDER / name), load_file(out / LORA_SUBFOLDER / name)
+    assert la.keys() == lb.keys() and all(torch.allclose(la[k], lb[k], atol=1e-6) for k in la)
+
+
+def test_lora_export_fused_and_adapter_reproduce_the_student(smoke_teacher, straight):
+    student = StableDiffusion3Pipeline.from_pretrained(straight)  # stock diffusers, no peft layers
+    assert not any(".lora_" in n for n, _ in student.transformer.named_parameters())
+    teacher = StableDiffusion3Pipeline.from_pretrained(smoke_teacher)
+    x, t, cond = _probe(teacher)
+    with torch.no_grad():
+        v_teacher = predict_velocity(teacher.transformer, x, t, cond)
+        v_fused = predict_velocity(student.transformer, x, t, cond)
+    assert not torch.allclose(v_fused, v_teacher, atol=1e-5)  # training moved the student
+    teacher.load_lora_weights(straight / LORA_SUBFOLDER)
+    with torch.no_grad():
+        v_adapter = predict_velocity(teacher.transformer, x, t, cond)
+    assert torch.allclose(v_adapter, v_fused, atol=1e-5)
+
+
+def test_mode_flag_and_bad_lora_settings(smoke_teacher, tmp_path, capsys):
+    assert main(["distill", "--teacher", str(smoke_teacher), "--out", str(tmp_path / "s"), "--preset", "smoke",
+                 "--mode", "lora", "--set", "lora.rank=0", "--no-progress"]) == 2
+    assert "lora needs rank >= 1" in capsys.readouterr().err
