@@ -112,3 +112,31 @@ def test_mode_flag_and_bad_lora_settings(smoke_teacher, tmp_path, capsys):
     assert main(["distill", "--teacher", str(smoke_teacher), "--out", str(tmp_path / "s"), "--preset", "smoke",
                  "--mode", "lora", "--set", "lora.rank=0", "--no-progress"]) == 2
     assert "lora needs rank >= 1" in capsys.readouterr().err
+
+
+def test_lora_with_bf16_base_and_gradient_checkpointing(smoke_teacher, tmp_path):
+    """``memory.teacher_dtype: bf16`` holds the shared base in bf16 (adapters fp32, velocities fp32);
+    with gradient checkpointing on the base, DMD + GAN steps train the adapters and leave the base alone."""
+    cfg = _cfg(trajectory={"steps": 0}, student={"steps": 1}, probe_images=0,
+               memory={"teacher_dtype": "bf16", "gradient_checkpointing": True}, gan={"real": "renders"})
+    models = DistillModels.load(str(smoke_teacher), teacher_dtype="bf16", gradient_checkpointing=True, lora=cfg.lora)
+    base = models.pipe.transformer
+    assert base.gradient_checkpointing and models.fake.gradient_checkpointing
+    assert all(p.dtype == (torch.float32 if ".lora_" in n else torch.bfloat16) for n, p in base.named_parameters())
+    x, t, cond = _probe(models.pipe)
+    with torch.no_grad():
+        assert predict_velocity(models.teacher, x, t, cond).dtype == torch.float32
+    frozen = {n: p.detach().clone() for n, p in base.named_parameters() if ".lora_" not in n}
+    start = [p.detach().clone() for p in models.student.parameters()]
+    acc = make_accelerator(cfg.runtime, tmp_path, log_with=None)
+    from sd35flash.distill.real import from_renders
+
+    source = load_prompts("shapes", cfg.num_prompts, seed=0)
+    size = int(base.config.sample_size) * 2 ** (len(models.pipe.vae.config.block_out_channels) - 1)
+    real = from_renders(models.pipe.vae, source, cfg.gan.num_real, size, seed=7)
+    DistillTrainer(cfg, models, source, tmp_path, acc, real=real, progress=False).run()
+    after = dict(base.named_parameters())
+    assert all(torch.equal(after[n], v) for n, v in frozen.items())
+    assert any(not torch.equal(p, s) for p, s in zip(models.student.parameters(), start))
+    assert all(torch.isfinite(p).all() for p in models.student.parameters())
+    acc.end_training()
