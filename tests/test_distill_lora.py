@@ -140,3 +140,17 @@ def test_lora_with_bf16_base_and_gradient_checkpointing(smoke_teacher, tmp_path)
     assert any(not torch.equal(p, s) for p, s in zip(models.student.parameters(), start))
     assert all(torch.isfinite(p).all() for p in models.student.parameters())
     acc.end_training()
+
+
+def test_cli_mode_lora_with_split_branches(smoke_teacher, tmp_path):
+    """``--mode lora`` through the CLI on the smoke preset (stages 0-2): the branches are adapters, the
+    folder holds the folded branches and their merge, and loads in stock diffusers."""
+    out = tmp_path / "split"
+    assert main(["distill", "--teacher", str(smoke_teacher), "--out", str(out), "--preset", "smoke", "--mode", "lora",
+                 "--set", "lora.rank=4", "--no-progress"]) == 0
+    assert (out / "transformer_branch0").is_dir() and (out / "transformer_branch1").is_dir()
+    assert (out / LORA_SUBFOLDER / "pytorch_lora_weights.safetensors").is_file()
+    pipe = StableDiffusion3Pipeline.from_pretrained(out)
+    b0 = SD3Transformer2DModel.from_pretrained(out / "transformer_branch0")
+    assert not any(".lora_" in n for n, _ in pipe.transformer.named_parameters())
+    assert any(not torch.equal(a, b) for a, b in zip(pipe.transformer.parameters(), b0.parameters()))
