@@ -154,3 +154,21 @@ def test_cli_mode_lora_with_split_branches(smoke_teacher, tmp_path):
     b0 = SD3Transformer2DModel.from_pretrained(out / "transformer_branch0")
     assert not any(".lora_" in n for n, _ in pipe.transformer.named_parameters())
     assert any(not torch.equal(a, b) for a, b in zip(pipe.transformer.parameters(), b0.parameters()))
+
+
+def test_grad_variance_reads_a_lora_run(smoke_teacher, straight):
+    """``grad_variance`` rebuilds a LoRA run's models from its work folder: the student's gradients
+    are its adapter's."""
+    from sd35flash.distill.grad_variance import load_trainer, student_gradients
+    from sd35flash.distill.run import work_dir
+    from sd35flash.distill.trajectory import teacher_identity
+
+    work = work_dir(_cfg(), teacher_identity(str(smoke_teacher), None), "shapes", straight.resolve())
+    trainer, step = load_trainer(work)
+    try:
+        assert step == 4 and isinstance(trainer.student, AdapterView)
+        grads = list(student_gradients(trainer, [7], sharing=True))
+        assert len(grads[0]) == sum(p.numel() for p in trainer.student.parameters())
+        assert torch.isfinite(grads[0]).all() and grads[0].abs().sum() > 0
+    finally:
+        trainer.acc._custom_objects.clear()

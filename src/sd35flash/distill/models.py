@@ -180,6 +180,14 @@ class DistillModels:
         return {f.name: f.read_bytes() for f in sorted(folder.iterdir()) if f.is_file()}
 
     @classmethod
+    def for_config(cls, cfg, teacher: str, revision: str | None = None) -> DistillModels:
+        """The models of distill config ``cfg`` (a :class:`~.config.DistillConfig`): its ``memory``
+        options, and in ``mode: lora`` its ``lora`` settings seeded by ``runtime.seed``."""
+        mem = cfg.memory
+        return cls.load(teacher, revision, mem.teacher_dtype, mem.gradient_checkpointing,
+                        lora=cfg.lora if cfg.mode == "lora" else None, lora_seed=cfg.runtime.seed)
+
+    @classmethod
     def load(cls, teacher: str, revision: str | None = None, teacher_dtype: str = "fp32",
              gradient_checkpointing: bool = False, lora: LoraSettings | None = None,
              lora_seed: int = 0) -> DistillModels:

@@ -203,8 +203,7 @@ def distill(cfg: DistillConfig, teacher: str | None, out: Path, prompts: str = "
         raise UserError(f"--out {out} exists and is not a model folder; choose a new folder")
     if not force:
         check_distill_fits(cfg, teacher)
-    models = DistillModels.load(teacher, revision, cfg.memory.teacher_dtype, cfg.memory.gradient_checkpointing,
-                                lora=cfg.lora if cfg.mode == "lora" else None, lora_seed=cfg.runtime.seed)
+    models = DistillModels.for_config(cfg, teacher, revision)
     cfg.branch_steps(models.shift)  # a split branch without student steps fails here, before any work
     source = load_prompts(prompts, cfg.num_prompts, seed=cfg.runtime.seed)
     teacher_id = teacher_identity(teacher, revision)
