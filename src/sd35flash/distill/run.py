@@ -212,8 +212,6 @@ def distill(cfg: DistillConfig, teacher: str | None, out: Path, prompts: str = "
         raise UserError(f"an unfinished distillation run for this config exists in {work}; pass --resume to "
                         "continue it, or delete that folder to start over")
     acc = make_accelerator(cfg.runtime, work)
-    if cfg.mode == "lora" and acc.num_processes > 1:
-        raise UserError("--mode lora runs on one process; launch it without torchrun (or use --mode full)")
     if acc.is_main_process:
         work.mkdir(parents=True, exist_ok=True)
         if init is not None and not any(work.glob("checkpoints/ckpt-*")):  # with --resume: continue this run
