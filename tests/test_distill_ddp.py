@@ -1,4 +1,4 @@
-"""Two gloo processes (torchrun) give the student one process gives with the same global batch,
+"""Two gloo processes (torchrun) give the student one process gives with the same global batch (full and LoRA mode),
 through every stage (the smoke preset includes split-timestep branches)."""
 
 from __future__ import annotations
@@ -49,3 +49,30 @@ def test_two_processes_match_one(smoke_teacher, tmp_path):
         assert any(not torch.equal(fa[k], teacher[k]) for k in fa)
         for k in fa:
             assert torch.allclose(fa[k], fb[k], atol=1e-5, rtol=1e-4), (sub, k, (fa[k] - fb[k]).abs().max())
+
+
+LORA_SCRIPT = SCRIPT.replace('"student": {"steps": 2},', '"student": {"steps": 1}, "split": {"steps": 1}, "mode": "lora", '
+                             '"lora": {"rank": 4, "alpha": 4.0},')
+
+
+@pytest.mark.timeout(400)
+def test_lora_two_processes_match_one(smoke_teacher, tmp_path):
+    """``mode: lora`` under DDP: the adapter views are what DDP wraps; two processes give the student
+    adapter and the folded transformers one process gives."""
+    assert LORA_SCRIPT != SCRIPT
+    cache = tmp_path / "cache"
+    one, two = tmp_path / "one", tmp_path / "two"
+    _run([sys.executable, "-c", LORA_SCRIPT, str(smoke_teacher), str(one)], cache)
+    _run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2", "--no-python",
+          sys.executable, "-c", LORA_SCRIPT, str(smoke_teacher), str(two)], cache)
+    from safetensors.torch import load_file
+
+    for sub, name in (("transformer", "diffusion_pytorch_model.safetensors"),
+                      ("transformer_branch0", "diffusion_pytorch_model.safetensors"),
+                      ("student_lora", "pytorch_lora_weights.safetensors")):
+        fa, fb = (load_file(str(d / sub / name)) for d in (one, two))
+        assert fa.keys() == fb.keys()
+        for k in fa:
+            assert torch.allclose(fa[k], fb[k], atol=1e-5, rtol=1e-4), (sub, k, (fa[k] - fb[k]).abs().max())
+    lora = load_file(str(one / "student_lora" / "pytorch_lora_weights.safetensors"))
+    assert any(k.endswith("lora_B.weight") and v.abs().sum() > 0 for k, v in lora.items())  # the adapter trained

@@ -188,11 +188,24 @@ class MemoryConfig:
 
 
 @dataclass
+class LoraSettings:
+    """``mode: lora``: rank ``rank`` adapters with scale ``alpha / rank`` on the attention projections
+    named in ``targets`` (suffixes of module names in the SD3 transformer)."""
+
+    rank: int = 16
+    alpha: float = 16.0
+    targets: list[str] = field(default_factory=lambda: ["to_q", "to_k", "to_v", "to_out.0", "add_q_proj",
+                                                        "add_k_proj", "add_v_proj", "to_add_out"])
+
+
+@dataclass
 class DistillConfig:
     """Everything one distillation run needs besides the teacher and the output folder.
 
     ``schedule``: the K student times, descending with ``t_1 = 1`` and without the final 0; empty
     means the METHOD.md default ``flow.sampling_schedule(K, shift)[:-1]`` with the teacher's shift.
+    ``mode``: ``full`` trains full copies of the teacher (student, fake, branches); ``lora`` trains
+    LoRA adapters (``lora``) on one shared frozen base, which with the adapters disabled is the teacher.
     ``t5_dropout``: the rate at which the student's conditioning loses its T5 block (so one student
     serves with and without T5); teacher and fake always see the full conditioning.
     """
@@ -218,6 +231,8 @@ class DistillConfig:
     collapse_patience: int = 2
     log_every: int = 10
     memory: MemoryConfig = field(default_factory=MemoryConfig)
+    mode: Literal["full", "lora"] = "full"
+    lora: LoraSettings = field(default_factory=LoraSettings)
     runtime: RuntimeConfig = field(default_factory=RuntimeConfig)
 
     def validate(self) -> None:
@@ -245,6 +260,9 @@ class DistillConfig:
         if self.gan.enabled and not self.gan.blocks:
             raise ConfigError("gan.blocks must name at least one transformer block when gan.enabled is true")
         self.split.check(self.gan.enabled)
+        if self.lora.rank < 1 or self.lora.alpha <= 0 or not self.lora.targets:
+            raise ConfigError(f"lora needs rank >= 1, alpha > 0 and at least one target, got rank {self.lora.rank}, "
+                              f"alpha {self.lora.alpha}, targets {self.lora.targets}")
 
     def student_schedule(self, shift: float) -> list[float]:
         """The K student times ``t_1 = 1 > ... > t_K`` (no final 0): the configured list, or K

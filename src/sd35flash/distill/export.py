@@ -6,7 +6,10 @@ The folder holds the teacher's VAE, text encoders, tokenizers and scheduler with
 provenance; ``sd35flash eval`` / ``generate`` read the schedule from it. A split-timestep student
 also keeps its branches (``transformer_branch<b>/``) and, optionally, the pre-split student
 (``transformer_presplit/``) as extra subfolders, listed in ``sd35flash.json`` under ``split``;
-``transformer/`` is their merge.
+``transformer/`` is their merge. A student distilled in LoRA mode (``mode: lora``) has its adapter
+folded into ``transformer/`` and also keeps it alone in ``student_lora/``
+(``pytorch_lora_weights.safetensors``): ``StableDiffusion3Pipeline.from_pretrained(teacher)`` then
+``pipe.load_lora_weights(folder / "student_lora")`` is the student (with stage 2, the pre-split one).
 """
 
 from __future__ import annotations
@@ -40,11 +43,13 @@ def _cpu_copy(module: torch.nn.Module) -> torch.nn.Module:
 
 
 def export_student(pipe: StableDiffusion3Pipeline, transformer: torch.nn.Module, out: str | Path,
-                   info: StudentInfo, extra_transformers: dict[str, torch.nn.Module] | None = None) -> Path:
+                   info: StudentInfo, extra_transformers: dict[str, torch.nn.Module] | None = None,
+                   extra_files: dict[str, bytes] | None = None) -> Path:
     """Write ``out`` atomically: ``pipe``'s other components + a copy of ``transformer`` + ``sd35flash.json``
-    (+ ``extra_transformers`` as subfolders: split-timestep branches, the pre-split student)."""
+    (+ ``extra_transformers`` as subfolders: split-timestep branches, the pre-split student; +
+    ``extra_files`` by relative path: a LoRA student's adapter in ``student_lora/``)."""
     components = dict(pipe.components)
     components["transformer"] = _cpu_copy(transformer)
     folder = StableDiffusion3Pipeline(**components)
     extras = {name: _cpu_copy(m) for name, m in (extra_transformers or {}).items()}
-    return save_pipeline(folder, out, extra_files={FILENAME: info_to_json(info)}, extra_models=extras)
+    return save_pipeline(folder, out, extra_files={FILENAME: info_to_json(info), **(extra_files or {})}, extra_models=extras)

@@ -124,7 +124,7 @@ def load_trainer(work: Path, checkpoint: int | None = None):
         have = ", ".join(p.name for p in ckpts.all()) or "none"
         raise UserError(f"no checkpoint {checkpoint if checkpoint is not None else ''} in {work / 'checkpoints'} "
                         f"(have: {have})")
-    models = DistillModels.load(meta["teacher"], None, cfg.memory.teacher_dtype, cfg.memory.gradient_checkpointing)
+    models = DistillModels.for_config(cfg, meta["teacher"])
     source = load_prompts(meta["prompts"], cfg.num_prompts, seed=cfg.runtime.seed)
     acc = make_accelerator(cfg.runtime, work, log_with=None)
     tid = teacher_identity(meta["teacher"], None)

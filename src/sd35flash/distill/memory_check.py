@@ -93,7 +93,7 @@ def setup_for_distill(cfg: Any, arch: Architecture, world: int, device: str | to
         optimizer=_option(cfg, "optimizer", "adamw"),
         teacher_dtype=_option(cfg, "teacher_dtype", "fp32"), compute_dtype=compute,
         ema="cpu" if _option(cfg, "ema_device", "accelerator") == "cpu" else "device",
-        lora_rank=int(_option(cfg, "lora_rank", 64)),
+        lora_rank=int(getattr(getattr(cfg, "lora", None), "rank", 64)),
         encoders="freed" if _option(cfg, "conditioning", "live") == "precompute" else "resident",
         gan=bool(gan.enabled) if gan is not None else True, gan_heads=len(gan.blocks) if gan is not None else 1,
         gan_head_channels=int(gan.head_channels) if gan is not None else 64,
@@ -111,7 +111,7 @@ _SPELLING = {"ema": ("--ema cpu", "--set memory.ema_device=cpu"),
 
 def _candidates(setup: TrainSetup, for_distill: bool = False) -> list[tuple[str, TrainSetup]]:
     """Changes that lower the plan, cheapest first: each alone, then accumulated. ``for_distill``
-    spells them as ``distill`` overrides and leaves out what ``distill`` cannot do yet (LoRA, FSDP2)."""
+    spells them as ``distill`` options and leaves out what ``distill`` cannot do yet (FSDP2)."""
     say = (lambda k: _SPELLING[k][1]) if for_distill else (lambda k: _SPELLING[k][0])
     steps: list[tuple[str, dict[str, Any]]] = []
     if setup.ema == "device":
@@ -120,7 +120,7 @@ def _candidates(setup: TrainSetup, for_distill: bool = False) -> list[tuple[str,
         steps.append((say("optimizer"), {"optimizer": "adamw8bit"}))
     if not setup.gradient_checkpointing:
         steps.append((say("gc"), {"gradient_checkpointing": True}))
-    if setup.mode == "full" and not for_distill:
+    if setup.mode == "full":
         steps.append(("--mode lora", {"mode": "lora", "sharding": "ddp"}))
     out = [(label, dataclasses.replace(setup, **change)) for label, change in steps]
     for n in range(2, len(steps) + 1):  # the first n together
@@ -156,7 +156,7 @@ def check_training_fits(setup: TrainSetup, budget_gib: float, where: str = "this
         advice = f"{fix[0]} would fit ({fix[1]:.3g} GiB)"
     elif for_distill:
         advice = ("none of distill's memory options fits; lower the batch size or the resolution "
-                  "(LoRA and FSDP2 are planned, see `sd35flash plan --train --mode lora`)")
+                  "(FSDP2 is planned, see `sd35flash plan --train --sharding fsdp`)")
     else:
         advice = "no single option fits; lower the batch size or the resolution"
     raise UserError(f"this distillation is planned at {plan['peak_gib']:.3g} GiB per device ({plan['peak_phase']}, "

@@ -42,7 +42,7 @@ from .config import DistillConfig
 from .critic import Critic, split_logits
 from .dmd import dmd_loss, evaluation_point, evaluation_times
 from .fake import fake_flow_loss, fake_input
-from .models import DistillModels, checkpointing_off, params_frozen, trainable_copy
+from .models import DistillModels, checkpointing_off, params_frozen
 from .prompts import PromptSource
 from .randomness import StepRandom
 from .real import RealBank
@@ -146,11 +146,11 @@ class FlowDMD:
         return [self.ema, self.sched_s, self.prompt_sampler, self.tg_sampler, self.real_sampler]
 
     def allocate_branches(self) -> list[EMAModel]:
-        """K branch copies of the student with their optimisers and anchored EMAs, prepared with
+        """K branch copies of the student (LoRA mode: K branch adapters on the shared base) with their optimisers and anchored EMAs, prepared with
         accelerate; returns the EMAs (to register for checkpointing). Their weights are replaced by
         the stage-1 EMA student when stage 2 starts (:meth:`start_branches`)."""
         sp, acc = self.cfg.split, self.acc
-        self.branches = [trainable_copy(self.m.student) for _ in self.ranges]
+        self.branches = [self.m.branch_model(b) for b in range(len(self.ranges))]
         opts = [make_optimizer(b.parameters(), sp.lr, self.cfg.memory.optimizer) for b in self.branches]
         self.branch_emas = [self._ema(b.parameters(), sp.ema_decay, anchored=True) for b in self.branches]
         prepared = acc.prepare(*self.branches, *opts)

@@ -6,6 +6,11 @@
 * **fake**: a trainable copy of the teacher transformer (the proxy of the student's distribution);
 * text encoders and VAE: frozen; prompts are encoded under ``no_grad`` by a conditioning provider
   (:mod:`.conditioning`).
+
+In LoRA mode (``lora`` settings given) student, fake and split branches are instead LoRA adapters on
+the pipeline's transformer, which stays frozen and is shared: each model is an
+:class:`~sd35flash.models.lora.AdapterView` (its parameters are its adapter's), and the teacher is
+the view with every adapter disabled, exactly the base. One copy of the weights serves all of them.
 """
 
 from __future__ import annotations
@@ -17,8 +22,10 @@ from collections.abc import Iterator
 import torch
 from diffusers import StableDiffusion3Pipeline
 
+from ..models.lora import AdapterView, adapter_parameters, add_adapters, fused_copy, save_adapter
 from ..models.pipeline_io import load_pipeline
 from .conditioning import Conditioner
+from .config import LoraSettings
 
 
 def freeze(module: torch.nn.Module) -> torch.nn.Module:
@@ -94,15 +101,25 @@ class DistillModels:
 
     ``teacher_dtype`` other than fp32 casts the teacher transformer after the trainable copies are
     made (they stay in the loaded precision); ``gradient_checkpointing`` switches it on for the
-    student and the fake (and so for branches copied from the student)."""
+    student and the fake (and so for branches copied from the student).
+
+    ``lora`` (LoRA mode): adapters ``student`` and ``fake`` on the shared frozen ``pipe.transformer``;
+    ``teacher_dtype`` then holds the shared base in that dtype (the adapters stay fp32) and
+    ``gradient_checkpointing`` applies to the base; ``lora_seed`` seeds the adapters' initialisation."""
 
     def __init__(self, pipe: StableDiffusion3Pipeline, teacher_dtype: str = "fp32",
-                 gradient_checkpointing: bool = False) -> None:
+                 gradient_checkpointing: bool = False, lora: LoraSettings | None = None, lora_seed: int = 0) -> None:
         self.pipe = pipe
+        self.lora, self.lora_seed = lora, lora_seed
         for name in ("transformer", "vae", *ENCODERS):
             mod = getattr(pipe, name, None)
             if mod is not None:
                 freeze(mod)
+        self.conditioner = Conditioner(pipe)
+        self._parked: dict[str, torch.nn.Module] = {}
+        if lora is not None:
+            self._lora_models(teacher_dtype, gradient_checkpointing)
+            return
         self.student = trainable_copy(pipe.transformer)
         self.fake = trainable_copy(pipe.transformer)
         if gradient_checkpointing:
@@ -110,14 +127,72 @@ class DistillModels:
             self.fake.enable_gradient_checkpointing()
         dtype = DTYPES[teacher_dtype]
         self.teacher = pipe.transformer if dtype == torch.float32 else CastTeacher(pipe.transformer, dtype)
-        self.conditioner = Conditioner(pipe)
-        self._parked: dict[str, torch.nn.Module] = {}
+
+    def _lora_models(self, teacher_dtype: str, gradient_checkpointing: bool) -> None:
+        base = self.pipe.transformer.to(DTYPES[teacher_dtype])
+        self._add_adapters(["student", "fake"])
+        if gradient_checkpointing:
+            base.enable_gradient_checkpointing()
+        self.student = AdapterView(base, "student").train()
+        self.fake = AdapterView(base, "fake").train()
+        self.teacher = AdapterView(base, None)
+
+    def _add_adapters(self, names: list[str]) -> None:
+        """Add adapters ``names`` (fp32) to the shared base; every adapter stays trainable. Their random
+        ``A`` matrices are drawn from a generator seeded by ``lora_seed`` and the number of adapters
+        already there, so two runs of one config start from the same adapters."""
+        lo, base = self.lora, self.pipe.transformer
+        with torch.random.fork_rng(devices=[]):
+            torch.manual_seed(self.lora_seed * 1_000_003 + len(getattr(base, "peft_config", {})))
+            add_adapters(base, names, rank=lo.rank, alpha=lo.alpha, targets=lo.targets)
+        for name in base.peft_config:
+            for p in adapter_parameters(base, name):
+                p.data = p.data.float()
+                p.requires_grad_(True)
+
+    @property
+    def is_lora(self) -> bool:
+        return self.lora is not None
+
+    def branch_model(self, b: int) -> torch.nn.Module:
+        """Split branch ``b``'s trainable model: a copy of the student, or in LoRA mode a fresh adapter
+        ``branch<b>`` on the shared base (its weights are set when stage 2 starts)."""
+        if not self.is_lora:
+            return trainable_copy(self.student)
+        self._add_adapters([f"branch{b}"])
+        return AdapterView(self.pipe.transformer, f"branch{b}").train()
+
+    def plain(self, model: torch.nn.Module) -> torch.nn.Module:
+        """``model`` as a stock diffusers transformer on the CPU: itself in full mode; in LoRA mode the
+        base with ``model``'s adapter folded in (:func:`~sd35flash.models.lora.fused_copy`)."""
+        if not self.is_lora:
+            return model
+        return fused_copy(self.pipe.transformer, model.name).to("cpu", torch.float32)
+
+    def adapter_files(self, model: torch.nn.Module, tmp: str) -> dict[str, bytes]:
+        """In LoRA mode, ``model``'s adapter alone as ``{file name: bytes}`` in the layout
+        ``StableDiffusion3Pipeline.load_lora_weights`` reads; empty in full mode."""
+        if not self.is_lora:
+            return {}
+        from pathlib import Path
+
+        folder = save_adapter(self.pipe.transformer, model.name, Path(tmp))
+        return {f.name: f.read_bytes() for f in sorted(folder.iterdir()) if f.is_file()}
+
+    @classmethod
+    def for_config(cls, cfg, teacher: str, revision: str | None = None) -> DistillModels:
+        """The models of distill config ``cfg`` (a :class:`~.config.DistillConfig`): its ``memory``
+        options, and in ``mode: lora`` its ``lora`` settings seeded by ``runtime.seed``."""
+        mem = cfg.memory
+        return cls.load(teacher, revision, mem.teacher_dtype, mem.gradient_checkpointing,
+                        lora=cfg.lora if cfg.mode == "lora" else None, lora_seed=cfg.runtime.seed)
 
     @classmethod
     def load(cls, teacher: str, revision: str | None = None, teacher_dtype: str = "fp32",
-             gradient_checkpointing: bool = False) -> DistillModels:
+             gradient_checkpointing: bool = False, lora: LoraSettings | None = None,
+             lora_seed: int = 0) -> DistillModels:
         """Load the teacher pipeline (local folder or hub id; one-line errors from ``load_pipeline``)."""
-        return cls(load_pipeline(teacher, revision=revision), teacher_dtype, gradient_checkpointing)
+        return cls(load_pipeline(teacher, revision=revision), teacher_dtype, gradient_checkpointing, lora, lora_seed)
 
     def park_encoders(self) -> None:
         """Move the text encoders to the CPU and out of the pipeline (nothing can encode until

@@ -13,6 +13,7 @@ same teacher, prompts and settings.
 from __future__ import annotations
 
 import json
+import tempfile
 from pathlib import Path
 
 import torch
@@ -38,6 +39,8 @@ from .trainer import DistillTrainer
 
 #: Written in the work folder when training finished (before the export), so a rerun only exports.
 TRAINED = "trained.json"
+#: The subfolder of a LoRA-mode student folder holding the student adapter alone (``load_lora_weights``).
+LORA_SUBFOLDER = "student_lora"
 
 
 def default_teacher() -> Path:
@@ -60,13 +63,16 @@ def default_teacher() -> Path:
 
 def work_dir(cfg: DistillConfig, teacher_id: str, prompts: str, out: Path) -> Path:
     """``<cache>/distill/<out name>-<fingerprint>``. A config without stage 2 (``split.steps: 0``)
-    leaves the ``split`` section out of the fingerprint, and one with the default ``memory`` section
-    leaves that out, so their folders are the ones earlier versions used."""
+    leaves the ``split`` section out of the fingerprint, one with the default ``memory`` section
+    leaves that out, and one in ``mode: full`` leaves out ``mode`` and ``lora``, so their folders are the ones earlier versions used."""
     conf = to_dict(cfg)
     if cfg.split.steps == 0:
         conf.pop("split")
     if conf["memory"] == to_dict(MemoryConfig()):
         conf.pop("memory")
+    if cfg.mode == "full":
+        conf.pop("mode")
+        conf.pop("lora")
     key = fingerprint({"config": conf, "teacher": teacher_id, "prompts": prompts, "out": str(out)})
     return cache_root() / "distill" / f"{out.name}-{key}"
 
@@ -109,6 +115,10 @@ def config_differences(source: Path, cfg: DistillConfig, teacher: str, prompts: 
     for side in (theirs, mine):
         if ignore_split:
             side.get("config", {}).pop("split", None)
+        config = side.get("config", {})
+        if isinstance(config, dict) and config.get("mode", "full") == "full":  # folders from before LoRA mode
+            config.pop("mode", None)
+            config.pop("lora", None)
         if isinstance(side.get("teacher"), str) and Path(side["teacher"]).expanduser().exists():
             side["teacher"] = str(Path(side["teacher"]).expanduser().resolve())
     return _differences(theirs, mine)
@@ -243,7 +253,7 @@ def distill(cfg: DistillConfig, teacher: str | None, out: Path, prompts: str = "
     if not force:
         check_distill_fits(cfg, teacher)
     source = load_prompts(prompts, cfg.num_prompts, seed=cfg.runtime.seed)
-    models = DistillModels.load(teacher, revision, cfg.memory.teacher_dtype, cfg.memory.gradient_checkpointing)
+    models = DistillModels.for_config(cfg, teacher, revision)
     cfg.branch_steps(models.shift)  # a split branch without student steps fails here, before any work
     teacher_id = teacher_identity(teacher, revision)
     work = from_work if from_work is not None else work_dir(cfg, teacher_id, prompts, out)
@@ -273,6 +283,9 @@ def distill(cfg: DistillConfig, teacher: str | None, out: Path, prompts: str = "
             atomic_write_json(work / TRAINED, {"step": total_steps(cfg)})
         models.unpark_encoders()  # export saves the teacher's encoders
         if acc.is_main_process:
+            with tempfile.TemporaryDirectory() as tmp:
+                files = {f"{LORA_SUBFOLDER}/{name}": data for name, data in models.adapter_files(student, tmp).items()}
+            student, branches = models.plain(student), [models.plain(b) for b in branches]
             split, merged, extras = None, student, {}
             if branches:
                 split, merged, extras = split_outputs(cfg, student, branches)
@@ -280,7 +293,7 @@ def distill(cfg: DistillConfig, teacher: str | None, out: Path, prompts: str = "
                                 extra={"config": to_dict(cfg), "prompts": prompts, "world_size": acc.num_processes,
                                        "work_dir": str(work)}, split=split)
             try:
-                export_student(models.pipe, merged, out, info, extra_transformers=extras)
+                export_student(models.pipe, merged, out, info, extra_transformers=extras, extra_files=files)
             except UserError as e:
                 raise UserError(f"{e}; the trained run is kept: export it with the same command and "
                                 f"--out NEW_FOLDER --from-work {work}") from None

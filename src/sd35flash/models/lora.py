@@ -76,12 +76,19 @@ def use_adapter(transformer: torch.nn.Module, name: str | None) -> Iterator[None
 
 class AdapterView(torch.nn.Module):
     """``transformer`` as the model of one adapter (``None``: the base): calling it runs the shared
-    transformer inside :func:`use_adapter`. ``config`` is the transformer's."""
+    transformer inside :func:`use_adapter`. Its parameters are the adapter's ``lora_`` parameters
+    (the same objects the shared transformer holds; none for ``None``), so an optimiser, an EMA or a
+    checkpoint of the view covers the adapter alone. ``config``, ``device``,
+    ``transformer_blocks`` and ``gradient_checkpointing`` are the transformer's.
+
+    A base held in 16-bit (``dtype``) gets its floating inputs cast to that dtype (the timestep stays
+    fp32) and returns the velocity in fp32, like :class:`~sd35flash.distill.models.CastTeacher`."""
 
     def __init__(self, transformer: torch.nn.Module, name: str | None) -> None:
         super().__init__()
         self._base = (transformer,)  # a tuple keeps the shared base out of this module's tree
         self.name = name
+        self.adapter = torch.nn.ParameterList(adapter_parameters(transformer, name) if name is not None else [])
 
     @property
     def base(self) -> torch.nn.Module:
@@ -91,9 +98,37 @@ class AdapterView(torch.nn.Module):
     def config(self):
         return self.base.config
 
+    @property
+    def dtype(self) -> torch.dtype:
+        """fp32: what the view takes and returns, whatever the base is held in."""
+        return torch.float32
+
+    @property
+    def device(self) -> torch.device:
+        return self.base.device
+
+    @property
+    def transformer_blocks(self) -> torch.nn.ModuleList:
+        return self.base.transformer_blocks
+
+    @property
+    def gradient_checkpointing(self) -> bool:
+        return bool(getattr(self.base, "gradient_checkpointing", False))
+
+    @gradient_checkpointing.setter
+    def gradient_checkpointing(self, on: bool) -> None:
+        self.base.gradient_checkpointing = on
+
     def forward(self, *args, **kwargs):
+        dtype = self.base.dtype
+        if dtype != torch.float32:
+            kwargs = {k: v.to(dtype) if torch.is_tensor(v) and v.is_floating_point() and k != "timestep" else v
+                      for k, v in kwargs.items()}
         with use_adapter(self.base, self.name):
-            return self.base(*args, **kwargs)
+            out = self.base(*args, **kwargs)
+        if dtype != torch.float32 and isinstance(out, tuple):
+            return (out[0].float(), *out[1:])
+        return out
 
 
 def fused_copy(transformer: torch.nn.Module, name: str) -> torch.nn.Module:
