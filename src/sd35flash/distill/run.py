@@ -29,7 +29,7 @@ from .memory_check import check_distill_fits
 from .merge import merged_transformer
 from .models import DistillModels
 from .prompts import PromptSource, load_prompts
-from .real import RealBank, from_renders, from_teacher
+from .real import RealBank, RenderBank, from_renders, from_teacher
 from .trajectory import TrajectoryBank, build_bank, cache_key, load_or_build, teacher_identity
 from .trainer import DistillTrainer
 
@@ -89,7 +89,7 @@ def init_from(source: Path, work: Path, cfg: DistillConfig, teacher: str, prompt
         raise UserError(f"--init-from {source} was run with a different config ({', '.join(diff[:5])}); "
                         "only the split section may differ")
     latest = CheckpointManager(source / "checkpoints").latest()
-    end = cfg.trajectory.steps + cfg.student.steps
+    end = cfg.trajectory.steps + cfg.fake.warmup_steps + cfg.student.steps
     if latest is None or int(read_meta(latest)["step"]) != end:
         raise UserError(f"--init-from {source} has no checkpoint at the end of stage 1 (step {end}); finish that "
                         "run first (`sd35flash distill ... --resume`)")
@@ -149,7 +149,7 @@ def trajectory_bank(cfg: DistillConfig, models: DistillModels, source: PromptSou
 
 
 def real_bank(cfg: DistillConfig, models: DistillModels, source: PromptSource, bank: TrajectoryBank | None,
-              acc) -> RealBank | None:
+              acc) -> RealBank | RenderBank | None:
     if not cfg.gan.enabled:
         return None
     if cfg.gan.real == "teacher":
