@@ -273,6 +273,26 @@ def test_recipe_preset_loads():
     cfg = load_distill_config("recipe")
     cfg.validate()
     assert cfg.gan.real == "renders" and cfg.gan.paired and cfg.gan.loss == "softplus"
-    assert cfg.gan.discriminator_weight * cfg.gan.backbone_weight <= 0.01
+    assert cfg.gan.discriminator_weight * cfg.gan.backbone_weight <= 0.01 + 1e-12
     assert cfg.trajectory.loss == "velocity" and cfg.dmd.tau == "below" and cfg.fake.mixture == "uniform_steps"
     assert cfg.fake.lr == cfg.student.lr and cfg.fake.updates >= 4 and cfg.fake.warmup_steps > 0
+
+
+# -- 8. gradient variance along training -----------------------------------------------------------
+def test_grad_variance_is_logged_along_stage_one(smoke_teacher, tmp_path):
+    import json
+
+    from sd35flash.distill.run import distill
+    from sd35flash.paths import cache_root
+
+    cfg = merge(load_distill_config("smoke"), {"trajectory": {"steps": 1}, "student": {"steps": 4},
+                                               "split": {"steps": 0}, "grad_variance_every": 2,
+                                               "grad_variance_batches": 2, "fake": {"warmup_steps": 1}})
+    out = tmp_path / "gradvar-student"
+    distill(cfg, str(smoke_teacher), out, progress=False)
+    (metrics,) = (cache_root() / "distill").glob("gradvar-student-*/metrics.jsonl")
+    rows = [json.loads(x) for x in metrics.read_text().splitlines()]
+    var = {r["step"]: r for r in rows if "gradvar/relative_variance" in r}
+    assert sorted(var) == [4, 6]  # stage 1 is steps 2..6 (after 1 TG and 1 warm-up step)
+    for r in var.values():
+        assert 0.0 < r["gradvar/relative_variance"] <= 1.0 + 1e-9 and -1.0 <= r["gradvar/mean_cosine"] <= 1.0

@@ -230,7 +230,11 @@ class DistillConfig:
     ``schedule``: the K student times, descending with ``t_1 = 1`` and without the final 0; empty
     means the METHOD.md default ``flow.sampling_schedule(K, shift)[:-1]`` with the teacher's shift.
     ``t5_dropout``: the rate at which the student's conditioning loses its T5 block (so one student
-    serves with and without T5); teacher and fake always see the full conditioning.
+    serves with and without T5); teacher and fake see the full conditioning (the fake the student's
+    with ``fake.match_student_conditioning``).
+    ``grad_variance_every``: every N steps of stage 1 (0: never), log the relative variance and mean
+    pairwise cosine of the student's ``L_dm`` gradient over ``grad_variance_batches`` minibatches
+    (``distill/grad_variance.py``) into the run's metrics as ``gradvar/*``.
     """
 
     student_steps: int = 4
@@ -253,6 +257,8 @@ class DistillConfig:
     collapse_ratio: float = 0.35
     collapse_patience: int = 2
     log_every: int = 10
+    grad_variance_every: int = 0
+    grad_variance_batches: int = 4
     memory: MemoryConfig = field(default_factory=MemoryConfig)
     runtime: RuntimeConfig = field(default_factory=RuntimeConfig)
 
@@ -278,6 +284,9 @@ class DistillConfig:
         lo, hi = self.dmd.random_tau_range
         if not 0.0 < lo < hi <= 1.0:
             raise ConfigError(f"dmd.random_tau_range must satisfy 0 < lo < hi <= 1, got {[lo, hi]}")
+        if self.grad_variance_every < 0 or self.grad_variance_batches < 2:
+            raise ConfigError("grad_variance_every must be >= 0 and grad_variance_batches >= 2, got "
+                              f"{self.grad_variance_every} and {self.grad_variance_batches}")
         if self.fake.warmup_steps < 0:
             raise ConfigError(f"fake.warmup_steps must be >= 0, got {self.fake.warmup_steps}")
         if not 0.0 <= self.gan.backbone_weight <= 1.0:
