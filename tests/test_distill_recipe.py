@@ -296,3 +296,31 @@ def test_grad_variance_is_logged_along_stage_one(smoke_teacher, tmp_path):
     assert sorted(var) == [4, 6]  # stage 1 is steps 2..6 (after 1 TG and 1 warm-up step)
     for r in var.values():
         assert 0.0 < r["gradvar/relative_variance"] <= 1.0 + 1e-9 and -1.0 <= r["gradvar/mean_cosine"] <= 1.0
+
+
+# -- 7. scaling curve collection --------------------------------------------------------------------
+def test_scaling_curve_collects_and_plots(tmp_path):
+    import json
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    for (s, b), score, fd in (((300, 16), 0.5, 9.0), ((100, 16), 0.25, 12.0), ((300, 64), 0.75, 7.0)):
+        (tmp_path / f"s{s}-b{b}-test.json").write_text(json.dumps(
+            {"alignment": {"overall": score}, "fd_effnet": fd, "num_images": 400}))
+    (tmp_path / "s100-b16.time.json").write_text(json.dumps({"wall_seconds": 60}))
+    (tmp_path / "teacher-test.json").write_text(json.dumps({"alignment": {"overall": 0.6}, "fd_effnet": 5.0}))
+    script = Path(__file__).resolve().parent.parent / "bench" / "distill_scaling.py"
+    run = subprocess.run([sys.executable, str(script), str(tmp_path), "--teacher-json",
+                          str(tmp_path / "teacher-test.json")], capture_output=True, text=True)
+    assert run.returncode == 0, run.stderr
+    out = json.loads((tmp_path / "scaling.json").read_text())
+    assert [p["samples"] for p in out["points"]] == [1600, 4800, 19200]
+    assert [p["overall"] for p in out["points"]] == [0.25, 0.5, 0.75]
+    assert out["points"][0]["wall_seconds"] == 60 and out["points"][1]["wall_seconds"] is None
+    assert out["teacher"] == {"overall": 0.6, "fd_effnet": 5.0}
+    assert (tmp_path / "scaling.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    empty = tmp_path / "empty"
+    empty.mkdir()
+    bad = subprocess.run([sys.executable, str(script), str(empty)], capture_output=True, text=True)
+    assert bad.returncode == 2 and "no s<S>-b<B>-test.json" in bad.stderr
