@@ -324,3 +324,16 @@ def test_scaling_curve_collects_and_plots(tmp_path):
     empty.mkdir()
     bad = subprocess.run([sys.executable, str(script), str(empty)], capture_output=True, text=True)
     assert bad.returncode == 2 and "no s<S>-b<B>-test.json" in bad.stderr
+
+
+def test_recipe_preset_trains_end_to_end_on_a_tiny_budget(smoke_teacher, tmp_path):
+    from sd35flash.distill.run import distill
+
+    cfg = merge(load_distill_config("recipe"), {
+        "batch_size": 4, "num_prompts": 16, "probe_images": 4, "probe_every": 0, "sample_every": 0,
+        "log_every": 1, "checkpoint_every": 100, "grad_variance_every": 0,
+        "trajectory": {"steps": 1, "teacher_steps": 8, "num_trajectories": 4, "batch_size": 4},
+        "fake": {"warmup_steps": 1, "updates": 2}, "student": {"steps": 2, "warmup": 1},
+        "gan": {"blocks": [0, -1], "head_channels": 16}, "split": {"steps": 1}})
+    out = distill(cfg, str(smoke_teacher), tmp_path / "recipe-student", progress=False)
+    assert (out / "model_index.json").is_file()
