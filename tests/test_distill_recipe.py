@@ -337,3 +337,14 @@ def test_recipe_preset_trains_end_to_end_on_a_tiny_budget(smoke_teacher, tmp_pat
         "gan": {"blocks": [0, -1], "head_channels": 16}, "split": {"steps": 1}})
     out = distill(cfg, str(smoke_teacher), tmp_path / "recipe-student", progress=False)
     assert (out / "model_index.json").is_file()
+
+
+def test_gan_needs_specs_for_renders_and_existing_blocks(models, source):
+    from sd35flash.distill.run import check_gan
+
+    renders = _cfg()
+    check_gan(renders, models, source)
+    with pytest.raises(ConfigError, match="gan.real: renders needs --prompts shapes"):
+        check_gan(renders, models, PromptSource("file", ["a cat", "a dog"]))
+    with pytest.raises(ConfigError, match="gan.blocks index 3 is outside"):
+        check_gan(_cfg(gan={"blocks": [3]}), models, source)

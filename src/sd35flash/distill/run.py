@@ -17,12 +17,13 @@ import torch
 from tqdm.auto import tqdm
 
 from ..config import fingerprint, to_dict
-from ..errors import NonFiniteError, TrainingAlarm, UserError
+from ..errors import ConfigError, NonFiniteError, TrainingAlarm, UserError
 from ..models.branches import PRESPLIT_SUBFOLDER, branch_infos
 from ..models.student_info import SplitInfo
 from ..paths import cache_root
 from ..train.checkpoint import CheckpointManager, read_meta
 from ..train.runtime import make_accelerator
+from .adversarial import resolve_blocks
 from .config import DistillConfig, MemoryConfig
 from .export import export_student, student_info
 from .memory_check import check_distill_fits
@@ -148,6 +149,19 @@ def trajectory_bank(cfg: DistillConfig, models: DistillModels, source: PromptSou
     return load_or_build(path, build)[0]
 
 
+def check_gan(cfg: DistillConfig, models: DistillModels, source: PromptSource) -> None:
+    """Before any work: ``gan.blocks`` must exist in the teacher, and ``gan.real: renders`` needs specs."""
+    if not cfg.gan.enabled:
+        return
+    try:
+        resolve_blocks(cfg.gan.blocks, len(models.teacher.transformer_blocks))
+    except ValueError as e:
+        raise ConfigError(f"{e}; choose gan.blocks within it") from None
+    if cfg.gan.real == "renders" and source.specs is None:
+        raise ConfigError("gan.real: renders needs --prompts shapes (a prompt file has no scenes to render); "
+                          "use gan.real: teacher")
+
+
 def real_bank(cfg: DistillConfig, models: DistillModels, source: PromptSource, bank: TrajectoryBank | None,
               acc) -> RealBank | RenderBank | None:
     if not cfg.gan.enabled:
@@ -196,6 +210,7 @@ def distill(cfg: DistillConfig, teacher: str | None, out: Path, prompts: str = "
     models = DistillModels.load(teacher, revision, cfg.memory.teacher_dtype, cfg.memory.gradient_checkpointing)
     cfg.branch_steps(models.shift)  # a split branch without student steps fails here, before any work
     source = load_prompts(prompts, cfg.num_prompts, seed=cfg.runtime.seed)
+    check_gan(cfg, models, source)
     teacher_id = teacher_identity(teacher, revision)
     work = work_dir(cfg, teacher_id, prompts, out)
     if any(work.glob("checkpoints/ckpt-*")) and not resume:
