@@ -63,7 +63,8 @@ def plot(points: list[dict], teacher: dict | None, path: Path) -> None:
         ax.set_xscale("log")
         ax.set_xlabel("student updates x batch (samples)")
         ax.set_ylabel(name)
-        ax.legend(fontsize=8)
+        if ax.get_legend_handles_labels()[0]:
+            ax.legend(fontsize=8)
     fig.tight_layout()
     tmp = path.with_name(f".{path.name}.tmp.png")
     fig.savefig(tmp, dpi=120)
