@@ -154,7 +154,7 @@ def check_gan(cfg: DistillConfig, models: DistillModels, source: PromptSource) -
     if not cfg.gan.enabled:
         return
     try:
-        resolve_blocks(cfg.gan.blocks, len(models.teacher.transformer_blocks))
+        resolve_blocks(cfg.gan.blocks, len(models.fake.transformer_blocks))
     except ValueError as e:
         raise ConfigError(f"{e}; choose gan.blocks within it") from None
     if cfg.gan.real == "renders" and source.specs is None:
