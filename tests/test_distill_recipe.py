@@ -348,3 +348,18 @@ def test_gan_needs_specs_for_renders_and_existing_blocks(models, source):
         check_gan(renders, models, PromptSource("file", ["a cat", "a dog"]))
     with pytest.raises(ConfigError, match="gan.blocks index 3 is outside"):
         check_gan(_cfg(gan={"blocks": [3]}), models, source)
+
+
+def test_recipe_options_at_their_defaults_keep_the_work_folder(tmp_path):
+    from sd35flash.config import fingerprint, to_dict
+    from sd35flash.distill.run import RECIPE_KEYS, work_dir
+
+    cfg = load_distill_config("default")  # split on, memory at its defaults
+    folder = work_dir(cfg, "t", "shapes", tmp_path / "s")
+    conf = {k: v for k, v in to_dict(cfg).items() if k != "memory"}
+    for section, keys in RECIPE_KEYS.items():
+        for k in keys:
+            (conf if section == "" else conf[section]).pop(k)
+    assert folder.name == "s-" + fingerprint({"config": conf, "teacher": "t", "prompts": "shapes",
+                                              "out": str(tmp_path / "s")})
+    assert work_dir(merge(cfg, {"dmd": {"tau": "below"}}), "t", "shapes", tmp_path / "s") != folder

@@ -16,7 +16,7 @@ from pathlib import Path
 import torch
 from tqdm.auto import tqdm
 
-from ..config import fingerprint, to_dict
+from ..config import fingerprint, from_dict, to_dict
 from ..errors import ConfigError, NonFiniteError, TrainingAlarm, UserError
 from ..models.branches import PRESPLIT_SUBFOLDER, branch_infos
 from ..models.student_info import SplitInfo
@@ -53,15 +53,27 @@ def default_teacher() -> Path:
     return folder
 
 
+RECIPE_KEYS = {"": ["grad_variance_every", "grad_variance_batches"], "trajectory": ["loss"], "dmd": ["tau"],
+               "fake": ["warmup_steps", "mixture", "match_student_conditioning"],
+               "gan": ["backbone_weight", "pool", "loss", "tau", "reinit", "paired"]}
+
+
 def work_dir(cfg: DistillConfig, teacher_id: str, prompts: str, out: Path) -> Path:
     """``<cache>/distill/<out name>-<fingerprint>``. A config without stage 2 (``split.steps: 0``)
-    leaves the ``split`` section out of the fingerprint, and one with the default ``memory`` section
-    leaves that out, so their folders are the ones earlier versions used."""
+    leaves the ``split`` section out of the fingerprint, one with the default ``memory`` section
+    leaves that out, and so do the recipe options (``RECIPE_KEYS``) at their defaults, so their
+    folders are the ones earlier versions used."""
     conf = to_dict(cfg)
     if cfg.split.steps == 0:
         conf.pop("split")
     if conf["memory"] == to_dict(MemoryConfig()):
         conf.pop("memory")
+    defaults = to_dict(DistillConfig())
+    for section, keys in RECIPE_KEYS.items():
+        for k in keys:
+            sub = conf if section == "" else conf[section]
+            if sub.get(k) == (defaults if section == "" else defaults[section])[k]:
+                sub.pop(k)
     key = fingerprint({"config": conf, "teacher": teacher_id, "prompts": prompts, "out": str(out)})
     return cache_root() / "distill" / f"{out.name}-{key}"
 
@@ -80,6 +92,7 @@ def init_from(source: Path, work: Path, cfg: DistillConfig, teacher: str, prompt
     if cfg.split.steps == 0:
         raise UserError("--init-from starts stage 2 from a finished stage 1; this config has split.steps 0")
     theirs = json.loads((source / "config.json").read_text())
+    theirs["config"] = to_dict(from_dict(DistillConfig, theirs["config"], where=str(source / "config.json")))
     mine = {"config": to_dict(cfg), "teacher": teacher, "prompts": prompts}
     for side in (theirs, mine):
         side["config"].pop("split", None)
