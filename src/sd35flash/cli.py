@@ -106,7 +106,7 @@ def build_parser() -> argparse.ArgumentParser:
     ds.add_argument("--revision", help="hub revision of --teacher")
     ds.add_argument("--out", required=True, help="folder for the student SD3 pipeline (+ sd35flash.json)")
     ds.add_argument("--student-steps", type=int, choices=(1, 2, 4), help="student steps K (default: the config's)")
-    ds.add_argument("--preset", default="default", help="smoke | quick | default")
+    ds.add_argument("--preset", default="default", help="smoke | quick | default | recipe")
     ds.add_argument("--config", help="a YAML distill config instead of a preset")
     ds.add_argument("--prompts", default="shapes", help="shapes (default) or a text / JSONL prompt file")
     ds.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",

@@ -7,6 +7,9 @@ that outputs logits (one per grid cell for ``conv``, per token for ``linear``). 
 * discriminator: ``L_D = mean(relu(1 - D(real))) + mean(relu(1 + D(fake)))``;
 * generator: ``L_G = -mean(D(fake))``.
 
+or the non-saturating softplus loss, ``L_D = mean(softplus(-D(real))) + mean(softplus(D(fake)))`` and
+``L_G = mean(softplus(-D(fake)))``. A pooled head averages its logits to one per sample.
+
 Each head is re-initialised with probability ``p`` per step (NitroFusion's trick against
 discriminator over-fitting), with its optimiser state cleared.
 """
@@ -73,9 +76,9 @@ class DiscHead(torch.nn.Module):
     """``conv``: 3x3 conv -> GroupNorm -> SiLU -> 1x1 conv to one logit per cell; ``linear``: LayerNorm
     -> Linear -> SiLU -> Linear to one logit per token."""
 
-    def __init__(self, dim: int, channels: int, kind: str) -> None:
+    def __init__(self, dim: int, channels: int, kind: str, pool: bool = False) -> None:
         super().__init__()
-        self.kind = kind
+        self.kind, self.pool = kind, pool
         if kind == "conv":
             self.net = torch.nn.Sequential(
                 torch.nn.Conv2d(dim, channels, 3, padding=1), torch.nn.GroupNorm(math.gcd(32, channels), channels),
@@ -85,9 +88,12 @@ class DiscHead(torch.nn.Module):
                                            torch.nn.Linear(channels, 1))
 
     def forward(self, tokens: torch.Tensor) -> torch.Tensor:
+        """Logits (B, cells), or (B, 1) averaged over the cells when pooled."""
         if self.kind == "conv":
-            return self.net(tokens_to_grid(tokens.float())).flatten(1)
-        return self.net(tokens.float()).flatten(1)
+            out = self.net(tokens_to_grid(tokens.float())).flatten(1)
+        else:
+            out = self.net(tokens.float()).flatten(1)
+        return out.mean(dim=1, keepdim=True) if self.pool else out
 
     def reset_parameters(self) -> None:
         for m in self.modules():
@@ -98,9 +104,9 @@ class DiscHead(torch.nn.Module):
 class Discriminator(torch.nn.Module):
     """One :class:`DiscHead` per hooked block; ``forward`` maps the block features to logits per head."""
 
-    def __init__(self, dim: int, n_heads: int, channels: int, kind: str) -> None:
+    def __init__(self, dim: int, n_heads: int, channels: int, kind: str, pool: bool = False) -> None:
         super().__init__()
-        self.heads = torch.nn.ModuleList(DiscHead(dim, channels, kind) for _ in range(n_heads))
+        self.heads = torch.nn.ModuleList(DiscHead(dim, channels, kind, pool) for _ in range(n_heads))
 
     def forward(self, features: Sequence[torch.Tensor]) -> list[torch.Tensor]:
         return [h(f) for h, f in zip(self.heads, features)]
@@ -115,6 +121,36 @@ def hinge_d_loss(real: Sequence[torch.Tensor], fake: Sequence[torch.Tensor]) -> 
 def hinge_g_loss(fake: Sequence[torch.Tensor]) -> torch.Tensor:
     """``L_G = -mean_heads mean(D(fake))``."""
     return -torch.stack([f.mean() for f in fake]).mean()
+
+
+def softplus_d_loss(real: Sequence[torch.Tensor], fake: Sequence[torch.Tensor]) -> torch.Tensor:
+    """``L_D = mean_heads [mean(softplus(-D(real))) + mean(softplus(D(fake)))]`` (non-saturating)."""
+    terms = [F.softplus(-r).mean() + F.softplus(f).mean() for r, f in zip(real, fake)]
+    return torch.stack(terms).mean()
+
+
+def softplus_g_loss(fake: Sequence[torch.Tensor]) -> torch.Tensor:
+    """``L_G = mean_heads mean(softplus(-D(fake)))`` (non-saturating)."""
+    return torch.stack([F.softplus(-f).mean() for f in fake]).mean()
+
+
+def d_loss(kind: str, real: Sequence[torch.Tensor], fake: Sequence[torch.Tensor]) -> torch.Tensor:
+    """The discriminator loss of ``gan.loss`` (``hinge`` or ``softplus``)."""
+    return softplus_d_loss(real, fake) if kind == "softplus" else hinge_d_loss(real, fake)
+
+
+def g_loss(kind: str, fake: Sequence[torch.Tensor]) -> torch.Tensor:
+    """The generator loss of ``gan.loss`` (``hinge`` or ``softplus``)."""
+    return softplus_g_loss(fake) if kind == "softplus" else hinge_g_loss(fake)
+
+
+def reinit_draws(n_heads: int, mode: str, draw) -> list[float]:
+    """Per-head draws for :func:`reinit_heads` from ``draw()`` (uniform [0, 1)): ``each``, one per
+    head; ``one``, one draw decides whether, another which head (the others get 1.0, never)."""
+    if mode == "each":
+        return [draw() for _ in range(n_heads)]
+    u, which = draw(), min(int(draw() * n_heads), n_heads - 1)
+    return [u if h == which else 1.0 for h in range(n_heads)]
 
 
 @torch.no_grad()

@@ -16,7 +16,7 @@ from ..errors import ConfigError, UserError
 from ..train.runtime import RuntimeConfig
 
 CONFIG_DIR = Path(__file__).resolve().parent.parent / "configs"
-PRESETS = ("smoke", "quick", "default")
+PRESETS = ("smoke", "quick", "default", "recipe")
 STUDENT_STEPS = (1, 2, 4)
 
 
@@ -24,6 +24,9 @@ STUDENT_STEPS = (1, 2, 4)
 class TrajectoryConfig:
     """Stage 0, trajectory guidance (TG): regress each student step onto the teacher's ODE.
 
+    ``loss``: ``x`` compares the Euler step's end state with the teacher's (each step weighted by
+    ``dt^2``); ``velocity`` compares the velocity with the teacher's chord ``(x_{t_{i+1}} - x_{t_i}) / dt``
+    (every step weighted equally; per step exactly the ``x`` loss divided by ``dt^2``).
     ``teacher_steps`` N must be a multiple of the student's K so that the teacher's shifted-uniform
     N-step schedule passes exactly through every student time. ``num_trajectories`` teacher CFG
     trajectories are generated once and cached on disk (keyed by teacher, prompts and settings).
@@ -35,6 +38,7 @@ class TrajectoryConfig:
     lr: float = 1e-4
     batch_size: int = 16
     cache: bool = True
+    loss: Literal["x", "velocity"] = "x"
 
 
 @dataclass
@@ -43,23 +47,38 @@ class DMDConfig:
     student's own line at a shared timestep; ``false`` is vanilla DMD re-noising with a random
     ``tau`` in ``random_tau_range`` and fresh noise. ``last_step``: what the last student step does
     when no shared timestep lies below ``t_K``: ``renoise`` (fresh noise at a shared timestep from
-    ``t_2..t_K``; random ``tau`` when K = 1) or ``midpoint`` (stay on the line at ``t_K / 2``)."""
+    ``t_2..t_K``; random ``tau`` when K = 1) or ``midpoint`` (stay on the line at ``t_K / 2``).
+    ``tau`` (with sharing): ``next`` evaluates step ``i`` at ``t_{i+1}`` (the last step as ``last_step``
+    says); ``below`` draws ``tau`` uniformly in ``(lo, t_i)`` on the student's line for every step
+    (``lo`` from ``random_tau_range``), so the last step is read at low noise too."""
 
     weight: float = 1.0
     timestep_sharing: bool = True
     last_step: Literal["renoise", "midpoint"] = "renoise"
+    tau: Literal["next", "below"] = "next"
     random_tau_range: tuple[float, float] = (0.02, 0.98)
 
 
 @dataclass
 class FakeConfig:
     """The fake velocity model: flow matching on detached student samples, ``updates`` per student
-    update (two time-scale update rule)."""
+    update (two time-scale update rule).
+
+    ``warmup_steps``: steps of critic updates alone (``updates`` each, the student frozen) between
+    trajectory guidance and stage 1, so the fake first learns the guided student.
+    ``mixture``: ``shared`` trains the fake at the DMD evaluation time of the sample's student step;
+    ``uniform_steps`` on the ``x0`` predictions of uniformly drawn student steps at ``tau`` uniform
+    in ``dmd.random_tau_range``, independent of the step.
+    ``match_student_conditioning``: the fake (trained and queried) sees the student's conditioning,
+    T5 dropped where the student's is; otherwise the full conditioning, like the teacher."""
 
     updates: int = 2
     lr: float = 1e-4
     weight: float = 1.0
     grad_clip: float = 1.0
+    warmup_steps: int = 0
+    mixture: Literal["shared", "uniform_steps"] = "shared"
+    match_student_conditioning: bool = False
 
 
 @dataclass
@@ -70,7 +89,18 @@ class GANConfig:
     ``conv`` (3x3 conv, GroupNorm, SiLU, 1x1 conv: a logit per latent cell) or ``linear`` (a logit
     per token). ``real``: ``teacher`` (the cached teacher samples of the trajectory stage) or
     ``renders`` (shapes-world renders encoded by the VAE). ``backbone_grad``: whether the
-    discriminator loss also trains the fake model's blocks under the hooks (as DMD2 does)."""
+    discriminator loss also trains the fake model's blocks under the hooks (as DMD2 does), its
+    gradient there scaled by ``backbone_weight`` (so the backbone sees the D loss at
+    ``discriminator_weight * backbone_weight``; the heads at ``discriminator_weight``).
+    ``pool``: average each head's logits to one per sample. ``loss``: ``hinge`` or ``softplus``
+    (non-saturating: ``L_D = softplus(-D(real)) + softplus(D(fake))``, ``L_G = softplus(-D(fake))``).
+    ``tau``: the noise level of the discriminator's real and fake inputs in the critic step:
+    ``shared`` (the fake's flow-matching tau) or ``uniform`` (``U(random_tau_range)`` of ``dmd``).
+    ``reinit``: ``each`` re-initialises every head with probability ``reinit_prob``; ``one`` picks one
+    head at random with that probability.
+    ``paired``: the critic step draws its batch from the real bank and makes the fake side's student
+    samples for the same prompts. ``num_real``: real samples for ``renders`` (0: every training
+    spec, rendered and encoded lazily when first drawn, then cached)."""
 
     enabled: bool = True
     blocks: list[int] = field(default_factory=lambda: [-1])
@@ -82,6 +112,12 @@ class GANConfig:
     real: Literal["teacher", "renders"] = "teacher"
     num_real: int = 256
     backbone_grad: bool = True
+    backbone_weight: float = 1.0
+    pool: bool = False
+    loss: Literal["hinge", "softplus"] = "hinge"
+    tau: Literal["shared", "uniform"] = "shared"
+    reinit: Literal["each", "one"] = "each"
+    paired: bool = False
 
 
 @dataclass
@@ -207,7 +243,11 @@ class DistillConfig:
     ``mode``: ``full`` trains full copies of the teacher (student, fake, branches); ``lora`` trains
     LoRA adapters (``lora``) on one shared frozen base, which with the adapters disabled is the teacher.
     ``t5_dropout``: the rate at which the student's conditioning loses its T5 block (so one student
-    serves with and without T5); teacher and fake always see the full conditioning.
+    serves with and without T5); teacher and fake see the full conditioning (the fake the student's
+    with ``fake.match_student_conditioning``).
+    ``grad_variance_every``: every N steps of stage 1 (0: never), log the relative variance and mean
+    pairwise cosine of the student's ``L_dm`` gradient over ``grad_variance_batches`` minibatches
+    (``distill/grad_variance.py``) into the run's metrics as ``gradvar/*``.
     """
 
     student_steps: int = 4
@@ -230,6 +270,8 @@ class DistillConfig:
     collapse_ratio: float = 0.35
     collapse_patience: int = 2
     log_every: int = 10
+    grad_variance_every: int = 0
+    grad_variance_batches: int = 4
     memory: MemoryConfig = field(default_factory=MemoryConfig)
     mode: Literal["full", "lora"] = "full"
     lora: LoraSettings = field(default_factory=LoraSettings)
@@ -257,6 +299,17 @@ class DistillConfig:
         lo, hi = self.dmd.random_tau_range
         if not 0.0 < lo < hi <= 1.0:
             raise ConfigError(f"dmd.random_tau_range must satisfy 0 < lo < hi <= 1, got {[lo, hi]}")
+        if self.grad_variance_every < 0 or self.grad_variance_batches < 2:
+            raise ConfigError("grad_variance_every must be >= 0 and grad_variance_batches >= 2, got "
+                              f"{self.grad_variance_every} and {self.grad_variance_batches}")
+        if self.fake.warmup_steps < 0:
+            raise ConfigError(f"fake.warmup_steps must be >= 0, got {self.fake.warmup_steps}")
+        if not 0.0 <= self.gan.backbone_weight <= 1.0:
+            raise ConfigError(f"gan.backbone_weight must be in [0, 1], got {self.gan.backbone_weight}")
+        if self.gan.num_real < 0 or (self.gan.num_real == 0 and self.gan.real == "teacher"):
+            raise ConfigError("gan.num_real must be >= 1 (0, all training specs, needs gan.real: renders)")
+        if self.dmd.tau != "next" and not self.dmd.timestep_sharing:
+            raise ConfigError("dmd.tau: below needs dmd.timestep_sharing: true (without sharing tau is random already)")
         if self.gan.enabled and not self.gan.blocks:
             raise ConfigError("gan.blocks must name at least one transformer block when gan.enabled is true")
         self.split.check(self.gan.enabled)

@@ -23,11 +23,11 @@ class Critic(torch.nn.Module):
         super().__init__()
         self.fake = fake
         self.gan_enabled = gan.enabled
-        self.backbone_grad = gan.backbone_grad
+        self.backbone_weight = gan.backbone_weight if gan.backbone_grad else 0.0
         if gan.enabled:
             blocks = resolve_blocks(gan.blocks, len(fake.transformer_blocks))
             dim = int(fake.config.num_attention_heads * fake.config.attention_head_dim)
-            self.disc = Discriminator(dim, len(blocks), gan.head_channels, gan.head)
+            self.disc = Discriminator(dim, len(blocks), gan.head_channels, gan.head, gan.pool)
             self._tap = (FeatureTap(fake, blocks),)  # a tuple keeps it out of the module tree
 
     @property
@@ -47,9 +47,16 @@ class Critic(torch.nn.Module):
         if not want:
             return v, []
         feats = self.tap.take()
-        if not self.backbone_grad:
-            feats = [f.detach() for f in feats]
-        return v, self.disc(feats)
+        return v, self.disc([scale_grad(f, self.backbone_weight) for f in feats])
+
+
+def scale_grad(x: torch.Tensor, w: float) -> torch.Tensor:
+    """``x`` in the forward pass; its gradient scaled by ``w`` in the backward (``w = 0``: detached)."""
+    if w == 0.0:
+        return x.detach()
+    if w == 1.0:
+        return x
+    return w * x + (1.0 - w) * x.detach()
 
 
 def split_logits(logits: Sequence[torch.Tensor], sizes: Sequence[int]) -> list[list[torch.Tensor]]:

@@ -9,6 +9,7 @@ Where ``(x_tau, tau)`` comes from:
 * **timestep sharing** (default): ``tau`` is a student time below ``t_i``, and ``x_tau`` is reached by
   moving the student's input along its own predicted velocity, ``x_tau = x_{t_i} + (tau - t_i) v``,
   which is ``(1 - tau) x0_hat + tau eps_hat``: no fresh noise;
+* **below** (``tau: below``): ``tau`` uniform in ``(lo, t_i)`` on the same line, for every step;
 * **vanilla re-noising** (``timestep_sharing: false``): ``tau ~ U(random_tau_range)`` and
   ``x_tau = (1 - tau) x0_hat + tau eps`` with fresh noise.
 """
@@ -43,12 +44,17 @@ def evaluation_times(idx: torch.Tensor, schedule: Sequence[float], cfg: DMDConfi
     ``t_2..t_K`` (``pick`` chooses which), or at a random ``tau`` when K = 1; ``midpoint`` stays on the
     line at ``t_K / 2``. Without sharing: ``tau = lo + (hi - lo) u`` and fresh noise for all.
     ``u`` and ``pick`` are uniform [0, 1) draws of shape (B,).
+    With ``cfg.tau == "below"`` (and sharing), every step is read on its own line at
+    ``tau = lo + (t_i - lo) u``, uniform below its own time.
     """
     k = len(schedule) - 1
     lo, hi = cfg.random_tau_range
     random_tau = lo + (hi - lo) * u
     if not cfg.timestep_sharing:
         return EvalPoints(random_tau, torch.ones_like(idx, dtype=torch.bool))
+    if cfg.tau == "below":
+        t_i = times_at(schedule, idx)
+        return EvalPoints(lo + (t_i - lo) * u, torch.zeros_like(idx, dtype=torch.bool))
     last = idx == k - 1
     tau = times_at(schedule, (idx + 1).clamp(max=k))
     if cfg.last_step == "midpoint":

@@ -32,6 +32,7 @@ from pathlib import Path
 import torch
 
 from ..errors import UserError
+from ..train.loop import Hook
 
 
 @dataclass
@@ -94,6 +95,30 @@ def measure(method, batches: int = 16, first_step: int = 1_000_000) -> dict[str,
     steps = list(range(first_step, first_step + batches))
     return {name: asdict(gradient_statistics(student_gradients(method, steps, sharing)))
             for name, sharing in (("timestep_sharing", True), ("renoise", False))}
+
+
+class GradVarianceHook(Hook):
+    """Along training: every ``every`` steps of stage 1 (the student's DMD stage), the statistics of
+    :func:`gradient_statistics` over ``batches`` fresh minibatches (step seeds ``first_step + done *
+    batches ...``), with the run's own timestep-sharing setting, logged as ``gradvar/*`` scalars.
+    The training state is untouched: the prompt sampler is rewound and the gradients cleared."""
+
+    def __init__(self, method, every: int, batches: int, first: int, last: int,
+                 first_step: int = 2_000_000_000) -> None:
+        self.method, self.every, self.batches = method, every, batches
+        self.first, self.last, self.first_step = first, last, first_step
+
+    def on_step_end(self, done: int, total: int, values: dict[str, float], log) -> None:
+        if self.every <= 0 or not self.first < done <= self.last:
+            return
+        if (done - self.first) % self.every and done != self.last:
+            return
+        log.scalars(done, self.measure(done), show=False)
+
+    def measure(self, done: int) -> dict[str, float]:
+        steps = [self.first_step + done * self.batches + j for j in range(self.batches)]
+        stats = gradient_statistics(student_gradients(self.method, steps, self.method.cfg.dmd.timestep_sharing))
+        return {"gradvar/relative_variance": stats.relative_variance, "gradvar/mean_cosine": stats.mean_cosine}
 
 
 def load_trainer(work: Path, checkpoint: int | None = None):

@@ -36,16 +36,16 @@ from ..train.loop import Metrics, Stage, Update
 from ..train.optim import free_state, make_optimizer
 from ..train.schedules import warmup_cosine
 from ..world import canonical_prompt, split_specs
-from .adversarial import hinge_d_loss, hinge_g_loss, reinit_heads
+from .adversarial import d_loss as gan_d_loss, g_loss as gan_g_loss, reinit_draws, reinit_heads
 from .conditioning import ConditioningProvider, precompute
 from .config import DistillConfig
 from .critic import Critic, split_logits
 from .dmd import dmd_loss, evaluation_point, evaluation_times
-from .fake import fake_flow_loss, fake_input
+from .fake import fake_flow_loss, fake_input, fake_tau
 from .models import DistillModels, checkpointing_off, params_frozen
 from .prompts import PromptSource
 from .randomness import StepRandom
-from .real import RealBank
+from .real import RealBank, RenderBank
 from .rollout import Student, rollout_to_step, student_sample, times_at
 from .trajectory import TrajectoryBank, tg_loss
 
@@ -69,7 +69,7 @@ class FlowDMD:
     """Teacher, student, critic and branches of a distillation run, and the losses of each stage."""
 
     def __init__(self, cfg: DistillConfig, models: DistillModels, prompts: PromptSource, accelerator: Accelerator,
-                 bank: TrajectoryBank | None = None, real: RealBank | None = None) -> None:
+                 bank: TrajectoryBank | None = None, real: RealBank | RenderBank | None = None) -> None:
         if cfg.gan.enabled and real is None:
             raise ValueError("the GAN needs a real bank")
         if cfg.trajectory.steps > 0 and bank is None:
@@ -82,7 +82,7 @@ class FlowDMD:
         self.dev = accelerator.device
         self.rank, self.world = accelerator.process_index, accelerator.num_processes
         self.split_on = cfg.split.steps > 0
-        self.split_start = cfg.trajectory.steps + cfg.student.steps
+        self.split_start = cfg.trajectory.steps + cfg.fake.warmup_steps + cfg.student.steps
         self.ranges = branch_ranges(cfg.split.boundaries)
         self.branch_steps = cfg.branch_steps(models.shift)
         self.branches: list[torch.nn.Module] = []
@@ -181,6 +181,7 @@ class FlowDMD:
     # -- stages ---------------------------------------------------------------------------------
     def stages(self) -> list[Stage]:
         out = [Stage("trajectory", self.cfg.trajectory.steps, lambda step: [self.trajectory_update(step)]),
+               Stage("fake_warmup", self.cfg.fake.warmup_steps, self.warmup_updates),
                Stage("dmd", self.cfg.student.steps, self.dmd_updates, begin=self.begin_dmd)]
         if self.split_on:
             out.append(Stage("split", self.cfg.split.steps, self.split_updates, begin=self.start_branches))
@@ -194,6 +195,10 @@ class FlowDMD:
     def trajectory_update(self, step: int) -> Update:
         return Update(lambda micro: self.trajectory_loss(step), self.opt_tg, self.student_p,
                       self.cfg.student.grad_clip, "tg/grad_norm", "tg/loss")
+
+    def warmup_updates(self, step: int) -> list[Update]:
+        """Fake warm-up (``fake.warmup_steps``): ``fake.updates`` critic updates, the student frozen."""
+        return [self.critic_update(step, u) for u in range(self.cfg.fake.updates)]
 
     def dmd_updates(self, step: int) -> list[Update]:
         """``fake.updates`` critic updates, then one student update (whose metrics lead)."""
@@ -240,9 +245,19 @@ class FlowDMD:
 
     def _cond(self, prompts: list[str], r: StepRandom) -> tuple[PromptEmbeds, PromptEmbeds]:
         """(full conditioning for teacher and fake, the student's with per-sample T5 dropout)."""
+        full, scond, _ = self._cond_drop(prompts, r)
+        return full, scond
+
+    def _cond_drop(self, prompts: list[str], r: StepRandom) -> tuple[PromptEmbeds, PromptEmbeds, torch.Tensor]:
+        """:meth:`_cond` and the per-sample T5 dropout mask."""
         full = self.cond.full(prompts, self.dev)
         drop = (r.rand() < self.cfg.t5_dropout).to(self.dev)
-        return full, self.cond.for_student(full, drop)
+        return full, self.cond.for_student(full, drop), drop
+
+    def fake_cond(self, full: PromptEmbeds, scond: PromptEmbeds) -> PromptEmbeds:
+        """What the fake is conditioned on: the student's conditioning with
+        ``fake.match_student_conditioning``, else the full one."""
+        return scond if self.cfg.fake.match_student_conditioning else full
 
     # -- losses (no backward) ---------------------------------------------------------------------
     def trajectory_loss(self, step: int) -> tuple[torch.Tensor, Metrics]:
@@ -254,42 +269,63 @@ class FlowDMD:
         _, scond = self._cond([self.bank.prompts[i] for i in idx.tolist()], r)
         k_idx = r.randint(self.k).to(self.dev)
         with self.acc.autocast():
-            loss = tg_loss(self.student_p, states, k_idx, self.schedule, scond)
+            loss = tg_loss(self.student_p, states, k_idx, self.schedule, scond, self.cfg.trajectory.loss)
         return loss, {"tg/loss": loss.detach()}
 
     def critic_loss(self, step: int, u: int, sampler: Student | None = None,
                     r: StepRandom | None = None) -> tuple[torch.Tensor, Metrics]:
         """``fake.weight * L_fake + gan.discriminator_weight * L_D``: fake flow matching on detached
-        student samples, plus the hinge discriminator loss on features of real and fake samples at
-        the same taus. ``sampler`` makes the samples (default: the student; stage 2: the router)."""
+        student samples (at the times of ``fake.mixture``), plus the discriminator loss (``gan.loss``)
+        on features of real and fake samples at the same taus (``gan.tau``). ``gan.paired``: the batch's
+        prompts are the real batch's. ``sampler`` makes the samples (default: the student; stage 2:
+        the router)."""
         cfg, b = self.cfg, self.cfg.batch_size
+        gan = cfg.gan
         r = r if r is not None else self._random(step, f"critic{u}", b)
-        full, scond = self._cond(self._prompts(self.prompt_sampler, self.source.prompts, b), r)
+        ridx = self.real_sampler.next_local(b, self.rank, self.world) if gan.enabled and gan.paired else None
+        prompts = ([self.real.prompts[i] for i in ridx.tolist()] if ridx is not None
+                   else self._prompts(self.prompt_sampler, self.source.prompts, b))
+        full, scond, drop = self._cond_drop(prompts, r)
+        fcond = self.fake_cond(full, scond)
         noise, eps = r.randn(*self.shape).to(self.dev), r.randn(*self.shape).to(self.dev)
         k_idx = r.randint(self.k).to(self.dev)
         pts = evaluation_times(k_idx, self.schedule, cfg.dmd, r.rand().to(self.dev), r.rand().to(self.dev))
         with self.acc.autocast():
             x0_s = student_sample(sampler if sampler is not None else self.student, noise, self.schedule, scond, k_idx)
-        x_fm = fake_input(x0_s, eps, pts.tau)
+        real_noise = r.randn(*self.shape).to(self.dev) if gan.enabled else None
+        tau_range = cfg.dmd.random_tau_range
+        tau_f = fake_tau(cfg.fake.mixture, pts.tau, r.rand().to(self.dev) if cfg.fake.mixture != "shared" else None,
+                         tau_range)
+        x_fm = fake_input(x0_s, eps, tau_f)
         out: Metrics = {}
-        if cfg.gan.enabled:
-            ridx = self.real_sampler.next_local(b, self.rank, self.world)
-            x0_r = self.real.latents[ridx].to(self.dev)
-            rcond = self.cond.full([self.real.prompts[i] for i in ridx.tolist()], self.dev)
-            x_r = flow.interpolate(x0_r, r.randn(*self.shape).to(self.dev), pts.tau)
+        if gan.enabled:
+            if ridx is None:
+                ridx = self.real_sampler.next_local(b, self.rank, self.world)
+                rcond = self.cond.full([self.real.prompts[i] for i in ridx.tolist()], self.dev)
+                if cfg.fake.match_student_conditioning:
+                    rcond = self.cond.for_student(rcond, drop)
+            else:
+                rcond = fcond
+            x0_r = self.real.take(ridx).to(self.dev)
+            tau_d = tau_f if gan.tau == "shared" else fake_tau("uniform_steps", tau_f, r.rand().to(self.dev), tau_range)
+            x_r = flow.interpolate(x0_r, real_noise, tau_d)
             n = x_fm.shape[0]
+            if gan.tau == "shared":
+                xs, taus, conds, sizes = [x_fm, x_r], [tau_f, tau_d], [fcond, rcond], [n, n]
+            else:
+                xs, taus, conds, sizes = [x_fm, fake_input(x0_s, eps, tau_d), x_r], [tau_f, tau_d, tau_d], \
+                    [fcond, fcond, rcond], [n, n, n]
             with self.acc.autocast():
-                v, logits = self.critic_p(torch.cat([x_fm, x_r]), torch.cat([pts.tau, pts.tau]),
-                                          PromptEmbeds.cat([full, rcond]), features=True)
-            fake_lg, real_lg = split_logits(logits, [n, n])
-            d_loss = hinge_d_loss(real_lg, fake_lg)
+                v, logits = self.critic_p(torch.cat(xs), torch.cat(taus), PromptEmbeds.cat(conds), features=True)
+            fake_lg, real_lg = split_logits(logits, sizes)[-2:]
+            d_loss = gan_d_loss(gan.loss, real_lg, fake_lg)
             v = v[:n]
             out.update({"gan/d_loss": d_loss.detach(),
                         "gan/d_real": torch.stack([x.mean() for x in real_lg]).mean().detach(),
                         "gan/d_fake": torch.stack([x.mean() for x in fake_lg]).mean().detach()})
         else:
             with self.acc.autocast():
-                v, _ = self.critic_p(x_fm, pts.tau, full)
+                v, _ = self.critic_p(x_fm, tau_f, fcond)
             d_loss = torch.zeros((), device=self.dev)
         fm = fake_flow_loss(v, x0_s, eps)
         out["fake/loss"] = fm.detach()
@@ -299,7 +335,7 @@ class FlowDMD:
         """After a critic update: re-initialise each head with probability ``gan.reinit_prob``."""
         cfg = self.cfg
         if cfg.gan.enabled and cfg.gan.reinit_prob > 0:
-            draws = [r.scalar() for _ in self.critic.disc.heads]
+            draws = reinit_draws(len(self.critic.disc.heads), cfg.gan.reinit, r.scalar)
             seed = (cfg.runtime.seed * 1_000_003 + step) * 10 + u
             reinit_heads(self.critic.disc, self.opt_c, cfg.gan.reinit_prob, draws, seed * 97)
 
@@ -347,14 +383,15 @@ class FlowDMD:
             with torch.no_grad():
                 uncond = self.cond.uncond(x_i.shape[0], self.dev)
                 v_real = guided_velocity(self.m.teacher, x_tau.detach(), pts.tau, full, uncond, cfg.guidance)
+            fcond = self.fake_cond(full, scond)
             with params_frozen(self.critic), checkpointing_off(self.critic.fake):
                 if cfg.gan.enabled:
-                    v_fake, logits = self.critic(x_tau, pts.tau, full, features=True)
+                    v_fake, logits = self.critic(x_tau, pts.tau, fcond, features=True)
                 else:
                     with torch.no_grad():
-                        v_fake, logits = self.critic(x_tau.detach(), pts.tau, full)
+                        v_fake, logits = self.critic(x_tau.detach(), pts.tau, fcond)
         dm = dmd_loss(x0_hat, x_tau, pts.tau, v_real, v_fake.detach())
-        g_loss = hinge_g_loss(logits) if (logits and gan) else torch.zeros((), device=self.dev)
+        g_loss = gan_g_loss(cfg.gan.loss, logits) if (logits and gan) else torch.zeros((), device=self.dev)
         loss = gen.dmd_weight * dm.loss + gen.gan_weight * g_loss
         return loss, {"dmd_loss": dm.loss.detach(), "dmd_grad_norm": dm.grad_norm.detach(), "g_loss": g_loss.detach(),
                       "x0_std": x0_hat.detach().float().std()}

@@ -19,21 +19,22 @@ from pathlib import Path
 import torch
 from tqdm.auto import tqdm
 
-from ..config import fingerprint, to_dict
-from ..errors import NonFiniteError, TrainingAlarm, UserError
+from ..config import fingerprint, from_dict, to_dict
+from ..errors import ConfigError, NonFiniteError, TrainingAlarm, UserError
 from ..io import atomic_write_json, check_model_output, clean_stale, copy_dir, read_text
 from ..models.branches import PRESPLIT_SUBFOLDER, branch_infos
 from ..models.student_info import SplitInfo
 from ..paths import cache_root
 from ..train.checkpoint import CheckpointManager, read_meta
 from ..train.runtime import make_accelerator
+from .adversarial import resolve_blocks
 from .config import DistillConfig, MemoryConfig
 from .export import export_student, student_info
 from .memory_check import check_distill_fits
 from .merge import merged_transformer
 from .models import DistillModels
 from .prompts import PromptSource, load_prompts
-from .real import RealBank, from_renders, from_teacher
+from .real import RealBank, RenderBank, from_renders, from_teacher
 from .trajectory import TrajectoryBank, build_bank, cache_key, load_or_build, teacher_identity
 from .trainer import DistillTrainer
 
@@ -61,10 +62,16 @@ def default_teacher() -> Path:
     return folder
 
 
+RECIPE_KEYS = {"": ["grad_variance_every", "grad_variance_batches"], "trajectory": ["loss"], "dmd": ["tau"],
+               "fake": ["warmup_steps", "mixture", "match_student_conditioning"],
+               "gan": ["backbone_weight", "pool", "loss", "tau", "reinit", "paired"]}
+
+
 def work_dir(cfg: DistillConfig, teacher_id: str, prompts: str, out: Path) -> Path:
     """``<cache>/distill/<out name>-<fingerprint>``. A config without stage 2 (``split.steps: 0``)
     leaves the ``split`` section out of the fingerprint, one with the default ``memory`` section
-    leaves that out, and one in ``mode: full`` leaves out ``mode`` and ``lora``, so their folders are the ones earlier versions used."""
+    leaves that out, one in ``mode: full`` leaves out ``mode`` and ``lora``, and so do the recipe
+    options (``RECIPE_KEYS``) at their defaults, so their folders are the ones earlier versions used."""
     conf = to_dict(cfg)
     if cfg.split.steps == 0:
         conf.pop("split")
@@ -73,6 +80,12 @@ def work_dir(cfg: DistillConfig, teacher_id: str, prompts: str, out: Path) -> Pa
     if cfg.mode == "full":
         conf.pop("mode")
         conf.pop("lora")
+    defaults = to_dict(DistillConfig())
+    for section, keys in RECIPE_KEYS.items():
+        for k in keys:
+            sub = conf if section == "" else conf[section]
+            if sub.get(k) == (defaults if section == "" else defaults[section])[k]:
+                sub.pop(k)
     key = fingerprint({"config": conf, "teacher": teacher_id, "prompts": prompts, "out": str(out)})
     return cache_root() / "distill" / f"{out.name}-{key}"
 
@@ -95,7 +108,7 @@ def init_from(source: Path, work: Path, cfg: DistillConfig, teacher: str, prompt
         raise UserError(f"--init-from {source} was run with a different config ({', '.join(diff[:5])}); "
                         "only the split section may differ")
     latest = CheckpointManager(source / "checkpoints").latest()
-    end = cfg.trajectory.steps + cfg.student.steps
+    end = cfg.trajectory.steps + cfg.fake.warmup_steps + cfg.student.steps
     if latest is None or int(read_meta(latest)["step"]) != end:
         raise UserError(f"--init-from {source} has no checkpoint at the end of stage 1 (step {end}); finish that "
                         "run first (`sd35flash distill ... --resume`)")
@@ -111,6 +124,8 @@ def config_differences(source: Path, cfg: DistillConfig, teacher: str, prompts: 
         theirs = json.loads(read_text(source / "config.json", "work folder config"))
     except json.JSONDecodeError:
         raise UserError(f"{source}/config.json is not valid JSON; this is not a usable work folder") from None
+    if isinstance(theirs.get("config"), dict):  # fill in options added since that run, at their defaults
+        theirs["config"] = to_dict(from_dict(DistillConfig, theirs["config"], where=str(source / "config.json")))
     mine = {"config": to_dict(cfg), "teacher": teacher, "prompts": prompts}
     for side in (theirs, mine):
         if ignore_split:
@@ -125,8 +140,8 @@ def config_differences(source: Path, cfg: DistillConfig, teacher: str, prompts: 
 
 
 def total_steps(cfg: DistillConfig) -> int:
-    """Global steps of a complete run: stages 0 and 1, plus stage 2 when ``split.steps > 0``."""
-    return cfg.trajectory.steps + cfg.student.steps + max(cfg.split.steps, 0)
+    """Global steps of a complete run: stage 0, the fake warm-up, stage 1, and stage 2 when ``split.steps > 0``."""
+    return cfg.trajectory.steps + cfg.fake.warmup_steps + cfg.student.steps + max(cfg.split.steps, 0)
 
 
 def is_trained(work: Path, cfg: DistillConfig) -> bool:
@@ -198,8 +213,21 @@ def trajectory_bank(cfg: DistillConfig, models: DistillModels, source: PromptSou
     return load_or_build(path, build)[0]
 
 
+def check_gan(cfg: DistillConfig, models: DistillModels, source: PromptSource) -> None:
+    """Before any work: ``gan.blocks`` must exist in the teacher, and ``gan.real: renders`` needs specs."""
+    if not cfg.gan.enabled:
+        return
+    try:
+        resolve_blocks(cfg.gan.blocks, len(models.fake.transformer_blocks))
+    except ValueError as e:
+        raise ConfigError(f"{e}; choose gan.blocks within it") from None
+    if cfg.gan.real == "renders" and source.specs is None:
+        raise ConfigError("gan.real: renders needs --prompts shapes (a prompt file has no scenes to render); "
+                          "use gan.real: teacher")
+
+
 def real_bank(cfg: DistillConfig, models: DistillModels, source: PromptSource, bank: TrajectoryBank | None,
-              acc) -> RealBank | None:
+              acc) -> RealBank | RenderBank | None:
     if not cfg.gan.enabled:
         return None
     if cfg.gan.real == "teacher":
@@ -255,6 +283,7 @@ def distill(cfg: DistillConfig, teacher: str | None, out: Path, prompts: str = "
     source = load_prompts(prompts, cfg.num_prompts, seed=cfg.runtime.seed)
     models = DistillModels.for_config(cfg, teacher, revision)
     cfg.branch_steps(models.shift)  # a split branch without student steps fails here, before any work
+    check_gan(cfg, models, source)
     teacher_id = teacher_identity(teacher, revision)
     work = from_work if from_work is not None else work_dir(cfg, teacher_id, prompts, out)
     trained = is_trained(work, cfg)

@@ -24,6 +24,7 @@ from ..train.logger import RunLogger
 from ..train.loop import CheckpointHook, Hook, TrainLoop, every
 from ..world import judge
 from .config import DistillConfig
+from .grad_variance import GradVarianceHook
 from .method import FlowDMD
 from .models import DistillModels
 from .prompts import PromptSource
@@ -149,6 +150,8 @@ class DistillTrainer:
         hooks: list[Hook] = [
             EMAHook(method.ema, lambda: method.student.parameters(), stages={"trajectory", "dmd"}),
             self.probes, GridHook(cfg, method, self.work),
+            GradVarianceHook(method, cfg.grad_variance_every, cfg.grad_variance_batches,
+                             method.split_start - cfg.student.steps, method.split_start),
             CheckpointHook(acc, ckpt, cfg.checkpoint_every, self.stop_at,
                            meta=lambda: {"branches": len(method.branches)}),
         ]

@@ -6,7 +6,9 @@ divides N. The states at ``t_1 .. t_K`` and the end point (``t = 0``) are record
 disk, keyed by the teacher, the prompts and the settings, so later runs reuse them.
 
 Loss: each student step maps the teacher state at ``t_i`` to the teacher state at ``t_{i+1}`` in one
-Euler step, ``L_TG = || x_{t_i} + (t_{i+1} - t_i) v_theta(x_{t_i}, t_i) - x_{t_{i+1}} ||^2``.
+Euler step, ``L_TG = || x_{t_i} + (t_{i+1} - t_i) v_theta(x_{t_i}, t_i) - x_{t_{i+1}} ||^2``; in
+velocity space, ``|| v_theta(x_{t_i}, t_i) - (x_{t_{i+1}} - x_{t_i}) / (t_{i+1} - t_i) ||^2``, the same
+per step divided by ``dt^2``.
 """
 
 from __future__ import annotations
@@ -23,7 +25,7 @@ import torch.nn.functional as F
 from .. import flow
 from ..io import atomic_torch_save
 from ..sampling import PromptEmbeds, guided_velocity, make_noise, predict_velocity
-from .rollout import times_at
+from .rollout import bcast, times_at
 
 TRAJECTORY_FORMAT = 1
 
@@ -135,12 +137,16 @@ def build_bank(teacher: torch.nn.Module, encode: Callable[[list[str]], PromptEmb
 
 
 def tg_loss(student: torch.nn.Module, states: torch.Tensor, idx: torch.Tensor, schedule: Sequence[float],
-            cond: PromptEmbeds) -> torch.Tensor:
-    """``|| x_{t_i} + (t_{i+1} - t_i) v_theta(x_{t_i}, t_i) - x_{t_{i+1}} ||^2`` for step ``i = idx``;
-    ``states`` is (B, K + 1, C, H, W)."""
+            cond: PromptEmbeds, space: str = "x") -> torch.Tensor:
+    """For step ``i = idx``, ``space="x"``: ``|| x_{t_i} + dt v_theta(x_{t_i}, t_i) - x_{t_{i+1}} ||^2``;
+    ``space="velocity"``: ``|| v_theta(x_{t_i}, t_i) - (x_{t_{i+1}} - x_{t_i}) / dt ||^2`` with
+    ``dt = t_{i+1} - t_i`` (mean over elements); ``states`` is (B, K + 1, C, H, W)."""
     rows = torch.arange(states.shape[0], device=states.device)
     x_i, x_next = states[rows, idx], states[rows, idx + 1]
     t_i, t_next = times_at(schedule, idx), times_at(schedule, idx + 1)
     v = predict_velocity(student, x_i, t_i, cond)
+    if space == "velocity":
+        dt = bcast(t_next - t_i, x_i).float()
+        return F.mse_loss(v.float(), (x_next.float() - x_i.float()) / dt)
     pred = flow.euler_step(x_i, v.to(x_i.dtype), t_i, t_next)
     return F.mse_loss(pred.float(), x_next.float())
