@@ -73,6 +73,8 @@ RANGES: list[tuple[str, tuple[float, float, bool]]] = [
     ("*steps", (0, 10**8, False)),
     ("warmup", (0, 10**8, False)),
     ("num_threads", (0, 4096, False)),
+    ("num_real", (0, 10**8, False)),  # 0 = every training spec (gan.real: renders)
+    ("probe_images", (0, 10**8, False)),  # 0 = no probe
     ("num_*", (1, 10**8, False)),
     ("*_images", (1, 10**8, False)),
     ("*weight", (0.0, 1e6, False)),
