@@ -164,14 +164,21 @@ def test_damaged_asset_is_a_one_line_error_naming_the_file(assets, tmp_path, mon
         default_teacher()
 
 
-def test_demo_without_a_shipped_teacher_says_so(tmp_path, monkeypatch, capsys):
+def test_demo_without_a_shipped_teacher_trains_its_fallback_and_says_so(tmp_path, monkeypatch, capsys, smoke_teacher):
+    """An install that ships no teacher at all: `quick`/`full` train their fallback pretrain preset with a
+    notice (here the smoke preset, cached by the fixture); a preset without a fallback is a one-line error."""
+    from sd35flash.demo import PRESETS, DemoPreset, _teacher
+
     empty = tmp_path / "assets"
     empty.mkdir()
     (empty / REGISTRY_FILE).write_text('{"models": []}')
     monkeypatch.setenv("SD35FLASH_ASSETS", str(empty))
-    rc = main(["demo", "--preset", "quick", "--out", str(tmp_path / "demo"), "--no-progress"])
-    err = _one_line(capsys)
-    assert rc == 2 and "no teacher is shipped" in err and "--teacher" in err
+    assert PRESETS["quick"].unshipped == "quick" and PRESETS["full"].unshipped == "default"
+    folder, logs = _teacher(DemoPreset("shipped", "smoke", 8, unshipped="smoke"), False, None)
+    assert (folder / "model_index.json").is_file() and logs["teacher"].name == "metrics.jsonl"
+    assert "ships no teacher yet" in capsys.readouterr().out
+    with pytest.raises(UserError, match="no teacher is shipped"):
+        _teacher(DemoPreset("shipped", "smoke", 8), False, None)
     assert main(["models", "--json"]) == 0 and json.loads(capsys.readouterr().out) == []
 
 

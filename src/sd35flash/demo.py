@@ -40,19 +40,22 @@ from .pretrain.run import pretrain, teacher_dir
 class DemoPreset:
     """``teacher``: pretrain preset, or ``shipped`` (the package's default teacher); ``distill``:
     distill preset; ``num_images``: test images per model; ``sweep``: merge ratios to sweep on
-    ``val`` (None: keep the config's ratio)."""
+    ``val`` (None: keep the config's ratio); ``unshipped``: the pretrain preset trained (with a
+    notice) when this install ships no teacher at all. A shipped teacher that is damaged is always
+    an error, never a reason to train."""
 
     teacher: str
     distill: str
     num_images: int
     sweep: str | None = None
     sweep_images: int = 0
+    unshipped: str | None = None
 
 
 PRESETS = {
     "smoke": DemoPreset("smoke", "smoke", 8),
-    "quick": DemoPreset("shipped", "quick", 64),
-    "full": DemoPreset("shipped", "default", 200, sweep="0:1:0.1", sweep_images=100),
+    "quick": DemoPreset("shipped", "quick", 64, unshipped="quick"),
+    "full": DemoPreset("shipped", "default", 200, sweep="0:1:0.1", sweep_images=100, unshipped="default"),
 }
 
 
@@ -73,20 +76,22 @@ class _Clock:
 
 def _teacher(preset: DemoPreset, progress: bool, override: str | None) -> tuple[Path, dict[str, Path]]:
     """(teacher pipeline folder, its training logs for the report: ``{"VAE": ..., "teacher": ...}``)."""
+    name = preset.teacher
     if override is not None or preset.teacher == "shipped":
-        if override is not None:
-            folder = Path(override)
-        else:
-            shipped = shipped_teacher()
-            if shipped is None:
-                raise UserError("no teacher is shipped with this install (`sd35flash models` lists none); pass "
-                                "--teacher DIR, e.g. a folder from `sd35flash pretrain --preset teacher`")
-            folder = verify_asset(shipped)
-        return folder, {"VAE": folder / "training" / "vae-metrics.jsonl",
-                        "teacher": folder / "training" / "flow-metrics.jsonl"}
-    cfg = load_pretrain_config(preset.teacher)
-    work = teacher_dir(cfg, preset.teacher) / "work"
-    folder = pretrain(cfg, None, preset.teacher, resume=True, progress=progress)
+        shipped = shipped_teacher() if override is None else None
+        if override is not None or shipped is not None:
+            folder = Path(override) if override is not None else verify_asset(shipped)
+            return folder, {"VAE": folder / "training" / "vae-metrics.jsonl",
+                            "teacher": folder / "training" / "flow-metrics.jsonl"}
+        if preset.unshipped is None:
+            raise UserError("no teacher is shipped with this install (`sd35flash models` lists none); pass "
+                            "--teacher DIR, e.g. a folder from `sd35flash pretrain --preset teacher`")
+        name = preset.unshipped
+        print(f"demo: this version ships no teacher yet (`sd35flash models` lists none); training the "
+              f"'{name}' pretrain preset instead (cached for later runs; --teacher DIR skips this)", flush=True)
+    cfg = load_pretrain_config(name)
+    work = teacher_dir(cfg, name) / "work"
+    folder = pretrain(cfg, None, name, resume=True, progress=progress)
     return folder, {"VAE": work / "vae" / "metrics.jsonl", "teacher": work / "flow" / "metrics.jsonl"}
 
 
