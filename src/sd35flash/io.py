@@ -87,13 +87,14 @@ def is_model_folder(p: Path, marker: str = MODEL_INDEX) -> bool:
     return (p / marker).is_file()
 
 
-def check_model_output(path: str | os.PathLike[str], what: str = "--out", marker: str = MODEL_INDEX) -> Path:
+def check_model_output(path: str | os.PathLike[str], what: str = "--out", marker: str = MODEL_INDEX,
+                       kind: str = "model") -> Path:
     """:func:`check_writable_output` for a folder that will be replaced by a new model: an existing
     folder is only replaced when it holds ``marker`` (a model we wrote) or nothing, so a user's
     other files are never deleted."""
     p = check_writable_output(path, "dir", what)
     if p.is_dir() and any(p.iterdir()) and not is_model_folder(p, marker):
-        raise UserError(f"{what} {p} exists and is not a model folder (no {marker}); choose a new folder "
+        raise UserError(f"{what} {p} exists and is not a {kind} folder (no {marker}); choose a new folder "
                         "(nothing was changed)")
     return p
 

@@ -148,7 +148,7 @@ def is_trained(work: Path, cfg: DistillConfig) -> bool:
     """True when the run in ``work`` finished training (``trained.json``, or a checkpoint at its last step)."""
     if (work / TRAINED).is_file():
         return True
-    latest = CheckpointManager(work / "checkpoints").latest()
+    latest = CheckpointManager(work / "checkpoints").latest(quiet=True)  # the trainer's load warns, once
     try:
         return latest is not None and int(read_meta(latest)["step"]) >= total_steps(cfg)
     except (OSError, ValueError, KeyError):

@@ -280,7 +280,7 @@ def create_study(models: list[ModelArg], prompts: str, out: str | Path, seeds: i
         raise UserError(f"model names must differ, got {names}")
     if seeds < 1 or num_prompts < 1 or batch_size < 1:
         raise UserError("--seeds, --num-prompts and --batch-size must be >= 1")
-    check_model_output(out, "--out", marker=PLAN)  # writable; an existing folder only when it is a study
+    check_model_output(out, "--out", marker=PLAN, kind="study")  # writable; an existing folder only when it is a study
     models = [_checked_model(m) for m in models]  # before anything is written
     folder = StudyFolder(out)
     plan = _start(folder, _plan(models, load_prompts(prompts, num_prompts, seed), seeds, seed, preset))
