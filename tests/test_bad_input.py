@@ -300,7 +300,7 @@ ROWS: list[tuple[str, str, list[str], str]] = [
                                     "--prompts", "shapes", "--out", f"{T}/file.txt"], "is a file"),
     ("study create", "existing non-model output", ["study", "create", "--model", f"a={T}/missing", "--model",
                                                    f"b={T}/missing", "--prompts", "shapes", "--out", f"{T}/user"],
-     "not a model folder"),
+     "not a study folder"),
     ("study create", "missing input", ["study", "create", "--model", f"a={T}/missing", "--model", f"b={T}/missing",
                                        "--prompts", "shapes", "--out", f"{T}/s"], "does not exist"),
     ("study create", "malformed value", ["study", "create", "--model", "bogus", "--prompts", "shapes", "--out",
