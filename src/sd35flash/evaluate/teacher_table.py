@@ -23,6 +23,7 @@ import json
 import sys
 from pathlib import Path
 
+from ..args import integer, number
 from ..errors import UserError
 from ..imaging import atomic_write_text
 from ..models.pipeline_io import load_pipeline
@@ -124,21 +125,20 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("out", type=Path, help="output folder")
     p.add_argument("--work", type=Path, help="the run's work folder (training curve); default: the teacher's training/")
     p.add_argument("--device", default="cpu", help="cpu | cuda | cuda:N")
-    p.add_argument("--n", type=int, default=400, help="test and heldout images at 28 steps")
-    p.add_argument("--base-n", type=int, default=400, help="test images per few-step baseline")
-    p.add_argument("--val-images", type=int, default=100)
+    p.add_argument("--n", type=integer("--n"), default=400, help="test and heldout images at 28 steps")
+    p.add_argument("--base-n", type=integer("--base-n"), default=400, help="test images per few-step baseline")
+    p.add_argument("--val-images", type=integer("--val-images"), default=100)
     p.add_argument("--guidances", default="2,3,4,5,6", help="comma-separated guidance scales swept on val")
-    p.add_argument("--batch-size", type=int, default=32)
+    p.add_argument("--batch-size", type=integer("--batch-size", hi=2**16), default=32)
     p.add_argument("--baselines", help="only these few-step rows, e.g. 4-uniform,2-method (default: all six)")
     p.add_argument("--no-progress", action="store_true")
     args = p.parse_args(argv)
     try:
+        parse_guidance = number("--guidances", 0.0, 100.0)
         try:
-            guidances = tuple(float(g) for g in args.guidances.split(","))
-        except ValueError:
-            raise UserError(f"--guidances {args.guidances!r} must be comma-separated numbers") from None
-        if min(args.n, args.base_n, args.val_images, args.batch_size) < 1:
-            raise UserError("--n, --base-n, --val-images and --batch-size must be >= 1")
+            guidances = tuple(parse_guidance(g) for g in args.guidances.split(","))
+        except argparse.ArgumentTypeError as e:
+            raise UserError(str(e)) from None
         teacher_table(args.teacher, args.out, args.work, args.device, args.n, args.base_n, args.val_images, guidances,
                       args.batch_size, progress=not args.no_progress,
                       baselines=tuple(args.baselines.split(",")) if args.baselines else None)
