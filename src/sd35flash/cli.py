@@ -108,11 +108,16 @@ def build_parser() -> argparse.ArgumentParser:
     ds.add_argument("--student-steps", type=int, choices=(1, 2, 4), help="student steps K (default: the config's)")
     ds.add_argument("--preset", default="default", help="smoke | quick | default | recipe")
     ds.add_argument("--config", help="a YAML distill config instead of a preset")
-    ds.add_argument("--prompts", default="shapes", help="shapes (default) or a text / JSONL prompt file")
+    ds.add_argument("--prompts", help="shapes (default) or a text / JSONL prompt file")
     ds.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
                     help="override one config value, e.g. --set dmd.timestep_sharing=false (repeatable)")
     ds.add_argument("--mode", choices=("full", "lora"), help="full: train full copies (default); lora: LoRA "
                     "adapters on one shared frozen base (config `mode`, `lora.rank/alpha/targets`)")
+    ds.add_argument("--sharding", choices=("ddp", "fsdp"), help="ddp: whole models on every process (default); "
+                    "fsdp: FSDP2 shards student, critic and teacher per block (full mode, under torchrun)")
+    ds.add_argument("--resolution", type=int, help="training images in pixels (default: the teacher's own size)")
+    ds.add_argument("--prepared", metavar="DIR", help="a `sd35flash prepare` folder: its prompts, embeddings (the "
+                    "text encoders are not loaded for training) and trajectories")
     ds.add_argument("--resume", action="store_true", help="continue an unfinished run of the same config")
     ds.add_argument("--init-from", metavar="WORK", help="start at stage 2 (split-timestep) from the end of stage 1 "
                     "of another run of this config (its work folder), instead of redoing stages 0-1")
@@ -401,14 +406,15 @@ def _cmd_distill(args) -> int:
         cfg = merge(cfg, parse_overrides(args.overrides), where="--set")
     if args.student_steps is not None:
         cfg = merge(cfg, {"student_steps": args.student_steps})
-    if args.mode is not None:
-        cfg = merge(cfg, {"mode": args.mode})
+    for key in ("mode", "sharding", "resolution"):
+        if getattr(args, key) is not None:
+            cfg = merge(cfg, {key: getattr(args, key)})
     recipe = (args.config or f"preset:{args.preset}") + "".join(f" --set {o}" for o in args.overrides) \
         + (f" --mode {args.mode}" if args.mode else "")
     check_model_output(args.out)
     out = distill(cfg, args.teacher, Path(args.out), prompts=args.prompts, revision=args.revision, recipe=recipe,
                   resume=args.resume, progress=not args.no_progress, init=args.init_from, from_work=args.from_work,
-                  force=args.force)
+                  force=args.force, prepared=args.prepared)
     print(f"student ready: {out} ({cfg.student_steps} steps)")
     return 0
 

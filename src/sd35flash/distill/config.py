@@ -245,6 +245,11 @@ class DistillConfig:
     ``t5_dropout``: the rate at which the student's conditioning loses its T5 block (so one student
     serves with and without T5); teacher and fake see the full conditioning (the fake the student's
     with ``fake.match_student_conditioning``).
+    ``sharding``: ``ddp`` replicates the models on every process; ``fsdp`` shards student, critic,
+    branches and the frozen teacher with FSDP2 per transformer block (``train/sharding.py``; full
+    mode only, under ``torchrun``).
+    ``resolution``: training images in pixels (square); 0 is the teacher's own size. It sets the
+    latent side (``models/resolution.py``: a multiple of VAE x patch, within the position table).
     ``grad_variance_every``: every N steps of stage 1 (0: never), log the relative variance and mean
     pairwise cosine of the student's ``L_dm`` gradient over ``grad_variance_batches`` minibatches
     (``distill/grad_variance.py``) into the run's metrics as ``gradvar/*``.
@@ -274,6 +279,8 @@ class DistillConfig:
     grad_variance_batches: int = 4
     memory: MemoryConfig = field(default_factory=MemoryConfig)
     mode: Literal["full", "lora"] = "full"
+    sharding: Literal["ddp", "fsdp"] = "ddp"
+    resolution: int = 0
     lora: LoraSettings = field(default_factory=LoraSettings)
     runtime: RuntimeConfig = field(default_factory=RuntimeConfig)
 
@@ -313,6 +320,13 @@ class DistillConfig:
         if self.gan.enabled and not self.gan.blocks:
             raise ConfigError("gan.blocks must name at least one transformer block when gan.enabled is true")
         self.split.check(self.gan.enabled)
+        if self.sharding == "fsdp" and self.mode == "lora":
+            raise ConfigError("sharding: fsdp shards full copies of the teacher; LoRA mode replicates its small "
+                              "adapters on one frozen base: use --sharding ddp with --mode lora")
+        if self.sharding == "fsdp" and self.grad_variance_every > 0:
+            raise ConfigError("grad_variance_every reads whole per-process gradients; set it to 0 with --sharding fsdp")
+        if self.resolution < 0:
+            raise ConfigError(f"resolution must be >= 0 (0: the teacher's own size), got {self.resolution}")
         if self.lora.rank < 1 or self.lora.alpha <= 0 or not self.lora.targets:
             raise ConfigError(f"lora needs rank >= 1, alpha > 0 and at least one target, got rank {self.lora.rank}, "
                               f"alpha {self.lora.alpha}, targets {self.lora.targets}")

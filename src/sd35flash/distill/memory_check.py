@@ -5,12 +5,12 @@ the teacher's architecture into a :class:`~sd35flash.deploy.plan_train.TrainSetu
 (``deploy/plan_train.py``) and compares the per-device peak with the memory of one visible device:
 a CUDA device's total memory, or on the CPU the available RAM shared by the processes of this node.
 When it does not fit, the one-line error names the cheapest change that does, trying in order
-``--ema cpu``, ``--optimizer adamw8bit``, ``--gradient-checkpointing``, ``--mode lora`` (each alone,
-then together) and more GPUs under FSDP2.
+``--ema cpu``, ``--optimizer adamw8bit``, ``--gradient-checkpointing``, ``--sharding fsdp`` (full mode on
+more than one process), ``--mode lora`` (each alone, then together) and more GPUs under FSDP2.
 
 ``SD35FLASH_DEVICE_MEMORY_GIB`` overrides the device memory (tests; a GPU shared with another job).
 Options the config does not have are taken at what ``distill/trainer.py`` does without them: full
-fine-tuning, DDP, an fp32 teacher, text encoders resident, EMA on the device, every optimiser kept.
+fine-tuning, DDP (``sharding: fsdp`` is planned as FSDP2), an fp32 teacher, text encoders resident, EMA on the device, every optimiser kept.
 """
 
 from __future__ import annotations
@@ -87,7 +87,7 @@ def setup_for_distill(cfg: Any, arch: Architecture, world: int, device: str | to
     per = lambda n: max(1, -(-int(n) // world))  # noqa: E731 -- ceil(global batch / processes)
     return TrainSetup(
         config=arch.name, mode=_option(cfg, "mode", "full"), gpus=world, sharding=_option(cfg, "sharding", "ddp"),
-        resolution=int(tr["sample_size"]) * vae_scale, batch=per(cfg.batch_size),
+        resolution=int(getattr(cfg, "resolution", 0) or 0) or int(tr["sample_size"]) * vae_scale, batch=per(cfg.batch_size),
         tg_batch=per(cfg.trajectory.batch_size) if cfg.trajectory.steps > 0 else None,
         gradient_checkpointing=bool(_option(cfg, "gradient_checkpointing", False)),
         optimizer=_option(cfg, "optimizer", "adamw"),
@@ -111,7 +111,7 @@ _SPELLING = {"ema": ("--ema cpu", "--set memory.ema_device=cpu"),
 
 def _candidates(setup: TrainSetup, for_distill: bool = False) -> list[tuple[str, TrainSetup]]:
     """Changes that lower the plan, cheapest first: each alone, then accumulated. ``for_distill``
-    spells them as ``distill`` options and leaves out what ``distill`` cannot do yet (FSDP2)."""
+    spells them as ``distill`` options; the number of GPUs is then the launcher's (``torchrun --nproc_per_node``)."""
     say = (lambda k: _SPELLING[k][1]) if for_distill else (lambda k: _SPELLING[k][0])
     steps: list[tuple[str, dict[str, Any]]] = []
     if setup.ema == "device":
@@ -120,17 +120,20 @@ def _candidates(setup: TrainSetup, for_distill: bool = False) -> list[tuple[str,
         steps.append((say("optimizer"), {"optimizer": "adamw8bit"}))
     if not setup.gradient_checkpointing:
         steps.append((say("gc"), {"gradient_checkpointing": True}))
+    if setup.mode == "full" and setup.gpus > 1 and setup.sharding_used != "fsdp":
+        steps.append(("--sharding fsdp", {"sharding": "fsdp"}))
     if setup.mode == "full":
         steps.append(("--mode lora", {"mode": "lora", "sharding": "ddp"}))
     out = [(label, dataclasses.replace(setup, **change)) for label, change in steps]
     for n in range(2, len(steps) + 1):  # the first n together
         changes = {k: v for _, c in steps[:n] for k, v in c.items()}
         out.append((" ".join(label for label, _ in steps[:n]), dataclasses.replace(setup, **changes)))
-    if setup.mode == "full" and not for_distill:
+    if setup.mode == "full":
         for gpus in (2, 4, 8, 16, 32, 64):
             if gpus > setup.gpus:
-                out.append((f"more GPUs: --gpus {gpus} --sharding fsdp",
-                            dataclasses.replace(setup, gpus=gpus, sharding="fsdp")))
+                label = (f"more GPUs: torchrun --nproc_per_node {gpus} ... --sharding fsdp" if for_distill
+                         else f"more GPUs: --gpus {gpus} --sharding fsdp")
+                out.append((label, dataclasses.replace(setup, gpus=gpus, sharding="fsdp")))
     return out
 
 
@@ -155,8 +158,7 @@ def check_training_fits(setup: TrainSetup, budget_gib: float, where: str = "this
     if fix is not None:
         advice = f"{fix[0]} would fit ({fix[1]:.3g} GiB)"
     elif for_distill:
-        advice = ("none of distill's memory options fits; lower the batch size or the resolution "
-                  "(FSDP2 is planned, see `sd35flash plan --train --sharding fsdp`)")
+        advice = "none of distill's memory options fits; lower the batch size or the resolution"
     else:
         advice = "no single option fits; lower the batch size or the resolution"
     raise UserError(f"this distillation is planned at {plan['peak_gib']:.3g} GiB per device ({plan['peak_phase']}, "

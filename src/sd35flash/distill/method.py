@@ -25,16 +25,16 @@ from dataclasses import dataclass, replace
 import numpy as np
 import torch
 from accelerate import Accelerator
-from diffusers.training_utils import EMAModel
 
 from .. import flow
 from ..models.branches import BranchRouter, branch_ranges
 from ..sampling import PromptEmbeds, generate, guided_velocity, predict_velocity
 from ..train.data import EpochSampler
-from ..train.ema import OffloadedEMA, anchored_ema
+from ..train.ema import EMA, OffloadedEMA, anchored_ema
 from ..train.loop import Metrics, Stage, Update
 from ..train.optim import free_state, make_optimizer
 from ..train.schedules import warmup_cosine
+from ..train.sharding import Sharding, local_tensors, make_sharding
 from ..world import canonical_prompt, split_specs
 from .adversarial import d_loss as gan_d_loss, g_loss as gan_g_loss, reinit_draws, reinit_heads
 from .conditioning import ConditioningProvider, precompute
@@ -86,16 +86,23 @@ class FlowDMD:
         self.ranges = branch_ranges(cfg.split.boundaries)
         self.branch_steps = cfg.branch_steps(models.shift)
         self.branches: list[torch.nn.Module] = []
-        self.branch_emas: list[EMAModel] = []
+        self.branch_emas: list[EMA] = []
         self.cond: ConditioningProvider = models.conditioner
+        self.sharding: Sharding = make_sharding(cfg.sharding, accelerator)
 
     # -- set-up ---------------------------------------------------------------------------------
     def prepare(self) -> None:
         """Build the critic, the optimisers, the student's EMA and the samplers; prepare the
-        trainable modules and optimisers with accelerate. With ``memory.conditioning: precompute``,
-        encode every prompt the run uses once, then park the text encoders."""
+        trainable modules and optimisers with accelerate. With ``sharding: fsdp`` the student, the
+        critic and the frozen teacher are first sharded (:mod:`~sd35flash.train.sharding`). With
+        ``memory.conditioning: precompute``, encode every prompt the run uses once, then park the
+        text encoders."""
         cfg, acc, m = self.cfg, self.acc, self.m
         critic = Critic(m.fake, cfg.gan)
+        sh = self.sharding
+        sh.shard(m.student)
+        sh.shard(critic)
+        sh.shard(m.teacher, trainable=False)
         kind = cfg.memory.optimizer
         opt_tg = make_optimizer(m.student.parameters(), cfg.trajectory.lr, kind)
         opt_s = make_optimizer(m.student.parameters(), cfg.student.lr, kind)
@@ -109,7 +116,7 @@ class FlowDMD:
         self.real_sampler = EpochSampler(len(self.real) if self.real is not None else 1, seed=seed + 103)
         self.student = m.student
         self.critic = critic
-        self.student_p, self.critic_p, self.opt_tg, self.opt_s, self.opt_c = acc.prepare(
+        self.student_p, self.critic_p, self.opt_tg, self.opt_s, self.opt_c = sh.prepare(
             m.student, critic, opt_tg, opt_s, opt_c)
         m.pipe.to(self.dev)
         if cfg.memory.conditioning == "precompute":
@@ -133,27 +140,28 @@ class FlowDMD:
             return [canonical_prompt(s) for s in specs], specs
         return [self.source.prompts[i % len(self.source)] for i in range(n)], None
 
-    def _ema(self, params, decay: float, anchored: bool) -> EMAModel:
+    def _ema(self, params, decay: float, anchored: bool) -> EMA:
         """The student's EMA (``anchored=False``) or a branch's anchored EMA, on ``memory.ema_device``."""
         if self.cfg.memory.ema_device == "cpu":
             extra = {"min_decay": decay, "update_after_step": -1} if anchored else {}
             return OffloadedEMA(params, "cpu", decay=decay, **extra)
-        return anchored_ema(params, decay) if anchored else EMAModel(params, decay=decay)
+        return anchored_ema(params, decay) if anchored else EMA(params, decay=decay)
 
     def checkpoint_objects(self) -> list:
         """The method's state outside prepared modules and optimisers, in checkpoint order: the
         student's EMA, its LR schedule, the prompt, trajectory and real-sample samplers."""
         return [self.ema, self.sched_s, self.prompt_sampler, self.tg_sampler, self.real_sampler]
 
-    def allocate_branches(self) -> list[EMAModel]:
+    def allocate_branches(self) -> list[EMA]:
         """K branch copies of the student (LoRA mode: K branch adapters on the shared base) with their optimisers and anchored EMAs, prepared with
         accelerate; returns the EMAs (to register for checkpointing). Their weights are replaced by
         the stage-1 EMA student when stage 2 starts (:meth:`start_branches`)."""
         sp, acc = self.cfg.split, self.acc
-        self.branches = [self.m.branch_model(b) for b in range(len(self.ranges))]
+        self.branches = [self.sharding.shard(self.m.branch_model(b, copy=self.sharding.copy))
+                         for b in range(len(self.ranges))]
         opts = [make_optimizer(b.parameters(), sp.lr, self.cfg.memory.optimizer) for b in self.branches]
         self.branch_emas = [self._ema(b.parameters(), sp.ema_decay, anchored=True) for b in self.branches]
-        prepared = acc.prepare(*self.branches, *opts)
+        prepared = self.sharding.prepare(*self.branches, *opts)
         k = len(self.branches)
         self.branches_p, self.branch_opts = list(prepared[:k]), list(prepared[k:])
         self.router = BranchRouter(self.branches, self.ranges)
@@ -230,7 +238,7 @@ class FlowDMD:
             self.ema.copy_to(branch.parameters())
             home = getattr(ema, "home", None)
             ema.shadow_params = [p.detach().clone().to(home) if home is not None else p.detach().clone()
-                                 for p in branch.parameters()]
+                                 for p in local_tensors(branch.parameters())]
             ema.optimization_step = 0
         if self.cfg.memory.free_finished_optimizers:
             free_state(self.opt_s)
@@ -288,10 +296,12 @@ class FlowDMD:
         full, scond, drop = self._cond_drop(prompts, r)
         fcond = self.fake_cond(full, scond)
         noise, eps = r.randn(*self.shape).to(self.dev), r.randn(*self.shape).to(self.dev)
-        k_idx = r.randint(self.k).to(self.dev)
+        k_all = r.randint_global(self.k)  # every process runs the rollout steps the global batch needs
+        k_idx = k_all[r.sl].to(self.dev)
         pts = evaluation_times(k_idx, self.schedule, cfg.dmd, r.rand().to(self.dev), r.rand().to(self.dev))
         with self.acc.autocast():
-            x0_s = student_sample(sampler if sampler is not None else self.student, noise, self.schedule, scond, k_idx)
+            x0_s = student_sample(sampler if sampler is not None else self.student, noise, self.schedule, scond, k_idx,
+                                  global_idx=k_all)
         real_noise = r.randn(*self.shape).to(self.dev) if gan.enabled else None
         tau_range = cfg.dmd.random_tau_range
         tau_f = fake_tau(cfg.fake.mixture, pts.tau, r.rand().to(self.dev) if cfg.fake.mixture != "shared" else None,
@@ -371,12 +381,13 @@ class FlowDMD:
         full, scond = self._cond(self._prompts(self.prompt_sampler, self.source.prompts, b), r)
         noise, eps = r.randn(*self.shape).to(self.dev), r.randn(*self.shape).to(self.dev)
         if gen.steps is None:
-            k_idx = r.randint(self.k).to(self.dev)
+            k_all = r.randint_global(self.k)
         else:
-            k_idx = torch.tensor(gen.steps)[r.randint(len(gen.steps))].to(self.dev)
+            k_all = torch.tensor(gen.steps)[r.randint_global(len(gen.steps))]
+        k_idx = k_all[r.sl].to(self.dev)
         pts = evaluation_times(k_idx, self.schedule, dmd_cfg, r.rand().to(self.dev), r.rand().to(self.dev))
         with self.acc.autocast():
-            x_i = rollout_to_step(gen.rollout, noise, self.schedule, scond, k_idx)
+            x_i = rollout_to_step(gen.rollout, noise, self.schedule, scond, k_idx, steps=int(k_all.max()))
             t_i = times_at(self.schedule, k_idx)
             v = predict_velocity(gen.trained, x_i, t_i, scond).to(x_i.dtype)
             x_tau, x0_hat = evaluation_point(x_i, v, t_i, pts, eps)

@@ -103,19 +103,28 @@ class DistillModels:
     made (they stay in the loaded precision); ``gradient_checkpointing`` switches it on for the
     student and the fake (and so for branches copied from the student).
 
+    ``resolution`` (pixels, 0 or ``None``: the teacher's own) sets the latent side of every sample
+    (:func:`~sd35flash.models.resolution.latent_side`; a one-line error when the teacher cannot take it).
+    A pipeline loaded without text encoders (``distill --prepared``) has ``conditioner`` ``None``
+    until the caller gives it a stored one.
+
     ``lora`` (LoRA mode): adapters ``student`` and ``fake`` on the shared frozen ``pipe.transformer``;
     ``teacher_dtype`` then holds the shared base in that dtype (the adapters stay fp32) and
     ``gradient_checkpointing`` applies to the base; ``lora_seed`` seeds the adapters' initialisation."""
 
     def __init__(self, pipe: StableDiffusion3Pipeline, teacher_dtype: str = "fp32",
-                 gradient_checkpointing: bool = False, lora: LoraSettings | None = None, lora_seed: int = 0) -> None:
+                 gradient_checkpointing: bool = False, lora: LoraSettings | None = None, lora_seed: int = 0,
+                 resolution: int | None = None) -> None:
+        from ..models.resolution import latent_side
+
         self.pipe = pipe
+        self.side = latent_side(pipe.transformer.config, pipe.vae.config, resolution or None)
         self.lora, self.lora_seed = lora, lora_seed
         for name in ("transformer", "vae", *ENCODERS):
             mod = getattr(pipe, name, None)
             if mod is not None:
                 freeze(mod)
-        self.conditioner = Conditioner(pipe)
+        self.conditioner = Conditioner(pipe) if any(getattr(pipe, n, None) is not None for n in ENCODERS) else None
         self._parked: dict[str, torch.nn.Module] = {}
         if lora is not None:
             self._lora_models(teacher_dtype, gradient_checkpointing)
@@ -154,11 +163,11 @@ class DistillModels:
     def is_lora(self) -> bool:
         return self.lora is not None
 
-    def branch_model(self, b: int) -> torch.nn.Module:
-        """Split branch ``b``'s trainable model: a copy of the student, or in LoRA mode a fresh adapter
+    def branch_model(self, b: int, copy=trainable_copy) -> torch.nn.Module:
+        """Split branch ``b``'s trainable model: ``copy(student)``, or in LoRA mode a fresh adapter
         ``branch<b>`` on the shared base (its weights are set when stage 2 starts)."""
         if not self.is_lora:
-            return trainable_copy(self.student)
+            return copy(self.student)
         self._add_adapters([f"branch{b}"])
         return AdapterView(self.pipe.transformer, f"branch{b}").train()
 
@@ -180,19 +189,24 @@ class DistillModels:
         return {f.name: f.read_bytes() for f in sorted(folder.iterdir()) if f.is_file()}
 
     @classmethod
-    def for_config(cls, cfg, teacher: str, revision: str | None = None) -> DistillModels:
+    def for_config(cls, cfg, teacher: str, revision: str | None = None, encoders: bool = True) -> DistillModels:
         """The models of distill config ``cfg`` (a :class:`~.config.DistillConfig`): its ``memory``
-        options, and in ``mode: lora`` its ``lora`` settings seeded by ``runtime.seed``."""
+        options and ``resolution``, and in ``mode: lora`` its ``lora`` settings seeded by
+        ``runtime.seed``. ``encoders=False`` never loads the text encoders."""
         mem = cfg.memory
         return cls.load(teacher, revision, mem.teacher_dtype, mem.gradient_checkpointing,
-                        lora=cfg.lora if cfg.mode == "lora" else None, lora_seed=cfg.runtime.seed)
+                        lora=cfg.lora if cfg.mode == "lora" else None, lora_seed=cfg.runtime.seed,
+                        resolution=cfg.resolution, encoders=encoders)
 
     @classmethod
     def load(cls, teacher: str, revision: str | None = None, teacher_dtype: str = "fp32",
              gradient_checkpointing: bool = False, lora: LoraSettings | None = None,
-             lora_seed: int = 0) -> DistillModels:
-        """Load the teacher pipeline (local folder or hub id; one-line errors from ``load_pipeline``)."""
-        return cls(load_pipeline(teacher, revision=revision), teacher_dtype, gradient_checkpointing, lora, lora_seed)
+             lora_seed: int = 0, resolution: int | None = None, encoders: bool = True) -> DistillModels:
+        """Load the teacher pipeline (local folder or hub id; one-line errors from ``load_pipeline``);
+        ``encoders=False`` leaves the text encoders out (tokenizers, VAE and transformer are loaded)."""
+        skip = {} if encoders else {name: None for name in ENCODERS}
+        return cls(load_pipeline(teacher, revision=revision, **skip), teacher_dtype, gradient_checkpointing, lora,
+                   lora_seed, resolution)
 
     def park_encoders(self) -> None:
         """Move the text encoders to the CPU and out of the pipeline (nothing can encode until
@@ -214,5 +228,5 @@ class DistillModels:
         return float(self.pipe.scheduler.config.get("shift", 1.0))
 
     def latent_shape(self) -> tuple[int, int, int]:
-        c = self.teacher.config
-        return (int(c.in_channels), int(c.sample_size), int(c.sample_size))
+        """(channels, side, side) of a training latent at the run's resolution."""
+        return (int(self.teacher.config.in_channels), self.side, self.side)

@@ -33,7 +33,12 @@ class StepRandom:
 
     def randint(self, high: int) -> torch.Tensor:
         """Integers in [0, high) of shape (local batch,)."""
-        return torch.randint(0, high, (self.batch,), generator=self.gen)[self.sl]
+        return self.randint_global(high)[self.sl]
+
+    def randint_global(self, high: int) -> torch.Tensor:
+        """:meth:`randint`'s draw for the whole global batch (``[self.sl]`` is this process's part):
+        what every process must agree on, e.g. how many rollout steps to run."""
+        return torch.randint(0, high, (self.batch,), generator=self.gen)
 
     def scalar(self) -> float:
         """One uniform [0, 1) number, the same on every process."""

@@ -5,6 +5,11 @@ Step ``i`` (0-based here) goes from ``t_i`` to ``t_{i+1}`` with ``x_{i+1} = x_i 
 
 ``student`` is a module, or (split-timestep stage) a router ``(step_index, t) -> module`` that sends
 each step to the branch of its time (``models.branches.BranchRouter``).
+
+``steps`` / ``present`` (what the whole global batch needs: its largest step index, the step indices
+it holds) make every process run the same modules the same number of times whatever its own
+samples need: sharded modules (FSDP2) all-gather their weights in every call, so the processes must
+call them in lockstep. The extra calls do not change any sample.
 """
 
 from __future__ import annotations
@@ -26,15 +31,21 @@ def model_at(student: Student, j: int, t: float) -> torch.nn.Module:
 
 
 def step_velocity(student: Student, x: torch.Tensor, schedule: Sequence[float], cond: PromptEmbeds,
-                  idx: torch.Tensor) -> torch.Tensor:
+                  idx: torch.Tensor, present: Sequence[int] = ()) -> torch.Tensor:
     """``v(x, t_idx)`` with each sample at its own step ``idx``; a router runs each distinct step's
-    samples through that step's module."""
+    samples through that step's module, and the module of each step in ``present`` that no sample
+    here is at on the first sample (result unused; see the module docstring)."""
     t = times_at(schedule, idx)
     if isinstance(student, torch.nn.Module):
         return predict_velocity(student, x, t, cond)
     v = None
-    for j in sorted(set(idx.tolist())):
+    for j in sorted(set(idx.tolist()) | set(present)):
         m = idx == j
+        if not bool(m.any()):
+            first = torch.zeros_like(m)
+            first[0] = True
+            predict_velocity(student(j, float(schedule[j])), x[first], t[first], cond.index(first))
+            continue
         vj = predict_velocity(student(j, float(schedule[j])), x[m], t[m], cond.index(m))
         if v is None:
             v = torch.empty((x.shape[0], *vj.shape[1:]), dtype=vj.dtype, device=vj.device)
@@ -54,15 +65,17 @@ def times_at(schedule: Sequence[float], idx: torch.Tensor) -> torch.Tensor:
 
 @torch.no_grad()
 def rollout_to_step(student: Student, noise: torch.Tensor, schedule: Sequence[float], cond: PromptEmbeds,
-                    idx: torch.Tensor) -> torch.Tensor:
+                    idx: torch.Tensor, steps: int | None = None) -> torch.Tensor:
     """The student's state ``x_{t_i}`` for each sample's step index ``i = idx``, without gradients.
 
-    Runs steps ``0 .. max(idx) - 1`` from ``noise`` (``x_{t_0} = noise`` at ``t = 1``) and keeps, per
-    sample, the state reached after ``idx`` steps.
+    Runs steps ``0 .. max(idx) - 1`` (``0 .. steps - 1`` when given) from ``noise``
+    (``x_{t_0} = noise`` at ``t = 1``) and keeps, per sample, the state reached after ``idx`` steps.
     """
     x = noise
     out = noise.clone()
-    for j in range(int(idx.max().item()) if idx.numel() else 0):
+    if steps is None:
+        steps = int(idx.max().item()) if idx.numel() else 0
+    for j in range(steps):
         t, s = float(schedule[j]), float(schedule[j + 1])
         v = predict_velocity(model_at(student, j, t), x, t, cond).to(x.dtype)
         x = flow.euler_step(x, v, t, s)
@@ -72,9 +85,12 @@ def rollout_to_step(student: Student, noise: torch.Tensor, schedule: Sequence[fl
 
 @torch.no_grad()
 def student_sample(student: Student, noise: torch.Tensor, schedule: Sequence[float],
-                   cond: PromptEmbeds, idx: torch.Tensor) -> torch.Tensor:
-    """A detached student sample: ``x0_hat = x_{t_i} - t_i v(x_{t_i}, t_i)`` at step ``i = idx``."""
-    x_i = rollout_to_step(student, noise, schedule, cond, idx)
+                   cond: PromptEmbeds, idx: torch.Tensor, global_idx: torch.Tensor | None = None) -> torch.Tensor:
+    """A detached student sample: ``x0_hat = x_{t_i} - t_i v(x_{t_i}, t_i)`` at step ``i = idx``;
+    ``global_idx``: the step indices of the whole global batch (see the module docstring)."""
+    steps = int(global_idx.max()) if global_idx is not None else None
+    present = sorted(set(global_idx.tolist())) if global_idx is not None else ()
+    x_i = rollout_to_step(student, noise, schedule, cond, idx, steps)
     t_i = times_at(schedule, idx)
-    v = step_velocity(student, x_i, schedule, cond, idx).to(x_i.dtype)
+    v = step_velocity(student, x_i, schedule, cond, idx, present).to(x_i.dtype)
     return flow.x0_from_v(x_i, v, t_i)

@@ -8,6 +8,11 @@ folder of an earlier run of the same config, to continue it or to export its fin
 another output folder (``distill --from-work``).
 Teacher trajectories are cached in ``<cache>/trajectories/`` and reused by every later run with the
 same teacher, prompts and settings.
+
+``prepared`` (``distill --prepared DIR``) reads what ``sd35flash prepare`` wrote: the prompts and
+their embeddings (the text encoders are then never loaded for training; export loads them to write
+a complete folder) and, when the folder holds trajectories built with this recipe's settings, the
+teacher trajectories. The folder must have been prepared for this teacher at this resolution.
 """
 
 from __future__ import annotations
@@ -80,6 +85,9 @@ def work_dir(cfg: DistillConfig, teacher_id: str, prompts: str, out: Path) -> Pa
     if cfg.mode == "full":
         conf.pop("mode")
         conf.pop("lora")
+    for key, default in (("sharding", "ddp"), ("resolution", 0)):
+        if conf[key] == default:
+            conf.pop(key)
     defaults = to_dict(DistillConfig())
     for section, keys in RECIPE_KEYS.items():
         for k in keys:
@@ -181,9 +189,18 @@ def _differences(a: dict, b: dict, prefix: str = "") -> list[str]:
 
 
 def trajectory_bank(cfg: DistillConfig, models: DistillModels, source: PromptSource, teacher_id: str,
-                    work: Path, acc, progress: bool) -> TrajectoryBank:
-    """Build (main process) or reuse the cached teacher trajectories; every process then loads them."""
+                    work: Path, acc, progress: bool, prepared=None) -> TrajectoryBank:
+    """Build (main process) or reuse the cached teacher trajectories; every process then loads them.
+    A prepare folder holding trajectories (``prepared``) must have been built with these settings."""
     tc = cfg.trajectory
+    if prepared is not None and prepared.settings.get("trajectories") is not None:
+        from ..data.prepared import open_prepared
+
+        settings = {"schedule": cfg.student_schedule(models.shift), "teacher_steps": tc.teacher_steps,
+                    "guidance": cfg.guidance, "shift": models.shift, "seed": cfg.runtime.seed,
+                    "num_trajectories": tc.num_trajectories, "shape": list(models.latent_shape())}
+        store = open_prepared(prepared.folder, trajectory_settings=settings).trajectories
+        return TrajectoryBank(prompts=list(store.prompts), states=store.states, schedule=list(store.schedule))
     n = tc.num_trajectories
     prompts = [source.prompts[m % len(source)] for m in range(n)]
     schedule = cfg.student_schedule(models.shift)
@@ -213,6 +230,40 @@ def trajectory_bank(cfg: DistillConfig, models: DistillModels, source: PromptSou
     return load_or_build(path, build)[0]
 
 
+def open_prepared_for(folder: str | Path, teacher: str, revision: str | None):
+    """Open prepare folder ``folder`` for distilling ``teacher``: it must have been prepared for that
+    teacher (same local folder, or hub id and revision), else a one-line error."""
+    from ..data.prepared import open_prepared
+    from ..models.pipeline_io import is_local_path
+
+    prep = open_prepared(folder)
+    theirs = prep.settings.get("teacher")
+    local = is_local_path(teacher)
+    mine = str(Path(teacher).expanduser().resolve()) if local else teacher
+    if theirs != mine or (not local and prep.settings.get("revision") != revision):
+        raise UserError(f"--prepared {folder} was prepared for teacher {theirs} (encoder fingerprint "
+                        f"{prep.settings.get('fingerprint')}), not {mine}; run `sd35flash prepare --teacher {teacher}` first")
+    return prep
+
+
+def check_prepared_side(prep, models: DistillModels) -> None:
+    """The prepare folder's resolution must be the run's (its trajectories and resolution record)."""
+    side = prep.settings.get("latent_side")
+    if side is not None and int(side) != models.side:
+        raise UserError(f"--prepared {prep.folder} was prepared at {prep.settings.get('resolution')} px, this run "
+                        f"trains at latent side {models.side}; pass --resolution {prep.settings.get('resolution')}")
+
+
+def load_encoders(models: DistillModels, teacher: str, revision: str | None) -> None:
+    """Put the teacher's text encoders into ``models.pipe`` (on the CPU) for export, after a run
+    that trained from a prepare folder without them."""
+    from ..models.pipeline_io import load_pipeline
+
+    full = load_pipeline(teacher, revision=revision, transformer=None, vae=None)
+    for name in ("text_encoder", "text_encoder_2", "text_encoder_3"):
+        setattr(models.pipe, name, getattr(full, name, None))
+
+
 def check_gan(cfg: DistillConfig, models: DistillModels, source: PromptSource) -> None:
     """Before any work: ``gan.blocks`` must exist in the teacher, and ``gan.real: renders`` needs specs."""
     if not cfg.gan.enabled:
@@ -232,7 +283,7 @@ def real_bank(cfg: DistillConfig, models: DistillModels, source: PromptSource, b
         return None
     if cfg.gan.real == "teacher":
         return from_teacher(bank)
-    size = int(models.teacher.config.sample_size) * 2 ** (len(models.pipe.vae.config.block_out_channels) - 1)
+    size = models.side * 2 ** (len(models.pipe.vae.config.block_out_channels) - 1)
     models.pipe.to(acc.device)
     return from_renders(models.pipe.vae, source, cfg.gan.num_real, size, seed=7_000_000 + cfg.runtime.seed)
 
@@ -249,9 +300,10 @@ def split_outputs(cfg: DistillConfig, presplit, branches) -> tuple[SplitInfo, to
     return split, merged_transformer(branches, weights), extras
 
 
-def distill(cfg: DistillConfig, teacher: str | None, out: Path, prompts: str = "shapes", revision: str | None = None,
+def distill(cfg: DistillConfig, teacher: str | None, out: Path, prompts: str | None = "shapes", revision: str | None = None,
             recipe: str = "", resume: bool = False, progress: bool = True, stop_at: int | None = None,
-            init: str | Path | None = None, from_work: str | Path | None = None, force: bool = False) -> Path:
+            init: str | Path | None = None, from_work: str | Path | None = None, force: bool = False,
+            prepared: str | Path | None = None) -> Path:
     """Distil ``teacher`` into a ``cfg.student_steps``-step student saved at ``out``; returns ``out``.
 
     With stage 2 (``split.steps > 0``) the folder's ``transformer/`` is the merge of the branches at
@@ -266,10 +318,18 @@ def distill(cfg: DistillConfig, teacher: str | None, out: Path, prompts: str = "
     ``out`` is checked before any work starts: it must be writable, and an existing folder is
     replaced only when it is a model folder or empty. Unless ``force``, a config the training-memory
     planner says will not fit on the visible devices is refused before anything loads
-    (:func:`.memory_check.check_distill_fits`).
+    (:func:`.memory_check.check_distill_fits`). ``prepared``: a ``sd35flash prepare`` folder to read
+    the prompts, their embeddings and (when built with these settings) the trajectories from.
     """
     teacher = str(teacher) if teacher is not None else str(default_teacher())
     out = check_model_output(Path(out).expanduser().resolve())
+    store = None
+    if prepared is not None:
+        if prompts not in (None, "shapes"):
+            raise UserError("pass either --prompts or --prepared (a prepare folder brings its own prompts), not both")
+        store = open_prepared_for(prepared, teacher, revision)
+        prompts = f"prepared:{store.folder.resolve()}"
+    prompts = prompts or "shapes"
     if from_work is not None and init is not None:
         raise UserError("pass either --from-work (continue or re-export a run) or --init-from (start stage 2), "
                         "not both")
@@ -280,8 +340,11 @@ def distill(cfg: DistillConfig, teacher: str | None, out: Path, prompts: str = "
                         "folder `sd35flash distill` printed as 'work folder'")
     if not force:
         check_distill_fits(cfg, teacher)
-    source = load_prompts(prompts, cfg.num_prompts, seed=cfg.runtime.seed)
-    models = DistillModels.for_config(cfg, teacher, revision)
+    source = store.prompts() if store is not None else load_prompts(prompts, cfg.num_prompts, seed=cfg.runtime.seed)
+    models = DistillModels.for_config(cfg, teacher, revision, encoders=store is None)
+    if store is not None:
+        check_prepared_side(store, models)
+        models.conditioner = store.conditioner(torch.float32)
     cfg.branch_steps(models.shift)  # a split branch without student steps fails here, before any work
     check_gan(cfg, models, source)
     teacher_id = teacher_identity(teacher, revision)
@@ -302,7 +365,7 @@ def distill(cfg: DistillConfig, teacher: str | None, out: Path, prompts: str = "
         print(f"distill: work folder {work}")
     acc.wait_for_everyone()
     needs_bank = cfg.trajectory.steps > 0 or (cfg.gan.enabled and cfg.gan.real == "teacher")
-    bank = trajectory_bank(cfg, models, source, teacher_id, work, acc, progress) if needs_bank else None
+    bank = trajectory_bank(cfg, models, source, teacher_id, work, acc, progress, store) if needs_bank else None
     real = real_bank(cfg, models, source, bank, acc)
     trainer = DistillTrainer(cfg, models, source, work, acc, bank=bank, real=real, progress=progress, stop_at=stop_at)
     try:
@@ -310,7 +373,11 @@ def distill(cfg: DistillConfig, teacher: str | None, out: Path, prompts: str = "
         branches = trainer.branch_results()
         if acc.is_main_process and not trained:
             atomic_write_json(work / TRAINED, {"step": total_steps(cfg)})
+        sharding = trainer.method.sharding  # every process takes part in gathering sharded weights
+        student, branches = sharding.gathered(student), [sharding.gathered(b) for b in branches]
         models.unpark_encoders()  # export saves the teacher's encoders
+        if acc.is_main_process and store is not None:
+            load_encoders(models, teacher, revision)
         if acc.is_main_process:
             with tempfile.TemporaryDirectory() as tmp:
                 files = {f"{LORA_SUBFOLDER}/{name}": data for name, data in models.adapter_files(student, tmp).items()}

@@ -74,7 +74,8 @@ class ProbeHook(Hook):
 
 
 class GridHook(Hook):
-    """A captioned grid of 8 EMA samples every ``sample_every`` steps (main process)."""
+    """A captioned grid of 8 EMA samples every ``sample_every`` steps: sampled by every process (the
+    weights may be sharded), written by the main process."""
 
     def __init__(self, cfg: DistillConfig, method: FlowDMD, work: Path) -> None:
         self.cfg, self.method, self.work = cfg, method, work
@@ -83,9 +84,10 @@ class GridHook(Hook):
         if not every(self.cfg.sample_every, done, total):
             return
         acc = self.method.acc
+        prompts = self.method.probe_prompts()[0][:8]
+        images = images_at(self.method, prompts, done)
         if acc.is_main_process:
-            prompts = self.method.probe_prompts()[0][:8]
-            grid = make_grid(images_at(self.method, prompts, done), cols=4, scale=2, captions=prompts)
+            grid = make_grid(images, cols=4, scale=2, captions=prompts)
             save_png(self.work / "samples" / f"step{done:07d}.png", grid)
             log.image(done, "samples", grid)
         acc.wait_for_everyone()
@@ -115,13 +117,13 @@ class DistillTrainer:
         """Prepare the method and register every checkpointed object, in checkpoint order."""
         self.method.prepare()
         self.probes = ProbeHook(self.cfg, self.method)
-        self.acc.register_for_checkpointing(*self.method.checkpoint_objects(), self.probes.pixel_alarm,
-                                            self.probes.align_alarm)
+        self.acc.register_for_checkpointing(*self.method.sharding.checkpointed(
+            [*self.method.checkpoint_objects(), self.probes.pixel_alarm, self.probes.align_alarm]))
 
     def _setup_branches(self) -> None:
         """The split-timestep branches, prepared and registered after everything else: when stage 2
         starts, or before a checkpoint that holds them is loaded."""
-        self.acc.register_for_checkpointing(*self.method.allocate_branches())
+        self.acc.register_for_checkpointing(*self.method.sharding.checkpointed(self.method.allocate_branches()))
         self.method.ema_to(self.acc.device)
 
     def _stages(self) -> list:
@@ -142,7 +144,7 @@ class DistillTrainer:
     def run(self) -> torch.nn.Module:
         cfg, acc, method = self.cfg, self.acc, self.method
         self._setup()
-        ckpt = CheckpointManager(self.work / "checkpoints")
+        ckpt = CheckpointManager(self.work / "checkpoints", sharded=self.method.sharding.state)
         step = self.restore(ckpt)
         method.ema_to(acc.device)
         stages = self._stages()

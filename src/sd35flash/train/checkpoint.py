@@ -7,6 +7,12 @@ to ``ckpt-<step>.tmp``; ``meta.json`` (step, what the trainer added, whether the
 *good*) and then ``manifest.json`` (every file's size and SHA-256) are written last, and the folder
 is renamed only when complete, so a crash never leaves a half checkpoint that a resume would pick up.
 
+A run whose models are sharded (FSDP2, :mod:`.sharding`) also writes ``sharded/``: the models and
+optimisers through ``torch.distributed.checkpoint`` (one ``.distcp`` file per process) and each
+process's EMA of its shards; accelerate's part then holds the rest (schedules, samplers, alarms,
+every process's RNG). The manifest, the fall-back to an older checkpoint and the retention below
+cover it like any other file (the processes must share the checkpoint folder's file system).
+
 Loading verifies the manifest. When the newest checkpoint is damaged (a file missing, truncated or
 changed, an RNG state that cannot be read), the previous valid one is used with a one-line warning
 naming both; with none left, a one-line error. A checkpoint written without a manifest (by older
@@ -37,6 +43,7 @@ from ..errors import TrainingAlarm, UserError
 from ..faults import fault_point
 from .alarms import CollapseDetector
 from .runtime import world_info
+from .sharding import SHARDED_DIR
 
 PREFIX = "ckpt-"
 META = "meta.json"
@@ -141,7 +148,7 @@ def weights_health(folder: str | Path, max_abs: float) -> tuple[bool, float]:
             with safe_open(str(p), "pt") as f:  # one tensor at a time
                 for k in f.keys():
                     yield f.get_tensor(k)
-        for p in sorted(root.glob("custom_checkpoint_*.pkl")):
+        for p in sorted([*root.glob("custom_checkpoint_*.pkl"), *root.glob("sharded/ema-rank*.pt")]):
             try:
                 state = torch.load(p, weights_only=True, map_location="cpu", mmap=True)
             except Exception:  # an object whose state is not plain tensors/containers holds no weights
@@ -175,8 +182,11 @@ class CheckpointManager:
     """Saves, verifies, finds and loads checkpoints in ``root``; keeps the ``keep`` newest and the
     newest good one (``keep`` is at least 2, so a damaged newest checkpoint has one to fall back to)."""
 
-    def __init__(self, root: str | Path, keep: int = 2, max_abs: float = 1e4) -> None:
+    def __init__(self, root: str | Path, keep: int = 2, max_abs: float = 1e4, sharded=None) -> None:
+        """``sharded``: the :class:`~.sharding.ShardedState` of a sharded run (``None``: everything is
+        accelerate's)."""
         self.root = Path(root)
+        self.sharded = sharded
         self.keep = max(2, keep)
         self.max_abs = max_abs
         self._problems: dict[Path, str | None] = {}
@@ -249,6 +259,8 @@ class CheckpointManager:
                 shutil.rmtree(stale, ignore_errors=True)
         accelerator.wait_for_everyone()
         accelerator.save_state(str(tmp))
+        if self.sharded is not None:
+            self.sharded.save(tmp / SHARDED_DIR)
         accelerator.wait_for_everyone()
         fault_point("checkpoint", step)
         if accelerator.is_main_process:
@@ -307,6 +319,11 @@ class CheckpointManager:
             warn(f"checkpoint {path.name}: {reason}; training continues with fresh random numbers, so this resume "
                  "is not bit-exact")
         accelerator.load_state(str(path))
+        if self.sharded is not None:
+            if not (path / SHARDED_DIR).is_dir():
+                raise UserError(f"checkpoint {path} holds no sharded models; it was written without --sharding fsdp: "
+                                "resume it with the sharding that wrote it")
+            self.sharded.load(path / SHARDED_DIR)
         return int(read_meta(path)["step"])
 
     def alarm(self, exc: BaseException, main: bool = True) -> TrainingAlarm:

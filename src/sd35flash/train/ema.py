@@ -8,16 +8,38 @@ import torch
 from diffusers.training_utils import EMAModel
 
 from .loop import Hook, Stage
+from .sharding import local_tensors
 
 
-def anchored_ema(params: Iterable[torch.nn.Parameter], decay: float) -> EMAModel:
+class EMA(EMAModel):
+    """diffusers' :class:`EMAModel` over the parameters this process holds: every method that takes
+    ``parameters`` maps sharded ones to their local shards (:func:`.sharding.local_tensors`), so
+    under FSDP2 it is the EMA of the local shards; for whole parameters it is ``EMAModel`` itself."""
+
+    def __init__(self, parameters: Iterable[torch.nn.Parameter], **kwargs) -> None:
+        super().__init__(local_tensors(parameters), **kwargs)
+
+    def step(self, parameters: Iterable[torch.nn.Parameter]) -> None:
+        super().step(local_tensors(parameters))
+
+    def copy_to(self, parameters: Iterable[torch.nn.Parameter]) -> None:
+        super().copy_to(local_tensors(parameters))
+
+    def store(self, parameters: Iterable[torch.nn.Parameter]) -> None:
+        super().store(local_tensors(parameters))
+
+    def restore(self, parameters: Iterable[torch.nn.Parameter]) -> None:
+        super().restore(local_tensors(parameters))
+
+
+def anchored_ema(params: Iterable[torch.nn.Parameter], decay: float) -> EMA:
     """EMA that starts at the current weights and uses the constant ``decay`` from the first update:
     ``ema <- decay * ema + (1 - decay) * w`` (diffusers' EMAModel with its warm-up switched off:
     ``min_decay = decay``, ``update_after_step = -1``)."""
-    return EMAModel(params, decay=decay, min_decay=decay, update_after_step=-1)
+    return EMA(params, decay=decay, min_decay=decay, update_after_step=-1)
 
 
-class OffloadedEMA(EMAModel):
+class OffloadedEMA(EMA):
     """An :class:`EMAModel` whose shadow weights live on ``device`` (e.g. the CPU while the model
     trains on a GPU): each update brings the live weights to ``device`` first, so
     ``ema <- ema - (1 - decay) (ema - w)`` runs there; ``copy_to`` / ``store`` move back as usual."""
@@ -34,7 +56,7 @@ class OffloadedEMA(EMAModel):
     @torch.no_grad()
     def step(self, parameters: Iterable[torch.nn.Parameter]) -> None:
         moved = []
-        for p in parameters:
+        for p in local_tensors(parameters):
             q = p.detach().to(self.home)
             moved.append(q.requires_grad_(p.requires_grad) if q.is_floating_point() else q)
         super().step(moved)

@@ -29,6 +29,7 @@ from accelerate import Accelerator
 from .alarms import check_finite
 from .checkpoint import CheckpointManager, StopTraining
 from .logger import RunLogger
+from .sharding import clip_grad_norm
 
 Metrics = dict[str, torch.Tensor]
 LossFn = Callable[[int], tuple[torch.Tensor, Metrics]]
@@ -172,7 +173,7 @@ class TrainLoop:
             for k, v in metrics.items():
                 v = v.detach().float()
                 sums[k] = sums[k] + v / n if k in sums else v / n
-        gn = torch.as_tensor(self.acc.clip_grad_norm_(upd.module.parameters(), upd.clip)).float()
+        gn = clip_grad_norm(self.acc, upd.module.parameters(), upd.clip)
         check_finite(step, **{upd.loss_key: total_loss, upd.grad_norm_key: gn})
         upd.optimizer.step()
         if upd.scheduler is not None:
