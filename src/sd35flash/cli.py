@@ -115,7 +115,7 @@ def build_parser() -> argparse.ArgumentParser:
                     "adapters on one shared frozen base (config `mode`, `lora.rank/alpha/targets`)")
     ds.add_argument("--sharding", choices=("ddp", "fsdp"), help="ddp: whole models on every process (default); "
                     "fsdp: FSDP2 shards student, critic and teacher per block (full mode, under torchrun)")
-    ds.add_argument("--resolution", type=int, help="training images in pixels (default: the teacher's own size)")
+    ds.add_argument("--resolution", type=A.resolution, help="training images in pixels (default: the teacher's own size)")
     ds.add_argument("--prepared", metavar="DIR", help="a `sd35flash prepare` folder: its prompts, embeddings (the "
                     "text encoders are not loaded for training) and trajectories")
     ds.add_argument("--resume", action="store_true", help="continue an unfinished run of the same config")

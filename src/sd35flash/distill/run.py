@@ -338,6 +338,10 @@ def distill(cfg: DistillConfig, teacher: str | None, out: Path, prompts: str | N
     if init is not None and not (Path(init).expanduser() / "config.json").is_file():
         raise UserError(f"--init-from {init} is not a distillation work folder (no config.json); pass the "
                         "folder `sd35flash distill` printed as 'work folder'")
+    if cfg.resolution:  # before anything loads: the teacher's configs say which sizes it takes
+        from ..models.resolution import geometry_configs, latent_side
+
+        latent_side(*geometry_configs(teacher, revision), cfg.resolution)
     if not force:
         check_distill_fits(cfg, teacher)
     source = store.prompts() if store is not None else load_prompts(prompts, cfg.num_prompts, seed=cfg.runtime.seed)

@@ -1,0 +1,206 @@
+"""``distill --sharding fsdp`` (FSDP2 per block) under torchrun with gloo on the CPU, ``--prepared``
+(training from a ``prepare`` folder without text encoders) and ``--resolution``, on a tiny random
+pipeline with the smallest schedule that passes through every stage (TG 1, DMD 1, split 1 steps).
+
+* two FSDP2 processes, killed in the middle of a sharded checkpoint and resumed, export the student
+  and branches one process gives; the export loads in stock diffusers;
+* a run from a ``prepare`` folder (fp32 embeddings) logs the losses of live encoding and constructs
+  no text encoder while it trains;
+* bad input is a one-line error: fsdp with LoRA, a prepare folder of another teacher, a resolution
+  the teacher cannot take.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+from safetensors.torch import load_file
+from test_deploy_quantize import TINY, WORDS
+
+from sd35flash.cli import main
+from sd35flash.config import merge
+from sd35flash.distill.config import load_distill_config
+from sd35flash.distill.models import DistillModels
+from sd35flash.distill.run import distill, work_dir
+from sd35flash.distill.trajectory import teacher_identity
+from sd35flash.models import build_toy_pipeline, save_pipeline
+
+SUBS = ("transformer", "transformer_branch0", "transformer_branch1")
+CFG = {"batch_size": 4, "trajectory": {"steps": 1, "batch_size": 4, "num_trajectories": 4, "teacher_steps": 4},
+       "student": {"steps": 1}, "split": {"steps": 1}, "probe_images": 0, "sample_every": 0, "checkpoint_every": 1,
+       "runtime": {"device": "cpu", "num_threads": 1}}
+
+SCRIPT = """
+import sys
+from pathlib import Path
+from sd35flash.config import merge
+from sd35flash.distill.config import load_distill_config
+from sd35flash.distill.run import distill
+cfg = merge(load_distill_config("smoke"), {cfg!r})
+distill(cfg, sys.argv[1], Path(sys.argv[2]), progress=False, resume=sys.argv[3] == "resume")
+"""
+
+
+@pytest.fixture(scope="module")
+def tiny(tmp_path_factory) -> Path:
+    out = tmp_path_factory.mktemp("fsdp") / "tiny"
+    save_pipeline(build_toy_pipeline(TINY, WORDS), out)
+    return out
+
+
+def _torchrun(script: str, args: list[str], cache: Path, kill: str | None = None) -> subprocess.CompletedProcess:
+    env = dict(os.environ, SD35FLASH_CACHE=str(cache), OMP_NUM_THREADS="1")
+    env.pop("SD35FLASH_FAULT_KILL_AT", None)
+    if kill:
+        env["SD35FLASH_FAULT_KILL_AT"] = kill
+    return subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2",
+                           "--no-python", sys.executable, "-c", script, *args], capture_output=True, text=True,
+                          env=env, timeout=400)
+
+
+@pytest.mark.timeout(600)
+def test_fsdp_two_processes_killed_and_resumed_match_one(tiny, tmp_path, monkeypatch):
+    cache = tmp_path / "cache"
+    monkeypatch.setenv("SD35FLASH_CACHE", str(cache))
+    cfg = merge(load_distill_config("smoke"), CFG)
+    one = distill(cfg, str(tiny), tmp_path / "one", progress=False)
+
+    fsdp = {**CFG, "sharding": "fsdp"}
+    script = SCRIPT.format(cfg=fsdp)
+    two = tmp_path / "two"
+    killed = _torchrun(script, [str(tiny), str(two), "fresh"], cache, kill="checkpoint:2")
+    assert killed.returncode != 0 and not two.exists()
+    work = work_dir(merge(load_distill_config("smoke"), fsdp), teacher_identity(str(tiny), None), "shapes", two)
+    ckpts = sorted(p.name for p in (work / "checkpoints").iterdir())
+    assert ckpts == ["ckpt-00000001", "ckpt-00000002.tmp"], ckpts  # killed while writing step 2
+    sharded = work / "checkpoints" / "ckpt-00000001" / "sharded"
+    assert {"ema-rank0.pt", "ema-rank1.pt", ".metadata"} <= {p.name for p in sharded.iterdir()}
+    assert len(list(sharded.glob("*.distcp"))) == 2  # one file per process
+    assert "sharded/ema-rank1.pt" in json.loads((sharded.parent / "manifest.json").read_text())["files"]
+
+    resumed = _torchrun(script, [str(tiny), str(two), "resume"], cache)
+    assert resumed.returncode == 0, resumed.stderr[-6000:]
+    teacher = load_file(str(tiny / "transformer" / "diffusion_pytorch_model.safetensors"))
+    for sub in SUBS:
+        a = load_file(str(one / sub / "diffusion_pytorch_model.safetensors"))
+        b = load_file(str(two / sub / "diffusion_pytorch_model.safetensors"))
+        assert a.keys() == b.keys() == teacher.keys()
+        assert any(not torch.equal(a[k], teacher[k]) for k in a), sub  # it trained
+        for k in a:
+            assert torch.allclose(a[k], b[k], atol=1e-6, rtol=1e-5), (sub, k, (a[k] - b[k]).abs().max())
+
+    from diffusers import StableDiffusion3Pipeline
+
+    pipe = StableDiffusion3Pipeline.from_pretrained(two)  # the gathered export is a stock pipeline
+    a = load_file(str(one / "transformer" / "diffusion_pytorch_model.safetensors"))
+    for k, v in pipe.transformer.state_dict().items():
+        assert torch.allclose(v, a[k], atol=1e-6, rtol=1e-5), k
+    assert json.loads((two / "sd35flash.json").read_text())["extra"]["world_size"] == 2
+
+
+def _count_encoders(monkeypatch) -> list[str]:
+    """Record every text-encoder construction (CLIP and T5 classes of transformers)."""
+    import transformers
+
+    made: list[str] = []
+    for name in ("CLIPTextModelWithProjection", "T5EncoderModel", "CLIPTextModel"):
+        cls = getattr(transformers, name)
+        orig = cls.__init__
+
+        def init(self, *a, _orig=orig, _name=name, **k):
+            made.append(_name)
+            _orig(self, *a, **k)
+
+        monkeypatch.setattr(cls, "__init__", init)
+    return made
+
+
+@pytest.mark.timeout(300)
+def test_prepared_store_gives_live_losses_without_encoders(tiny, tmp_path, monkeypatch):
+    monkeypatch.setenv("SD35FLASH_CACHE", str(tmp_path / "cache"))
+    prompts = tmp_path / "p.txt"
+    prompts.write_text("a red circle\ntwo blue squares\na large green triangle\nthree small yellow squares\n")
+    folder = tmp_path / "prep"
+    assert main(["prepare", "--teacher", str(tiny), "--prompts", str(prompts), "--out", str(folder),
+                 "--dtype", "fp32", "--no-progress", "--preset", "smoke"]) == 0
+    cfg = merge(load_distill_config("smoke"), {**CFG, "split": {"steps": 0}, "probe_images": 2})
+    live = distill(cfg, str(tiny), tmp_path / "live", prompts=str(file_copy(folder, tmp_path)), progress=False)
+
+    from sd35flash.distill import trainer as trainer_mod
+
+    made = _count_encoders(monkeypatch)
+    during: list[int] = []
+    run = trainer_mod.DistillTrainer.run
+
+    def counted(self):
+        out = run(self)
+        during.append(len(made))
+        return out
+
+    monkeypatch.setattr(trainer_mod.DistillTrainer, "run", counted)
+    stored = distill(cfg, str(tiny), tmp_path / "stored", prompts=None, progress=False, prepared=folder)
+    assert during == [0]  # no text encoder was built while training
+    assert made  # export put the teacher's encoders into the folder
+    metrics = []
+    for out, src in ((live, str(file_copy(folder, tmp_path))), (stored, f"prepared:{folder.resolve()}")):
+        work = work_dir(cfg, teacher_identity(str(tiny), None), src, out)
+        metrics.append([json.loads(line) for line in (work / "metrics.jsonl").read_text().splitlines()])
+    assert [r["step"] for r in metrics[0]] == [r["step"] for r in metrics[1]]
+    names = {k for r in metrics[0] for k in r if k.endswith("loss") or k.startswith("probe/")}
+    assert {"tg/loss", "dmd/loss", "fake/loss", "probe/pixel_std"} <= names
+    for ra, rb in zip(*metrics):
+        for k in names & set(ra):
+            assert ra[k] == pytest.approx(rb[k], rel=1e-5, abs=1e-7), (ra["step"], k)
+    for sub in ("transformer", "text_encoder", "text_encoder_3"):
+        assert (stored / sub).is_dir()
+
+
+def file_copy(folder: Path, tmp_path: Path) -> Path:
+    """The prompt file ``prepare`` wrote (the live run reads the same prompts in the same order)."""
+    dest = tmp_path / "prepared-prompts.jsonl"
+    if not dest.exists():
+        shutil.copy(folder / "prompts.jsonl", dest)
+    return dest
+
+
+def test_resolution_reaches_the_latent_shape(tiny):
+    native = build_toy_pipeline(TINY, WORDS)
+    side = int(native.transformer.config.sample_size)
+    scale = 2 ** (len(native.vae.config.block_out_channels) - 1)
+    models = DistillModels.load(str(tiny), resolution=side * scale)
+    assert models.latent_shape() == (int(native.transformer.config.in_channels), side, side)
+    assert DistillModels.load(str(tiny)).latent_shape() == models.latent_shape()
+    half = DistillModels.load(str(tiny), resolution=side * scale // 2)  # a smaller crop of the position table
+    assert half.latent_shape() == (int(native.transformer.config.in_channels), side // 2, side // 2)
+
+
+@pytest.mark.parametrize("args,match", [
+    (["--sharding", "fsdp", "--mode", "lora"], "use --sharding ddp with --mode lora"),
+    (["--resolution", "4096"], "--resolution 4096 is larger than"),
+    (["--resolution", "36"], "must be a positive multiple of"),
+    (["--prepared", "OTHER"], "was prepared for teacher"),
+    (["--prepared", "OTHER", "--prompts", "shapes.txt"], "pass either --prompts or --prepared"),
+])
+def test_bad_input_is_one_line(tiny, tmp_path, capsys, monkeypatch, args, match):
+    monkeypatch.setenv("SD35FLASH_CACHE", str(tmp_path / "cache"))
+    if "OTHER" in args:
+        other = tmp_path / "other"
+        shutil.copytree(tiny, other)
+        prompts = tmp_path / "p.txt"
+        prompts.write_text("a red circle\n")
+        assert main(["prepare", "--teacher", str(other), "--prompts", str(prompts), "--out", str(tmp_path / "prep"),
+                     "--no-progress"]) == 0
+        capsys.readouterr()
+        args = [str(tmp_path / "prep") if a == "OTHER" else a for a in args]
+    code = main(["distill", "--teacher", str(tiny), "--out", str(tmp_path / "s"), "--preset", "smoke",
+                 "--no-progress", *args])
+    err = capsys.readouterr().err.strip()
+    assert code == 2
+    assert match in err and len(err.splitlines()) == 1, err
