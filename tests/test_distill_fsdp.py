@@ -15,8 +15,6 @@ from __future__ import annotations
 import json
 import os
 import shutil
-import subprocess
-import sys
 from pathlib import Path
 
 import pytest
@@ -37,15 +35,55 @@ CFG = {"batch_size": 4, "trajectory": {"steps": 1, "batch_size": 4, "num_traject
        "student": {"steps": 1}, "split": {"steps": 1}, "probe_images": 0, "sample_every": 0, "checkpoint_every": 1,
        "runtime": {"device": "cpu", "num_threads": 1}}
 
-SCRIPT = """
-import sys
-from pathlib import Path
-from sd35flash.config import merge
-from sd35flash.distill.config import load_distill_config
-from sd35flash.distill.run import distill
-cfg = merge(load_distill_config("smoke"), {cfg!r})
-distill(cfg, sys.argv[1], Path(sys.argv[2]), progress=False, resume=sys.argv[3] == "resume")
-"""
+
+
+def _worker(rank: int, port: int, kill: str | None, cfg, teacher: str, out: Path, resume: bool) -> None:
+    """One of two processes of a gloo run, forked from the test process (no second import of torch,
+    diffusers and sd35flash): the environment torchrun would give it, then ``distill``."""
+    import traceback
+
+    from accelerate.state import AcceleratorState, PartialState
+
+    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), RANK=str(rank), LOCAL_RANK=str(rank),
+                      WORLD_SIZE="2", LOCAL_WORLD_SIZE="2")
+    os.environ.pop("SD35FLASH_FAULT_KILL_AT", None)
+    if kill:
+        os.environ["SD35FLASH_FAULT_KILL_AT"] = kill
+    AcceleratorState._reset_state(True)  # the parent's single-process state came along with the fork
+    PartialState._reset_state()
+    try:
+        distill(cfg, teacher, out, progress=False, resume=resume)
+    except BaseException:
+        traceback.print_exc()
+        os._exit(1)
+    os._exit(0)
+
+
+def _two_processes(cfg, teacher: Path, out: Path, resume: bool = False, kill: str | None = None) -> list[int]:
+    """Exit codes of a two-process gloo run of ``distill`` (forked; a process that dies takes the other down)."""
+    import socket
+    import time
+
+    import torch.multiprocessing as mp
+
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        port = sock.getsockname()[1]
+    ctx = mp.get_context("fork")
+    procs = [ctx.Process(target=_worker, args=(r, port, kill, cfg, str(teacher), out, resume)) for r in range(2)]
+    for p in procs:
+        p.start()
+    deadline = time.monotonic() + 400
+    while any(p.is_alive() for p in procs) and time.monotonic() < deadline:
+        if any(p.exitcode not in (None, 0) for p in procs):  # one died: the other waits in a collective
+            time.sleep(2)
+            break
+        time.sleep(0.2)
+    for p in procs:
+        if p.is_alive():
+            p.kill()
+        p.join()
+    return [p.exitcode for p in procs]
 
 
 @pytest.fixture(scope="module")
@@ -55,16 +93,6 @@ def tiny(tmp_path_factory) -> Path:
     return out
 
 
-def _torchrun(script: str, args: list[str], cache: Path, kill: str | None = None) -> subprocess.CompletedProcess:
-    env = dict(os.environ, SD35FLASH_CACHE=str(cache), OMP_NUM_THREADS="1")
-    env.pop("SD35FLASH_FAULT_KILL_AT", None)
-    if kill:
-        env["SD35FLASH_FAULT_KILL_AT"] = kill
-    return subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2",
-                           "--no-python", sys.executable, "-c", script, *args], capture_output=True, text=True,
-                          env=env, timeout=400)
-
-
 @pytest.mark.timeout(600)
 def test_fsdp_two_processes_killed_and_resumed_match_one(tiny, tmp_path, monkeypatch):
     cache = tmp_path / "cache"
@@ -72,21 +100,19 @@ def test_fsdp_two_processes_killed_and_resumed_match_one(tiny, tmp_path, monkeyp
     cfg = merge(load_distill_config("smoke"), CFG)
     one = distill(cfg, str(tiny), tmp_path / "one", progress=False)
 
-    fsdp = {**CFG, "sharding": "fsdp"}
-    script = SCRIPT.format(cfg=fsdp)
+    fsdp = merge(cfg, {"sharding": "fsdp"})
     two = tmp_path / "two"
-    killed = _torchrun(script, [str(tiny), str(two), "fresh"], cache, kill="checkpoint:2")
-    assert killed.returncode != 0 and not two.exists()
-    work = work_dir(merge(load_distill_config("smoke"), fsdp), teacher_identity(str(tiny), None), "shapes", two)
+    codes = _two_processes(fsdp, tiny, two, kill="checkpoint:2")
+    assert codes == [-9, -9] and not two.exists(), codes  # both killed while writing checkpoint 2
+    work = work_dir(fsdp, teacher_identity(str(tiny), None), "shapes", two)
     ckpts = sorted(p.name for p in (work / "checkpoints").iterdir())
-    assert ckpts == ["ckpt-00000001", "ckpt-00000002.tmp"], ckpts  # killed while writing step 2
+    assert ckpts == ["ckpt-00000001", "ckpt-00000002.tmp"], ckpts
     sharded = work / "checkpoints" / "ckpt-00000001" / "sharded"
     assert {"ema-rank0.pt", "ema-rank1.pt", ".metadata"} <= {p.name for p in sharded.iterdir()}
     assert len(list(sharded.glob("*.distcp"))) == 2  # one file per process
     assert "sharded/ema-rank1.pt" in json.loads((sharded.parent / "manifest.json").read_text())["files"]
 
-    resumed = _torchrun(script, [str(tiny), str(two), "resume"], cache)
-    assert resumed.returncode == 0, resumed.stderr[-6000:]
+    assert _two_processes(fsdp, tiny, two, resume=True) == [0, 0]
     teacher = load_file(str(tiny / "transformer" / "diffusion_pytorch_model.safetensors"))
     for sub in SUBS:
         a = load_file(str(one / sub / "diffusion_pytorch_model.safetensors"))
