@@ -1,6 +1,7 @@
 """``distill --sharding fsdp`` (FSDP2 per block) under torchrun with gloo on the CPU, ``--prepared``
 (training from a ``prepare`` folder without text encoders) and ``--resolution``, on a tiny random
-pipeline with the smallest schedule that passes through every stage (TG 1, DMD 1, split 1 steps).
+pipeline with the smallest schedule that passes through every stage (TG 1, DMD 1, split 1 steps;
+the discriminator heads re-initialised after every critic update, sharded as they are under FSDP2).
 
 * two FSDP2 processes, killed in the middle of a sharded checkpoint and resumed, export the student
   and branches one process gives; the export loads in stock diffusers;
@@ -32,7 +33,7 @@ from sd35flash.models import build_toy_pipeline, save_pipeline
 
 SUBS = ("transformer", "transformer_branch0", "transformer_branch1")
 CFG = {"batch_size": 4, "trajectory": {"steps": 1, "batch_size": 4, "num_trajectories": 4, "teacher_steps": 4},
-       "student": {"steps": 1}, "split": {"steps": 1}, "probe_images": 0, "sample_every": 0, "checkpoint_every": 1,
+       "student": {"steps": 1}, "split": {"steps": 1}, "gan": {"reinit_prob": 1.0}, "probe_images": 0, "sample_every": 0, "checkpoint_every": 1,
        "runtime": {"device": "cpu", "num_threads": 1}}
 
 
@@ -230,3 +231,23 @@ def test_bad_input_is_one_line(tiny, tmp_path, capsys, monkeypatch, args, match)
     err = capsys.readouterr().err.strip()
     assert code == 2
     assert match in err and len(err.splitlines()) == 1, err
+
+
+def test_memory_check_plans_fsdp_and_suggests_it():
+    """``sharding: fsdp`` is planned as FSDP2 (each GPU holds 1/N of student, fake and teacher); a DDP
+    run on several GPUs that does not fit is told that ``--sharding fsdp`` would."""
+    from sd35flash.deploy.plan import load_architecture
+    from sd35flash.deploy.plan_train import plan_training
+    from sd35flash.distill.memory_check import check_training_fits, setup_for_distill
+    from sd35flash.errors import UserError
+
+    arch = load_architecture("sd35-large")
+    cfg = merge(load_distill_config("smoke"), {"sharding": "fsdp", "memory": {"gradient_checkpointing": True}})
+    sharded = setup_for_distill(cfg, arch, 8, "cuda")
+    replicated = setup_for_distill(merge(cfg, {"sharding": "ddp"}), arch, 8, "cuda")
+    assert (sharded.sharding_used, replicated.sharding_used) == ("fsdp", "ddp")
+    peak = plan_training(sharded, arch)["peak_gib"]
+    assert peak < plan_training(replicated, arch)["peak_gib"] / 2
+    with pytest.raises(UserError) as exc:
+        check_training_fits(replicated, peak + 2.0, arch=arch, for_distill=True)
+    assert "--sharding fsdp would fit" in str(exc.value) and "\n" not in str(exc.value)

@@ -22,6 +22,8 @@ from collections.abc import Sequence
 import torch
 import torch.nn.functional as F
 
+from ..train.sharding import reset_as_whole
+
 
 def resolve_blocks(indices: Sequence[int], n_blocks: int) -> list[int]:
     """Block indices, negatives counted from the end; out-of-range -> ValueError naming the range."""
@@ -165,7 +167,7 @@ def reinit_heads(disc: Discriminator, optimizer: torch.optim.Optimizer, prob: fl
             continue
         with torch.random.fork_rng(devices=[]):
             torch.manual_seed(seed + h)
-            head.reset_parameters()
+            reset_as_whole(head, head.reset_parameters)  # sharded heads draw what whole ones do
         for p in head.parameters():
             inner.state.pop(p, None)
         done.append(h)

@@ -20,7 +20,7 @@ local shards, saved per process. Works on the CPU with gloo (the tests) as on CU
 from __future__ import annotations
 
 import copy
-from collections.abc import Iterable
+from collections.abc import Callable, Iterable
 from pathlib import Path
 from typing import Any
 
@@ -67,6 +67,33 @@ def clip_grad_norm(acc: Accelerator, params: Iterable[torch.nn.Parameter], max_n
         total = total.full_tensor()
     torch.nn.utils.clip_grads_with_norm_(with_grad, max_norm, total)
     return total.detach().float().cpu()
+
+
+def reset_as_whole(module: torch.nn.Module, reset: Callable[[], None]) -> None:
+    """Run ``reset()``, which re-initialises ``module``'s parameters in place (``reset_parameters``),
+    as if they were whole: each sharded parameter is replaced by a whole tensor for the call, then
+    every process keeps its shard of it (FSDP2 shards dim 0 in ``torch.chunk`` pieces). So a seeded
+    re-initialisation draws on N processes exactly what it draws on one."""
+    dtensor = _dtensor()
+    swapped = []
+    for sub in module.modules():
+        for name, p in list(sub._parameters.items()):
+            if isinstance(p, dtensor):
+                whole = torch.nn.Parameter(torch.empty(p.shape, dtype=p.dtype, device=p.to_local().device),
+                                           requires_grad=p.requires_grad)
+                sub._parameters[name] = whole
+                swapped.append((sub, name, p, whole))
+    try:
+        reset()
+    finally:
+        for sub, name, p, whole in swapped:
+            sub._parameters[name] = p
+            with torch.no_grad():
+                local = p.to_local()
+                pieces = whole.detach().chunk(p.device_mesh.size(), dim=0)
+                rank = p.device_mesh.get_local_rank()
+                if local.numel():
+                    local.copy_(pieces[rank])
 
 
 def _is_ema(obj: Any) -> bool:
