@@ -54,7 +54,7 @@ def _worker(rank: int, port: int, kill: str | None, cfg, teacher: str, out: Path
     PartialState._reset_state()
     try:
         distill(cfg, teacher, out, progress=False, resume=resume)
-    except BaseException:
+    except BaseException:  # noqa: BLE001 -- the exit code is what the parent reads
         traceback.print_exc()
         os._exit(1)
     os._exit(0)
@@ -98,7 +98,7 @@ def tiny(tmp_path_factory) -> Path:
 def test_fsdp_two_processes_killed_and_resumed_match_one(tiny, tmp_path, monkeypatch):
     cache = tmp_path / "cache"
     monkeypatch.setenv("SD35FLASH_CACHE", str(cache))
-    cfg = merge(load_distill_config("smoke"), CFG)
+    cfg = merge(load_distill_config("smoke"), {**CFG, "probe_images": 2, "probe_every": 1, "sample_every": 3})
     one = distill(cfg, str(tiny), tmp_path / "one", progress=False)
 
     fsdp = merge(cfg, {"sharding": "fsdp"})
@@ -122,6 +122,13 @@ def test_fsdp_two_processes_killed_and_resumed_match_one(tiny, tmp_path, monkeyp
         assert any(not torch.equal(a[k], teacher[k]) for k in a), sub  # it trained
         for k in a:
             assert torch.allclose(a[k], b[k], atol=1e-6, rtol=1e-5), (sub, k, (a[k] - b[k]).abs().max())
+
+    # probes and the sample grid ran on the sharded weights: the numbers of one process
+    assert (work / "samples" / "step0000003.png").is_file()
+    probes = [{r["step"]: r["probe/pixel_std"] for r in map(json.loads, (w / "metrics.jsonl").read_text().splitlines())
+               if "probe/pixel_std" in r} for w in (work, work_dir(cfg, teacher_identity(str(tiny), None), "shapes", one))]
+    assert sorted(probes[0]) == [0, 1, 2, 3]
+    assert [probes[0][k] for k in range(4)] == pytest.approx([probes[1][k] for k in range(4)], rel=1e-5)
 
     from diffusers import StableDiffusion3Pipeline
 

@@ -36,7 +36,9 @@ from ..train.optim import free_state, make_optimizer
 from ..train.schedules import warmup_cosine
 from ..train.sharding import Sharding, local_tensors, make_sharding
 from ..world import canonical_prompt, split_specs
-from .adversarial import d_loss as gan_d_loss, g_loss as gan_g_loss, reinit_draws, reinit_heads
+from .adversarial import d_loss as gan_d_loss
+from .adversarial import g_loss as gan_g_loss
+from .adversarial import reinit_draws, reinit_heads
 from .conditioning import ConditioningProvider, precompute
 from .config import DistillConfig
 from .critic import Critic, split_logits
@@ -97,7 +99,7 @@ class FlowDMD:
         critic and the frozen teacher are first sharded (:mod:`~sd35flash.train.sharding`). With
         ``memory.conditioning: precompute``, encode every prompt the run uses once, then park the
         text encoders."""
-        cfg, acc, m = self.cfg, self.acc, self.m
+        cfg, m = self.cfg, self.m
         critic = Critic(m.fake, cfg.gan)
         sh = self.sharding
         sh.shard(m.student)
@@ -156,7 +158,7 @@ class FlowDMD:
         """K branch copies of the student (LoRA mode: K branch adapters on the shared base) with their optimisers and anchored EMAs, prepared with
         accelerate; returns the EMAs (to register for checkpointing). Their weights are replaced by
         the stage-1 EMA student when stage 2 starts (:meth:`start_branches`)."""
-        sp, acc = self.cfg.split, self.acc
+        sp = self.cfg.split
         self.branches = [self.sharding.shard(self.m.branch_model(b, copy=self.sharding.copy))
                          for b in range(len(self.ranges))]
         opts = [make_optimizer(b.parameters(), sp.lr, self.cfg.memory.optimizer) for b in self.branches]

@@ -141,8 +141,14 @@ class Sharded(Replicated):
         from torch.distributed.device_mesh import init_device_mesh
         from torch.distributed.fsdp import MixedPrecisionPolicy
 
-        if not torch.distributed.is_initialized():
-            torch.distributed.init_process_group("gloo" if acc.device.type == "cpu" else "nccl")
+        if not torch.distributed.is_initialized():  # one process without torchrun: a group of one
+            import socket
+
+            with socket.socket() as sock:
+                sock.bind(("127.0.0.1", 0))
+                port = sock.getsockname()[1]
+            torch.distributed.init_process_group("gloo" if acc.device.type == "cpu" else "nccl",
+                                                 init_method=f"tcp://127.0.0.1:{port}", rank=0, world_size=1)
         self.mesh = init_device_mesh(acc.device.type, (acc.num_processes,))
         dtype = {"bf16": torch.bfloat16, "fp16": torch.float16}.get(str(acc.mixed_precision))
         self.policy = (MixedPrecisionPolicy(param_dtype=dtype, reduce_dtype=torch.float32)
@@ -224,7 +230,10 @@ class Sharded(Replicated):
     def gathered(self, module: torch.nn.Module) -> torch.nn.Module | None:
         """A plain CPU copy of the sharded diffusers transformer ``module`` on process 0 (``None``
         on the others); every process must call it (the full state dict is all-gathered)."""
-        from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_state_dict
+        from torch.distributed.checkpoint.state_dict import (
+            StateDictOptions,
+            get_model_state_dict,
+        )
 
         full = get_model_state_dict(module, options=StateDictOptions(full_state_dict=True, cpu_offload=True))
         if not self.acc.is_main_process:
@@ -256,7 +265,10 @@ class ShardedState:
         """Every process: write its part of ``folder``. An optimiser without state (not stepped yet,
         or freed) is left out."""
         import torch.distributed.checkpoint as dcp
-        from torch.distributed.checkpoint.state_dict import get_model_state_dict, get_optimizer_state_dict
+        from torch.distributed.checkpoint.state_dict import (
+            get_model_state_dict,
+            get_optimizer_state_dict,
+        )
 
         folder = Path(folder)
         state: dict[str, Any] = {f"model{i}": get_model_state_dict(m) for i, m in enumerate(self.modules)}
@@ -270,8 +282,12 @@ class ShardedState:
     def load(self, folder: str | Path) -> None:
         """Every process: restore what :meth:`save` wrote into the live modules, optimisers and EMAs."""
         import torch.distributed.checkpoint as dcp
-        from torch.distributed.checkpoint.state_dict import (get_model_state_dict, get_optimizer_state_dict,
-                                                             set_model_state_dict, set_optimizer_state_dict)
+        from torch.distributed.checkpoint.state_dict import (
+            get_model_state_dict,
+            get_optimizer_state_dict,
+            set_model_state_dict,
+            set_optimizer_state_dict,
+        )
 
         from ..errors import UserError
 
