@@ -5,8 +5,8 @@ the discriminator heads re-initialised after every critic update, sharded as the
 
 * two FSDP2 processes, killed in the middle of a sharded checkpoint and resumed, export the student
   and branches one process gives; the export loads in stock diffusers;
-* a run from a ``prepare`` folder (fp32 embeddings) logs the losses of live encoding and constructs
-  no text encoder while it trains;
+* a run from a ``prepare`` folder (fp32 embeddings and trajectories) logs the losses of live
+  encoding and constructs no text encoder while it trains;
 * bad input is a one-line error: fsdp with LoRA, a prepare folder of another teacher, a resolution
   the teacher cannot take.
 """
@@ -163,7 +163,8 @@ def test_prepared_store_gives_live_losses_without_encoders(tiny, tmp_path, monke
     prompts.write_text("a red circle\ntwo blue squares\na large green triangle\nthree small yellow squares\n")
     folder = tmp_path / "prep"
     assert main(["prepare", "--teacher", str(tiny), "--prompts", str(prompts), "--out", str(folder),
-                 "--dtype", "fp32", "--no-progress", "--preset", "smoke"]) == 0
+                 "--dtype", "fp32", "--no-progress", "--preset", "smoke", "--trajectories",
+                 "--set", "trajectory.num_trajectories=4", "--set", "trajectory.teacher_steps=4"]) == 0
     cfg = merge(load_distill_config("smoke"), {**CFG, "split": {"steps": 0}, "probe_images": 2})
     live = distill(cfg, str(tiny), tmp_path / "live", prompts=str(file_copy(folder, tmp_path)), progress=False)
 
@@ -179,8 +180,13 @@ def test_prepared_store_gives_live_losses_without_encoders(tiny, tmp_path, monke
         return out
 
     monkeypatch.setattr(trainer_mod.DistillTrainer, "run", counted)
+    from sd35flash.distill import run as run_mod
+
+    built: list[Path] = []
+    monkeypatch.setattr(run_mod, "load_or_build", lambda path, build: built.append(path))
     stored = distill(cfg, str(tiny), tmp_path / "stored", prompts=None, progress=False, prepared=folder)
     assert during == [0]  # no text encoder was built while training
+    assert built == []  # the teacher trajectories came from the folder
     assert made  # export put the teacher's encoders into the folder
     metrics = []
     for out, src in ((live, str(file_copy(folder, tmp_path))), (stored, f"prepared:{folder.resolve()}")):

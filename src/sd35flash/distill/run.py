@@ -75,7 +75,8 @@ RECIPE_KEYS = {"": ["grad_variance_every", "grad_variance_batches"], "trajectory
 def work_dir(cfg: DistillConfig, teacher_id: str, prompts: str, out: Path) -> Path:
     """``<cache>/distill/<out name>-<fingerprint>``. A config without stage 2 (``split.steps: 0``)
     leaves the ``split`` section out of the fingerprint, one with the default ``memory`` section
-    leaves that out, one in ``mode: full`` leaves out ``mode`` and ``lora``, and so do the recipe
+    leaves that out, one in ``mode: full`` leaves out ``mode`` and ``lora``, ``sharding: ddp`` and
+    ``resolution: 0`` are left out, and so are the recipe
     options (``RECIPE_KEYS``) at their defaults, so their folders are the ones earlier versions used."""
     conf = to_dict(cfg)
     if cfg.split.steps == 0:
