@@ -356,7 +356,7 @@ def test_recipe_options_at_their_defaults_keep_the_work_folder(tmp_path):
 
     cfg = load_distill_config("default")  # split on, memory at its defaults
     folder = work_dir(cfg, "t", "shapes", tmp_path / "s")
-    conf = {k: v for k, v in to_dict(cfg).items() if k not in ("memory", "mode", "lora")}  # defaults: full mode
+    conf = {k: v for k, v in to_dict(cfg).items() if k not in ("memory", "mode", "lora", "sharding", "resolution")}
     for section, keys in RECIPE_KEYS.items():
         for k in keys:
             (conf if section == "" else conf[section]).pop(k)
