@@ -410,7 +410,8 @@ def _cmd_distill(args) -> int:
         if getattr(args, key) is not None:
             cfg = merge(cfg, {key: getattr(args, key)})
     recipe = (args.config or f"preset:{args.preset}") + "".join(f" --set {o}" for o in args.overrides) \
-        + (f" --mode {args.mode}" if args.mode else "")
+        + "".join(f" --{k} {getattr(args, k)}" for k in ("mode", "sharding", "resolution", "prepared")
+                  if getattr(args, k) is not None)
     check_model_output(args.out)
     out = distill(cfg, args.teacher, Path(args.out), prompts=args.prompts, revision=args.revision, recipe=recipe,
                   resume=args.resume, progress=not args.no_progress, init=args.init_from, from_work=args.from_work,
