@@ -20,9 +20,14 @@ def free_port() -> int:
         return int(s.getsockname()[1])
 
 
-def wait_up(url: str, timeout: float = 60.0) -> None:
+def wait_up(url: str, timeout: float = 240.0, proc: subprocess.Popen | None = None) -> None:
+    """Poll ``url`` until it answers 200. A server process that exits first fails at once with its stderr;
+    the generous timeout covers a cold import on a loaded 2-core machine."""
     end = time.monotonic() + timeout
     while time.monotonic() < end:
+        if proc is not None and proc.poll() is not None:
+            err = proc.stderr.read() if proc.stderr else ""
+            raise RuntimeError(f"server process exited with {proc.returncode} before answering: {err[-2000:]}")
         try:
             if httpx.get(url + "/", timeout=2.0).status_code == 200:
                 return

@@ -19,7 +19,7 @@ ANNOTATORS = 12
 VOTES = 10
 
 
-@pytest.mark.timeout(240)
+@pytest.mark.timeout(600)
 def test_concurrent_votes_survive_a_crash(smoke_study, tmp_path):
     study = tmp_path / "study"
     shutil.copytree(smoke_study, study)
@@ -28,7 +28,7 @@ def test_concurrent_votes_survive_a_crash(smoke_study, tmp_path):
     args = ("--votes-per-annotator", str(VOTES))
     proc = start_process(study, port, *args)
     try:
-        wait_up(url)
+        wait_up(url, proc=proc)
         invite = StudyFolder(study).invite_code()
         first = LoadResult()
         worker = threading.Thread(target=run_load, args=(url, invite, ANNOTATORS), kwargs={"result": first})
@@ -45,7 +45,7 @@ def test_concurrent_votes_survive_a_crash(smoke_study, tmp_path):
         acked = set(first.vote_ids)
         assert 0 < len(acked) < ANNOTATORS * VOTES
         proc = start_process(study, port, *args)  # restart on the same database
-        wait_up(url)
+        wait_up(url, proc=proc)
         con = db.connect(study / "votes.sqlite3")
         stored = {r[0] for r in con.execute("SELECT vote_id FROM votes")}
         assert acked <= stored  # every acknowledged vote survived the crash
