@@ -13,29 +13,20 @@ import numpy as np
 import pytest
 import torch
 from PIL import Image
-from test_deploy_quantize import TINY, WORDS
 
 from sd35flash.cli import main
 from sd35flash.deploy.pipeline import load_deployed, preset_size
 from sd35flash.deploy.presets import PRESETS, Preset, check_runnable, get_preset, runnable_presets
 from sd35flash.deploy.text_encoders import PromptEncoder
 from sd35flash.errors import UserError
-from sd35flash.models import build_toy_pipeline, save_pipeline
 from sd35flash.sampling import clip_length, encode_prompts, generate
 
 PROMPTS = ["a red circle", "two blue squares"]
 
 
 @pytest.fixture()
-def pipe():
-    return build_toy_pipeline(TINY, WORDS)
-
-
-@pytest.fixture(scope="module")
-def tiny_dir(tmp_path_factory) -> Path:
-    out = tmp_path_factory.mktemp("deploy") / "tiny"
-    save_pipeline(build_toy_pipeline(TINY, WORDS), out)
-    return out
+def pipe(tiny_pipeline):
+    return tiny_pipeline()
 
 
 def _count_encoder_calls(monkeypatch, pipe) -> list[int]:

@@ -76,7 +76,7 @@ class FlowDMD:
             raise ValueError("trajectory guidance needs a trajectory bank")
         self.cfg, self.m, self.source, self.acc = cfg, models, prompts, accelerator
         self.bank, self.real = bank, real
-        self.schedule = cfg.student_schedule(models.shift) + [0.0]
+        self.schedule = flow.Schedule.from_step_times(cfg.student_schedule(models.shift))
         self.k = cfg.student_steps
         self.shape = models.latent_shape()
         self.dev = accelerator.device
