@@ -148,7 +148,7 @@ def test_last_good_checkpoint_after_divergence(tmp_path):
     s = Setup(tmp_path / "g")
     s.train(2)
     with torch.no_grad():
-        s.model.weight.mul_(1e10)  # diverged but finite: the case that used to be "last good"
+        s.model.weight.mul_(1e10)  # diverged but finite: a finite-only check would keep it as "last good"
     s.train(1, start=2)
     assert read_meta(s.ckpt.all()[-1])["good"] is False
     with torch.no_grad():
