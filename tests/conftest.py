@@ -7,7 +7,9 @@ and ``tiny_dir`` is it saved once per session (read it, never write into it)."""
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
+import io
 import os
 import warnings
 from collections.abc import Callable
@@ -17,6 +19,25 @@ import pytest
 
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 warnings.filterwarnings("ignore", category=FutureWarning)
+
+
+@pytest.fixture(scope="session")
+def cli_in_process() -> Callable[..., tuple[int, str, str]]:
+    """``cli_in_process(*argv)``: ``sd35flash argv`` run by ``main`` in this process (no interpreter start),
+    returning ``(exit code, stdout, stderr)``; argparse's exit becomes the code."""
+    import sd35flash.models.pipeline_io  # noqa: F401  (imports diffusers / transformers once, outside the capture)
+    from sd35flash.cli import main
+
+    def run(*argv: str) -> tuple[int, str, str]:
+        out, err = io.StringIO(), io.StringIO()
+        with contextlib.redirect_stdout(out), contextlib.redirect_stderr(err):
+            try:
+                code = main(list(argv))
+            except SystemExit as e:
+                code = e.code if isinstance(e.code, int) else 1
+        return code, out.getvalue(), err.getvalue()
+
+    return run
 
 
 @pytest.fixture(scope="session")
