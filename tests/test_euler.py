@@ -47,8 +47,8 @@ def test_schedule_type():
     assert s.step_times == pytest.approx([1.0, 0.9, 0.75, 0.5]) and Schedule.from_step_times(s.step_times) == s
     assert s.pairs()[0] == (1.0, 0.9) and s.pairs()[-1] == (0.5, 0.0) and s.to_list() == list(s.times)
     assert Schedule.of([1, 0.5, 0]) == Schedule((1.0, 0.5, 0.0)) and Schedule.of(s) is s
-    for bad in ([1.0], [1.0, 0.5], [1.0, 1.0, 0.0], [0.5, 0.75, 0.0]):
-        with pytest.raises(ValueError, match="strictly descending times ending at 0"):
+    for bad in ([1.0], [1.0, 0.5], [1.0, 1.0, 0.0], [0.5, 0.75, 0.0], [2.0, 0.5, 0.0], [float("nan"), 0.0]):
+        with pytest.raises(ValueError, match=r"strictly descending times in \[0, 1\] ending at 0"):
             Schedule(tuple(bad))
 
 

@@ -97,8 +97,10 @@ class Schedule:
     def __post_init__(self) -> None:
         ts = tuple(float(t) for t in self.times)
         object.__setattr__(self, "times", ts)
-        if len(ts) < 2 or ts[-1] != 0.0 or any(b >= a for a, b in zip(ts, ts[1:])):
-            raise ValueError(f"a schedule needs at least two strictly descending times ending at 0, got {list(ts)}")
+        if len(ts) < 2 or ts[-1] != 0.0 or not all(0.0 <= t <= 1.0 for t in ts) \
+                or any(b >= a for a, b in zip(ts, ts[1:])):
+            raise ValueError(f"a schedule needs at least two strictly descending times in [0, 1] ending at 0, "
+                             f"got {list(ts)}")
 
     @classmethod
     def from_step_times(cls, step_times: Sequence[float]) -> Schedule:
@@ -133,7 +135,7 @@ class Schedule:
     def __iter__(self) -> Iterator[float]:
         return iter(self.times)
 
-    def __getitem__(self, i):
+    def __getitem__(self, i: int | slice) -> float | tuple[float, ...]:
         return self.times[i]
 
 
