@@ -1,5 +1,5 @@
 #!/usr/bin/env bash
-# Issue 4 figures (docs/RESULTS.md, "Split-timestep and the ablation table"): one 4-step student per
+# Figures for docs/RESULTS.md ("Split-timestep and the ablation table"): one 4-step student per
 # row of the ablation, every one the default toy recipe (configs/toy-distill-default.yaml: TG 150,
 # DMD + GAN 300, split 100 steps, merge ratio 0.3, seed 0) minus one component:
 #   s4-full       the full recipe

@@ -1,5 +1,5 @@
 #!/usr/bin/env bash
-# Issue 3 figures (docs/RESULTS.md, "Distillation"): from one teacher, with stages 0-1 of the default
+# Figures for docs/RESULTS.md ("Distillation"): from one teacher, with stages 0-1 of the default
 # toy recipe (configs/toy-distill-default.yaml with split.steps=0) and the same seed and budget for
 # every run:
 #   s4-share    4-step student, timestep sharing (the default)

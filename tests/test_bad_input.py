@@ -7,15 +7,12 @@ before a model is loaded or trained, so the whole table takes seconds.
 
 from __future__ import annotations
 
-import contextlib
-import io
 import os
 from pathlib import Path
 
 import pytest
 
-import sd35flash.models.pipeline_io  # noqa: F401  (imports diffusers / transformers once, outside the capture)
-from sd35flash.cli import build_parser, main
+from sd35flash.cli import build_parser
 
 # Placeholders in the rows: {t} = the test folder. Files made by _materials():
 #   file.txt (a regular file), dir/ (empty folder), user/ (a folder of the user's own files),
@@ -404,17 +401,6 @@ def _snapshot(*roots: Path) -> dict[str, tuple]:
     return out
 
 
-def run_in_process(argv: list[str]) -> tuple[int, str, str]:
-    """``main(argv)`` with stdout / stderr captured; argparse's exit becomes the return code."""
-    out, err = io.StringIO(), io.StringIO()
-    with contextlib.redirect_stdout(out), contextlib.redirect_stderr(err):
-        try:
-            code = main(argv)
-        except SystemExit as e:
-            code = e.code if isinstance(e.code, int) else 1
-    return code, out.getvalue(), err.getvalue()
-
-
 @pytest.fixture
 def bench(tmp_path, monkeypatch):
     t = tmp_path / "t"
@@ -427,11 +413,11 @@ def bench(tmp_path, monkeypatch):
 
 
 @pytest.mark.parametrize("command,kind,argv,needle", ROWS, ids=[f"{c}:{k}" for c, k, _, _ in ROWS])
-def test_bad_input(bench, command, kind, argv, needle):
+def test_bad_input(bench, cli_in_process, command, kind, argv, needle):
     t, cache = bench
     argv = [a.replace("{t}", str(t)) for a in argv]
     before = _snapshot(t, cache)
-    code, _, err = run_in_process(argv)
+    code, _, err = cli_in_process(*argv)
     lines = [ln for ln in err.splitlines() if ln.strip()]
     assert code != 0, f"exit 0 for {argv}"
     assert "Traceback" not in err

@@ -4,18 +4,14 @@ from __future__ import annotations
 
 import json
 
-from test_deploy_quantize import TINY, WORDS
-
 from sd35flash.cli import main
 from sd35flash.deploy.bench import ROW_KEYS
 from sd35flash.deploy.quantize import WEIGHTS_FILE
-from sd35flash.models import build_toy_pipeline, save_pipeline
 
 
-def test_bench_writes_every_key(tmp_path, monkeypatch):
+def test_bench_writes_every_key(tiny_dir, tmp_path, monkeypatch):
     monkeypatch.setenv("SD35FLASH_CACHE", str(tmp_path / "cache"))
-    model = tmp_path / "tiny"
-    save_pipeline(build_toy_pipeline(TINY, WORDS), model)
+    model = tiny_dir
     js = tmp_path / "bench.json"
     assert main(["bench", "--model", str(model), "--teacher", str(model), "--teacher-steps", "2", "--steps", "2",
                  "--guidance", "1", "--presets", "laptop-8bit-no-t5", "--num-images", "2", "--runs", "1",

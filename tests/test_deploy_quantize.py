@@ -22,12 +22,6 @@ from sd35flash.deploy.quantize import (
     weight_bytes,
 )
 from sd35flash.deploy.sensitivity import capture_calibration, relative_error, sensitivity_scan
-from sd35flash.models import ToyConfig, build_toy_pipeline
-
-WORDS = "a an the small large red green blue yellow circle square triangle left right of and one two three".split()
-TINY = ToyConfig(image_size=32, latent_channels=4, vae_block_out_channels=(8, 16, 16), num_layers=2,
-                 num_attention_heads=2, attention_head_dim=16, clip_hidden=16, clip_layers=1, clip_heads=2,
-                 t5_d_model=32, t5_layers=1, t5_heads=2, text_max_length=12)
 
 #: Relative output error allowed per method on the tiny transformer (measured: int8 0.004, int8-dynamic
 #: 0.007, int6 0.014, int4 0.065, qint4 0.055). A quantizer that drops or scrambles weights gives ~1.
@@ -36,8 +30,8 @@ CPU_METHODS = [m for m in METHODS if m != "none" and unsupported_reason(m, "cpu"
 
 
 @pytest.fixture(scope="module")
-def pipe():
-    return build_toy_pipeline(TINY, WORDS)
+def pipe(tiny_pipeline):
+    return tiny_pipeline()
 
 
 @pytest.fixture(scope="module")

@@ -4,38 +4,26 @@ encoders), freeing encoders, preset loading, and one-line CLI errors."""
 from __future__ import annotations
 
 import json
-import os
-import subprocess
-import sys
 from pathlib import Path
 
 import numpy as np
 import pytest
 import torch
 from PIL import Image
-from test_deploy_quantize import TINY, WORDS
 
 from sd35flash.cli import main
 from sd35flash.deploy.pipeline import load_deployed, preset_size
 from sd35flash.deploy.presets import PRESETS, Preset, check_runnable, get_preset, runnable_presets
 from sd35flash.deploy.text_encoders import PromptEncoder
 from sd35flash.errors import UserError
-from sd35flash.models import build_toy_pipeline, save_pipeline
 from sd35flash.sampling import clip_length, encode_prompts, generate
 
 PROMPTS = ["a red circle", "two blue squares"]
 
 
 @pytest.fixture()
-def pipe():
-    return build_toy_pipeline(TINY, WORDS)
-
-
-@pytest.fixture(scope="module")
-def tiny_dir(tmp_path_factory) -> Path:
-    out = tmp_path_factory.mktemp("deploy") / "tiny"
-    save_pipeline(build_toy_pipeline(TINY, WORDS), out)
-    return out
+def pipe(tiny_pipeline):
+    return tiny_pipeline()
 
 
 def _count_encoder_calls(monkeypatch, pipe) -> list[int]:
@@ -124,30 +112,27 @@ def test_laptop_preset_loads_quantized_without_t5(tiny_dir, tmp_path, monkeypatc
     assert preset_size(dp.pipe, Preset("x", "", max_resolution=16)) == 16
 
 
-def _cli(*args: str, cache: Path) -> subprocess.CompletedProcess:
-    env = {**os.environ, "SD35FLASH_CACHE": str(cache)}
-    return subprocess.run([sys.executable, "-m", "sd35flash", *args], capture_output=True, text=True, env=env,
-                          timeout=600)
-
-
-def _one_line_error(res: subprocess.CompletedProcess, *needles: str) -> None:
-    assert res.returncode == 2, res.stderr
-    lines = [ln for ln in res.stderr.strip().splitlines() if ln.strip() and "torchvision" not in ln]
-    assert len(lines) == 1 and "Traceback" not in res.stderr, res.stderr
+def _one_line_error(res: tuple[int, str, str], *needles: str) -> None:
+    code, _, err = res
+    assert code == 2, err
+    lines = [ln for ln in err.strip().splitlines() if ln.strip() and "torchvision" not in ln]
+    assert len(lines) == 1 and "Traceback" not in err, err
     for n in needles:
         assert n in lines[0], lines[0]
 
 
-def test_cli_preset_errors_are_one_line(tiny_dir, tmp_path):
+def test_cli_preset_errors_are_one_line(tiny_dir, tmp_path, monkeypatch, cli_in_process):
     out = str(tmp_path / "x.png")
-    _one_line_error(_cli("generate", "--model", str(tiny_dir), "--preset", "phone", "a red circle", "--out", out,
-                         cache=tmp_path), "unknown preset 'phone'", "mobile-6bit-no-t5")
-    _one_line_error(_cli("generate", "--model", str(tiny_dir), "--preset", "gpu-fp8-no-t5", "--device", "cpu",
-                         "a red circle", "--out", out, cache=tmp_path), "cannot run on cpu", "presets that can run here")
+    monkeypatch.setenv("SD35FLASH_CACHE", str(tmp_path))
+    _one_line_error(cli_in_process("generate", "--model", str(tiny_dir), "--preset", "phone", "a red circle", "--out",
+                                   out), "unknown preset 'phone'", "mobile-6bit-no-t5")
+    _one_line_error(cli_in_process("generate", "--model", str(tiny_dir), "--preset", "gpu-fp8-no-t5", "--device",
+                                   "cpu", "a red circle", "--out", out), "cannot run on cpu", "presets that can run here")
     blocker = tmp_path / "a-file"
     blocker.write_text("x")
-    _one_line_error(_cli("eval", "--model", str(tiny_dir), "--preset", "laptop-8bit-no-t5", "--split", "test",
-                         "--json", str(tmp_path / "e.json"), cache=blocker / "cache"), "not writable")
+    monkeypatch.setenv("SD35FLASH_CACHE", str(blocker / "cache"))
+    _one_line_error(cli_in_process("eval", "--model", str(tiny_dir), "--preset", "laptop-8bit-no-t5", "--split",
+                                   "test", "--json", str(tmp_path / "e.json")), "not writable")
     assert not Path(out).exists() and not (tmp_path / "e.json").exists()
 
 

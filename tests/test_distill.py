@@ -148,12 +148,12 @@ def test_head_reinit():
 
 
 def test_trajectory_bank_and_tg_loss(models, tmp_path):
-    sched_n, where = teacher_schedule(flow.sampling_schedule(4, 3.0)[:-1], 8, 3.0)
+    sched_n, where = teacher_schedule(flow.sampling_schedule(4, 3.0), 8, 3.0)
     assert [round(sched_n[j], 6) for j in where] == [round(t, 6) for t in flow.sampling_schedule(4, 3.0)]
 
     def build():
         return build_bank(models.teacher, lambda ps: models.conditioner.full(ps, "cpu"),
-                          lambda b: models.conditioner.uncond(b, "cpu"), PROMPTS, flow.sampling_schedule(4, 3.0)[:-1],
+                          lambda b: models.conditioner.uncond(b, "cpu"), PROMPTS, flow.sampling_schedule(4, 3.0).step_times,
                           8, models.shift, 4.0, models.latent_shape(), seed=5, batch_size=4, device="cpu")
 
     bank, reused = load_or_build(tmp_path / "b.pt", build)

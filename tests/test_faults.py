@@ -1,8 +1,8 @@
 """Fault injection on the real CLI: ``kill -9`` at named points of ``sd35flash pretrain`` and
 ``sd35flash distill`` (the ``SD35FLASH_FAULT_KILL_AT`` test hook, :mod:`sd35flash.faults`, makes the
 subprocess send itself SIGKILL), damaged newest checkpoints between the resumes, and a bit-for-bit
-comparison of the final weights with one uninterrupted run. Each chain kills, damages and resumes
-the same run several times, so one reference run serves every kill point.
+comparison of the final weights with one uninterrupted run (in process). Each chain kills, damages and
+resumes the same run several times, so one reference run serves every kill point.
 
 Also the last good checkpoint after a diverging distillation (in-process)."""
 
@@ -42,6 +42,24 @@ def _cli(args: list[str], cache: Path, kill: str | None = None) -> subprocess.Co
                           text=True, timeout=900)
 
 
+def _in_process(args: list[str], cache: Path) -> None:
+    """``sd35flash ARGS`` run by ``main`` in this process on one thread, as ``_cli`` runs it without a kill:
+    the uninterrupted reference runs, which need no process of their own."""
+    import torch
+
+    from sd35flash.cli import main
+
+    threads = torch.get_num_threads()
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setenv("SD35FLASH_CACHE", str(cache))
+        mp.delenv(ENV, raising=False)
+        torch.set_num_threads(1)
+        try:
+            assert main([*args, "--no-progress"]) == 0
+        finally:
+            torch.set_num_threads(threads)
+
+
 def _killed(res: subprocess.CompletedProcess) -> None:
     assert res.returncode == -signal.SIGKILL, (res.returncode, res.stderr[-3000:])
 
@@ -79,7 +97,7 @@ def pretrain_ref(tmp_path_factory) -> tuple[Path, Path]:
     yaml = root / "tiny.yaml"
     yaml.write_text(PRETRAIN_YAML)
     out = root / "ref-teacher"
-    _ok(_cli(["pretrain", "--config", str(yaml), "--out", str(out)], root / "ref-cache"))
+    _in_process(["pretrain", "--config", str(yaml), "--out", str(out)], root / "ref-cache")
     return yaml, out
 
 
@@ -106,7 +124,7 @@ def test_pretrain_survives_kills_and_damaged_checkpoints(pretrain_ref, tmp_path)
 
 def test_distill_survives_kills_and_damaged_checkpoints(pretrain_ref, tmp_path):
     _, teacher = pretrain_ref
-    _ok(_cli(["distill", "--teacher", str(teacher), "--out", str(tmp_path / "ref"), *DISTILL], tmp_path / "ref-cache"))
+    _in_process(["distill", "--teacher", str(teacher), "--out", str(tmp_path / "ref"), *DISTILL], tmp_path / "ref-cache")
     cache, out = tmp_path / "cache", tmp_path / "student"
     run = ["distill", "--teacher", str(teacher), "--out", str(out), *DISTILL]
     _killed(_cli(run, cache, kill="distill:3"))  # DMD stage; checkpoints 1, 2

@@ -148,7 +148,7 @@ def test_last_good_checkpoint_after_divergence(tmp_path):
     s = Setup(tmp_path / "g")
     s.train(2)
     with torch.no_grad():
-        s.model.weight.mul_(1e10)  # diverged but finite: the case that used to be "last good"
+        s.model.weight.mul_(1e10)  # diverged but finite: a finite-only check would keep it as "last good"
     s.train(1, start=2)
     assert read_meta(s.ckpt.all()[-1])["good"] is False
     with torch.no_grad():
@@ -182,37 +182,24 @@ def test_unhealthy_probe_makes_a_checkpoint_not_good(tmp_path):
     assert "training stopped: model produced non-finite latents" in str(none) and "no good checkpoint" in str(none)
 
 
-# -- model folders ----------------------------------------------------------------------------------
-@pytest.fixture(scope="module")
-def tiny_folder(tmp_path_factory):
-    """An untrained smoke-size pipeline saved by sd35flash."""
-    from sd35flash.models.toy import build_vae
-    from sd35flash.pretrain.config import load_pretrain_config
-    from sd35flash.pretrain.flow_trainer import build_teacher_pipeline
-
-    cfg = load_pretrain_config("smoke")
-    torch.manual_seed(0)
-    pipe = build_teacher_pipeline(cfg, build_vae(cfg.model))
-    return save_pipeline(pipe, tmp_path_factory.mktemp("tiny") / "model")
-
-
+# -- model folders (the conftest's tiny_dir, copied before any change) ------------------------------
 def _copy(folder, dest):
     shutil.copytree(folder, dest)
     return dest
 
 
-def test_saved_folder_has_sha256sum_checksums(tiny_folder):
-    lines = (tiny_folder / CHECKSUM_FILE).read_text().splitlines()
+def test_saved_folder_has_sha256sum_checksums(tiny_dir):
+    lines = (tiny_dir / CHECKSUM_FILE).read_text().splitlines()
     assert any(ln.endswith("  " + TRANSFORMER) for ln in lines) and any("model_index.json" in ln for ln in lines)
     if shutil.which("sha256sum"):
-        res = subprocess.run(["sha256sum", "--quiet", "-c", CHECKSUM_FILE], cwd=tiny_folder, capture_output=True)
+        res = subprocess.run(["sha256sum", "--quiet", "-c", CHECKSUM_FILE], cwd=tiny_dir, capture_output=True)
         assert res.returncode == 0, res.stdout
-    assert verify_folder(tiny_folder) is True
-    load_pipeline(tiny_folder)
+    assert verify_folder(tiny_dir) is True
+    load_pipeline(tiny_dir)
 
 
-def test_damaged_weights_are_one_line_errors(tiny_folder, tmp_path, capsys):
-    flipped = _copy(tiny_folder, tmp_path / "flipped")
+def test_damaged_weights_are_one_line_errors(tiny_dir, tmp_path, capsys):
+    flipped = _copy(tiny_dir, tmp_path / "flipped")
     p = flipped / TRANSFORMER
     data = bytearray(p.read_bytes())
     data[-100:] = np.random.default_rng(0).integers(0, 256, 100, dtype=np.uint8).tobytes()  # header intact
@@ -224,7 +211,7 @@ def test_damaged_weights_are_one_line_errors(tiny_folder, tmp_path, capsys):
     assert len(err) == 1 and TRANSFORMER in err[0] and "Traceback" not in err[0]
     assert not (tmp_path / "x.png").exists()
     # without a checksum file (a stock folder) a truncated safetensors is still named
-    stock = _copy(tiny_folder, tmp_path / "stock")
+    stock = _copy(tiny_dir, tmp_path / "stock")
     (stock / CHECKSUM_FILE).unlink()
     load_pipeline(stock)
     q = stock / "vae" / "diffusion_pytorch_model.safetensors"
@@ -233,16 +220,16 @@ def test_damaged_weights_are_one_line_errors(tiny_folder, tmp_path, capsys):
         load_pipeline(stock)
     with pytest.raises(DamagedFileError, match="truncated"):
         check_safetensors(q)
-    missing = _copy(tiny_folder, tmp_path / "missing")
+    missing = _copy(tiny_dir, tmp_path / "missing")
     (missing / "vae" / "config.json").unlink()
     with pytest.raises(DamagedFileError, match="vae/config.json is missing"):
         load_pipeline(missing)
 
 
-def test_own_edits_keep_checksums_valid(tiny_folder, tmp_path):
+def test_own_edits_keep_checksums_valid(tiny_dir, tmp_path):
     from sd35flash.models.student_info import StudentInfo, read_student_info, write_student_info
 
-    folder = _copy(tiny_folder, tmp_path / "edited")
+    folder = _copy(tiny_dir, tmp_path / "edited")
     write_student_info(folder, StudentInfo(timesteps=[1.0, 0.5], steps=2))
     assert "sd35flash.json" in (folder / CHECKSUM_FILE).read_text()
     assert verify_folder(folder) and read_student_info(folder).steps == 2
@@ -251,8 +238,8 @@ def test_own_edits_keep_checksums_valid(tiny_folder, tmp_path):
         verify_folder(folder)
 
 
-def test_non_finite_samples_are_errors(tiny_folder, tmp_path, capsys):
-    pipe = load_pipeline(tiny_folder)
+def test_non_finite_samples_are_errors(tiny_dir, tmp_path, capsys):
+    pipe = load_pipeline(tiny_dir)
     sched = [1.0, 0.5, 0.0]
     assert generate(pipe, ["a red circle"], [0], sched).dtype == np.uint8
     for g in (float("nan"), float("inf")):

@@ -18,7 +18,6 @@ from sd35flash.models import (
     ToyConfig,
     build_clip_tokenizer,
     build_t5_tokenizer,
-    build_toy_pipeline,
     build_transformer,
     count_parameters,
     is_local_path,
@@ -34,27 +33,13 @@ WORDS = (
 ).split()
 PROMPTS = ["a large red circle", "three white diamonds", "a blue square left of a green triangle", "Zebra QX 42!"]
 
-TINY = ToyConfig(
-    image_size=32,
-    latent_channels=4,
-    vae_block_out_channels=(8, 16, 16),
-    num_layers=2,
-    num_attention_heads=2,
-    attention_head_dim=16,
-    clip_hidden=16,
-    clip_layers=1,
-    clip_heads=2,
-    t5_d_model=32,
-    t5_layers=1,
-    t5_heads=2,
-    text_max_length=12,
-)
 
 
 @pytest.fixture(scope="module")
-def tiny_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
+def toy_dir(tiny_pipeline, tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """The tiny pipeline with this module's larger vocabulary and an extra file, saved."""
     out = tmp_path_factory.mktemp("toy") / "teacher"
-    save_pipeline(build_toy_pipeline(TINY, WORDS), out, extra_files={"notes/hello.txt": "hi"})
+    save_pipeline(tiny_pipeline(words=WORDS), out, extra_files={"notes/hello.txt": "hi"})
     return out
 
 
@@ -109,17 +94,17 @@ def test_toy_config_constraints() -> None:
         build_transformer(ToyConfig(clip_hidden=64, t5_d_model=96))
 
 
-def test_toy_pipeline_roundtrip_and_sampling(tiny_dir: Path) -> None:
-    assert (tiny_dir / "notes" / "hello.txt").read_text() == "hi"
-    assert not [p for p in tiny_dir.parent.iterdir() if p.name.startswith(".")]  # no temp leftovers
-    pipe = StableDiffusion3Pipeline.from_pretrained(tiny_dir)
+def test_toy_pipeline_roundtrip_and_sampling(toy_dir: Path, tiny_config) -> None:
+    assert (toy_dir / "notes" / "hello.txt").read_text() == "hi"
+    assert not [p for p in toy_dir.parent.iterdir() if p.name.startswith(".")]  # no temp leftovers
+    pipe = StableDiffusion3Pipeline.from_pretrained(toy_dir)
     pipe.set_progress_bar_config(disable=True)
     kwargs = dict(
         num_inference_steps=2,
         height=32,
         width=32,
         output_type="np",
-        max_sequence_length=TINY.text_max_length,
+        max_sequence_length=tiny_config.text_max_length,
         generator=torch.Generator().manual_seed(0),
     )
     image = pipe("a large red circle", **kwargs).images
@@ -131,10 +116,10 @@ def test_toy_pipeline_roundtrip_and_sampling(tiny_dir: Path) -> None:
     assert image.shape == (1, 32, 32, 3) and np.isfinite(image).all()
 
 
-def test_build_is_deterministic_and_keeps_global_rng() -> None:
+def test_build_is_deterministic_and_keeps_global_rng(tiny_config) -> None:
     torch.manual_seed(123)
     state = torch.random.get_rng_state()
-    a, b = build_transformer(TINY), build_transformer(TINY)
+    a, b = build_transformer(tiny_config), build_transformer(tiny_config)
     assert torch.equal(torch.random.get_rng_state(), state)
     for (name, p), q in zip(a.named_parameters(), b.parameters()):
         assert torch.equal(p, q), name
@@ -144,11 +129,11 @@ def test_build_is_deterministic_and_keeps_global_rng() -> None:
 # ---------------------------------------------------------------- load / save
 
 
-def test_load_pipeline_local_folder(tiny_dir: Path) -> None:
-    assert is_local_path(str(tiny_dir))
-    pipe = load_pipeline(str(tiny_dir))
+def test_load_pipeline_local_folder(toy_dir: Path, tiny_config) -> None:
+    assert is_local_path(str(toy_dir))
+    pipe = load_pipeline(str(toy_dir))
     assert isinstance(pipe, StableDiffusion3Pipeline)
-    assert pipe.transformer.config.in_channels == TINY.latent_channels
+    assert pipe.transformer.config.in_channels == tiny_config.latent_channels
 
 
 def test_load_pipeline_errors(tmp_path: Path) -> None:
@@ -167,8 +152,8 @@ def test_is_local_path() -> None:
     assert is_local_path("teacher")
 
 
-def test_save_pipeline_replaces_existing(tiny_dir: Path, tmp_path: Path) -> None:
-    pipe = load_pipeline(str(tiny_dir))
+def test_save_pipeline_replaces_existing(toy_dir: Path, tmp_path: Path) -> None:
+    pipe = load_pipeline(str(toy_dir))
     out = tmp_path / "model"
     save_pipeline(pipe, out, extra_files={"stale.txt": "old"})
     save_pipeline(pipe, out, extra_files={FILENAME: b"{}"})

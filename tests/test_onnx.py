@@ -20,21 +20,20 @@ from sd35flash.cli import main
 from sd35flash.deploy import onnx_runtime
 from sd35flash.deploy.onnx_export import MANIFEST, MissingPartError, check_export_parts, pipeline_fingerprint
 from sd35flash.deploy.onnx_runtime import OrtTransformer, apply_onnx_backend
-from sd35flash.models import ToyConfig, build_toy_pipeline, load_pipeline, save_pipeline
+from sd35flash.models import load_pipeline, save_pipeline
 from sd35flash.paths import cache_root
 from sd35flash.sampling import encode_prompts, generate, scheduler_schedule
 
 WORDS = "a an the small large red green blue circle square on left of and two".split()
-TINY = ToyConfig(image_size=16, latent_channels=4, vae_block_out_channels=(8, 16), num_layers=1, num_attention_heads=2,
-                 attention_head_dim=16, clip_hidden=16, clip_layers=1, clip_heads=2, t5_d_model=32, t5_layers=1,
-                 t5_heads=2, text_max_length=8)
+#: The shared tiny pipeline made smaller still: ONNX export runs once per part.
+SMALLER = dict(image_size=16, vae_block_out_channels=(8, 16), num_layers=1, text_max_length=8)
 PROMPTS = ["a large red circle", "two blue squares"]
 
 
 @pytest.fixture(scope="module")
-def tiny_model(tmp_path_factory) -> Path:
+def tiny_model(tiny_pipeline, tmp_path_factory) -> Path:
     out = tmp_path_factory.mktemp("onnx") / "tiny"
-    save_pipeline(build_toy_pipeline(TINY, WORDS), out)
+    save_pipeline(tiny_pipeline(words=WORDS, **SMALLER), out)
     return out
 
 
@@ -55,7 +54,7 @@ def _transformer_inputs(pipe, batch: int, seed: int = 0):
                 pooled_projections=torch.randn(batch, cfg.pooled_projection_dim, generator=g))
 
 
-def test_export_folder_and_fp32_parity(tiny_model, fp32_export):
+def test_export_folder_and_fp32_parity(tiny_model, fp32_export, tiny_config):
     manifest = json.loads((fp32_export / MANIFEST).read_text())
     assert set(manifest["graphs"]) == {"transformer", "vae_decoder", "text_encoder", "text_encoder_2", "text_encoder_3"}
     assert manifest["int8"] is False and manifest["exporter"].startswith("torch.onnx.export(dynamo=True)")
@@ -70,7 +69,7 @@ def test_export_folder_and_fp32_parity(tiny_model, fp32_export):
             got = ort["transformer"](**kw, return_dict=False)[0]
             assert got.shape == want.shape
             assert torch.allclose(got, want, atol=1e-4, rtol=1e-4), (got - want).abs().max()
-        z = torch.randn(2, TINY.latent_channels, 8, 8)
+        z = torch.randn(2, tiny_config.latent_channels, 8, 8)
         assert torch.allclose(ort["vae"].decode(z, return_dict=False)[0], ref.vae.decode(z, return_dict=False)[0], atol=1e-4)
     with pytest.raises(Exception, match="exported with hidden_states"):
         ort["transformer"](**_transformer_inputs(ref, 1) | {"hidden_states": torch.randn(1, 4, 4, 4)})
@@ -92,7 +91,7 @@ def test_generate_through_ort_matches_pytorch(tiny_model, fp32_export, monkeypat
     assert np.abs(want.astype(int) - got.astype(int)).max() <= 1
     # the stock diffusers pipeline runs on the swapped modules too
     kw = dict(num_inference_steps=3, guidance_scale=2.0, height=16, width=16, output_type="np",
-              max_sequence_length=TINY.text_max_length)
+              max_sequence_length=SMALLER["text_max_length"])
     stock_ref = ref(PROMPTS[0], generator=torch.Generator().manual_seed(5), **kw).images
     stock_ort = pipe(PROMPTS[0], generator=torch.Generator().manual_seed(5), **kw).images
     assert np.abs(stock_ref - stock_ort).max() < 2e-3

@@ -20,7 +20,7 @@ from sd35flash.deploy.plan import (
 from sd35flash.deploy.plan_check import check_transformer, check_vae
 from sd35flash.deploy.presets import PRESETS
 from sd35flash.errors import UserError
-from sd35flash.models import ToyConfig, build_toy_pipeline, build_transformer, build_vae, save_pipeline
+from sd35flash.models import ToyConfig, build_transformer, build_vae, save_pipeline
 
 
 @pytest.fixture(scope="module")
@@ -91,11 +91,8 @@ def test_planner_reads_the_preset_registry():
     assert 0.5 < t5["desktop-8bit-t5int8"] / t5["desktop-16bit-t5"] < 0.6  # int8 + per-row scales
 
 
-def test_plan_of_a_pipeline_folder_counts_its_modules(tmp_path):
-    cfg = ToyConfig(image_size=32, latent_channels=4, vae_block_out_channels=(8, 16, 16), num_layers=2,
-                    num_attention_heads=2, attention_head_dim=16, clip_hidden=16, clip_layers=1, clip_heads=2,
-                    t5_d_model=32, t5_layers=1, t5_heads=2, text_max_length=12)
-    pipe = build_toy_pipeline(cfg, "a red circle".split())
+def test_plan_of_a_pipeline_folder_counts_its_modules(tiny_pipeline, tmp_path):
+    pipe = tiny_pipeline()
     save_pipeline(pipe, tmp_path / "toy")
     plan = plan_memory(str(tmp_path / "toy"), "cpu-onnx-int8", 32)
     comps = plan["components"]

@@ -11,7 +11,7 @@ from sd35flash.deploy.plan_train import TrainSetup, plan_training
 from sd35flash.deploy.plan_train_check import check_train_pass
 from sd35flash.distill.memory_check import MEMORY_ENV, check_training_fits, cheapest_fit
 from sd35flash.errors import UserError
-from sd35flash.models import ToyConfig, build_toy_pipeline, save_pipeline
+from sd35flash.models import save_pipeline
 
 SMALL = dict(sample_size=32, patch_size=2, in_channels=4, out_channels=4, num_layers=4, attention_head_dim=32,
              num_attention_heads=4, joint_attention_dim=64, caption_projection_dim=128, pooled_projection_dim=32,
@@ -77,12 +77,9 @@ def test_refusal_names_the_cheapest_option_that_fits():
     assert check_training_fits(TrainSetup("sd35-medium", "lora"), 40.0)["peak_gib"] < 39
 
 
-def test_distill_refuses_before_loading_and_force_skips_the_check(tmp_path, monkeypatch, capsys):
-    cfg = ToyConfig(image_size=32, latent_channels=4, vae_block_out_channels=(8, 16, 16), num_layers=2,
-                    num_attention_heads=2, attention_head_dim=16, clip_hidden=16, clip_layers=1, clip_heads=2,
-                    t5_d_model=32, t5_layers=1, t5_heads=2, text_max_length=12)
+def test_distill_refuses_before_loading_and_force_skips_the_check(tiny_pipeline, tmp_path, monkeypatch, capsys):
     teacher = tmp_path / "teacher"
-    save_pipeline(build_toy_pipeline(cfg, "a red circle".split()), teacher)
+    save_pipeline(tiny_pipeline(words="a red circle".split()), teacher)
     capsys.readouterr()
     monkeypatch.setenv("SD35FLASH_CACHE", str(tmp_path / "cache"))
     monkeypatch.setenv(MEMORY_ENV, "0.001")

@@ -9,14 +9,12 @@ from pathlib import Path
 
 import pytest
 import torch
-from test_deploy_quantize import TINY, WORDS
 
 from sd35flash.cli import main
 from sd35flash.data.prompts import PromptDataset, file_prompts, load_prompts, shapes_prompts, write_prompts
 from sd35flash.data.trajectories import TrajectoryStore
 from sd35flash.distill.models import Conditioner
 from sd35flash.errors import UserError
-from sd35flash.models import build_toy_pipeline, save_pipeline
 from sd35flash.models.resolution import latent_side
 from sd35flash.sampling import PromptEmbeds, encode_prompts
 from sd35flash.text.encoder import count_truncated, encoder_fingerprint
@@ -28,15 +26,8 @@ PROMPTS = ["a red circle", "two blue squares", "a large green triangle left of a
 
 
 @pytest.fixture(scope="module")
-def pipe():
-    return build_toy_pipeline(TINY, WORDS)
-
-
-@pytest.fixture(scope="module")
-def tiny_dir(tmp_path_factory) -> Path:
-    out = tmp_path_factory.mktemp("prepare") / "tiny"
-    save_pipeline(build_toy_pipeline(TINY, WORDS), out)  # the same seeded weights as `pipe`
-    return out
+def pipe(tiny_pipeline):
+    return tiny_pipeline()  # the same seeded weights as the conftest's `tiny_dir`
 
 
 def _close(a: PromptEmbeds, b: PromptEmbeds) -> None:
@@ -184,10 +175,10 @@ def test_store_equals_live_encoding(pipe, tmp_path):
         store.get(["a purple diamond"])
 
 
-def test_store_refuses_other_text_encoders(pipe, tmp_path):
+def test_store_refuses_other_text_encoders(pipe, tiny_pipeline, tmp_path):
     layout, fp, _ = _store(pipe, tmp_path)
     write_index(tmp_path, layout, fp, torch.float32, clip_length=12, use_t5=True)
-    other = build_toy_pipeline(TINY, WORDS)
+    other = tiny_pipeline()
     with torch.no_grad():
         other.text_encoder_2.text_projection.weight.mul_(1.01)
     assert encoder_fingerprint(other, True) != fp and encoder_fingerprint(pipe, False) != fp

@@ -26,13 +26,8 @@ from sd35flash.io import (
     clean_stale,
     staged_dir,
 )
-from sd35flash.models import ToyConfig, build_toy_pipeline
 from sd35flash.models.pipeline_io import save_pipeline
 
-TINY = ToyConfig(image_size=32, latent_channels=4, vae_block_out_channels=(8, 16, 16), num_layers=1,
-                 num_attention_heads=2, attention_head_dim=8, clip_hidden=16, clip_layers=1, clip_heads=2,
-                 t5_d_model=32, t5_layers=1, t5_heads=2, text_max_length=8)
-WORDS = "a red blue circle square".split()
 
 
 def _listing(folder: Path) -> list[str]:
@@ -118,8 +113,8 @@ def test_output_checks_create_nothing(tmp_path):
     assert _listing(tmp_path) == ["f", "user", "user/keep.txt"]
 
 
-def test_save_pipeline_never_replaces_a_users_folder(tmp_path):
-    pipe = build_toy_pipeline(TINY, WORDS)
+def test_save_pipeline_never_replaces_a_users_folder(tiny_pipeline, tmp_path):
+    pipe = tiny_pipeline()
     user = tmp_path / "user"
     user.mkdir()
     (user / "thesis.tex").write_text("years of work")

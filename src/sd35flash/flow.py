@@ -8,6 +8,8 @@ A velocity model predicts ``v(x_t, t, c) ~= eps - x0``. diffusers' SD3 transform
 from __future__ import annotations
 
 import math
+from collections.abc import Callable, Iterator, Sequence
+from dataclasses import dataclass
 
 import torch
 
@@ -81,7 +83,63 @@ def sample_logit_normal(
     return shift_t(t, shift).to(device)
 
 
-def sampling_schedule(steps: int, shift: float) -> list[float]:
+@dataclass(frozen=True)
+class Schedule:
+    """The times of a K-step Euler sampler: ``t_0 > t_1 > ... > t_K = 0``, K + 1 of them.
+
+    Step ``i`` (0-based) goes from ``t_i`` to ``t_{i+1}``; the model is evaluated at the K
+    :attr:`step_times` ``t_0 .. t_{K-1}``, which is what recipes and ``sd35flash.json`` store
+    (:meth:`from_step_times` adds the final 0 back). It reads as the sequence of its K + 1 times.
+    """
+
+    times: tuple[float, ...]
+
+    def __post_init__(self) -> None:
+        ts = tuple(float(t) for t in self.times)
+        object.__setattr__(self, "times", ts)
+        if len(ts) < 2 or ts[-1] != 0.0 or not all(0.0 <= t <= 1.0 for t in ts) \
+                or any(b >= a for a, b in zip(ts, ts[1:])):
+            raise ValueError(f"a schedule needs at least two strictly descending times in [0, 1] ending at 0, "
+                             f"got {list(ts)}")
+
+    @classmethod
+    def from_step_times(cls, step_times: Sequence[float]) -> Schedule:
+        """The schedule whose K steps start at ``step_times`` (descending, without the final 0)."""
+        return cls((*step_times, 0.0))
+
+    @classmethod
+    def of(cls, times: Schedule | Sequence[float]) -> Schedule:
+        """``times`` itself, or the schedule of K + 1 times ending at 0."""
+        return times if isinstance(times, Schedule) else cls(tuple(times))
+
+    @property
+    def steps(self) -> int:
+        """K, the number of Euler steps."""
+        return len(self.times) - 1
+
+    @property
+    def step_times(self) -> list[float]:
+        """The K times the model is evaluated at, ``t_0 .. t_{K-1}`` (no final 0)."""
+        return list(self.times[:-1])
+
+    def pairs(self) -> list[tuple[float, float]]:
+        """``(t_i, t_{i+1})`` for each step ``i``."""
+        return list(zip(self.times[:-1], self.times[1:]))
+
+    def to_list(self) -> list[float]:
+        return list(self.times)
+
+    def __len__(self) -> int:
+        return len(self.times)
+
+    def __iter__(self) -> Iterator[float]:
+        return iter(self.times)
+
+    def __getitem__(self, i: int | slice) -> float | tuple[float, ...]:
+        return self.times[i]
+
+
+def sampling_schedule(steps: int, shift: float) -> Schedule:
     """``steps + 1`` times from 1 to 0: uniform points ``1 - i / steps`` passed through :func:`shift_t`.
 
     This is the schedule diffusers' FlowMatchEulerDiscreteScheduler uses for SD3 (``shift`` applied
@@ -91,7 +149,28 @@ def sampling_schedule(steps: int, shift: float) -> list[float]:
     if steps < 1:
         raise ValueError("steps must be >= 1")
     pts = [1.0 - i / steps for i in range(steps + 1)]
-    return [float(shift_t(p, shift)) if p > 0 else 0.0 for p in pts]
+    return Schedule(tuple(float(shift_t(p, shift)) if p > 0 else 0.0 for p in pts))
+
+
+Velocity = Callable[[int, float, torch.Tensor], torch.Tensor]
+StepHook = Callable[[int, torch.Tensor, torch.Tensor, torch.Tensor], None]
+
+
+def euler_sample(velocity: Velocity, x: torch.Tensor, schedule: Schedule, steps: int | None = None,
+                 after_step: StepHook | None = None) -> torch.Tensor:
+    """Euler integration along ``schedule``: ``x_{i+1} = x_i + (t_{i+1} - t_i) v(x_i, t_i)``.
+
+    ``velocity(i, t_i, x_i)`` gives step ``i``'s velocity (cast to ``x``'s dtype). Runs the first
+    ``steps`` steps (all K by default) and returns the last state; ``after_step(i, x_i, v_i, x_{i+1})``
+    sees every step. The one loop behind sampling, student rollouts and teacher trajectories.
+    """
+    for i, (t, s) in enumerate(schedule.pairs()[:steps]):
+        v = velocity(i, t, x).to(x.dtype)
+        x_next = euler_step(x, v, t, s)
+        if after_step is not None:
+            after_step(i, x, v, x_next)
+        x = x_next
+    return x
 
 
 def model_timestep(t: torch.Tensor | float, batch: int, device: torch.device | str) -> torch.Tensor:

@@ -252,6 +252,7 @@ def _prepare_trajectories(req: PrepareRequest, settings: dict, prompts: list[str
     from diffusers import SD3Transformer2DModel
     from tqdm.auto import tqdm
 
+    from . import flow
     from .data.trajectories import write_trajectory_index, write_trajectory_shards
     from .distill.trajectory import teacher_schedule, teacher_trajectories
     from .sampling import make_noise
@@ -262,7 +263,8 @@ def _prepare_trajectories(req: PrepareRequest, settings: dict, prompts: list[str
     cond = StoredConditioner(EmbeddingStore(store_dir, fingerprint=fp), dtype=torch.float32)
     teacher = SD3Transformer2DModel.from_pretrained(req.teacher, subfolder="transformer", revision=req.revision)
     teacher = teacher.to(ranks.device).eval().requires_grad_(False)
-    sched, record = teacher_schedule(settings["schedule"], settings["teacher_steps"], settings["shift"])
+    student = flow.Schedule.from_step_times(settings["schedule"])
+    sched, record = teacher_schedule(student, settings["teacher_steps"], settings["shift"])
     seed = settings["seed"] * 1_000_003 + 17
     shape = tuple(settings["shape"])
     dev = ranks.device
@@ -282,8 +284,7 @@ def _prepare_trajectories(req: PrepareRequest, settings: dict, prompts: list[str
     bar.close()
     del teacher
     ranks.barrier()
-    schedule = [float(t) for t in settings["schedule"]] + [0.0]
-    if _write_index(lambda: write_trajectory_index(folder, bank_prompts, settings, schedule, req.shard_size, dtype),
+    if _write_index(lambda: write_trajectory_index(folder, bank_prompts, settings, student, req.shard_size, dtype),
                     ranks):
         print(f"prepare: {n} teacher trajectories in {folder}")
     ranks.barrier()

@@ -118,7 +118,7 @@ def guided_velocity(transformer, x: torch.Tensor, t: torch.Tensor | float, cond:
     return flow.apply_cfg(v_u, v_c, guidance)
 
 
-def scheduler_schedule(pipe, steps: int) -> list[float]:
+def scheduler_schedule(pipe, steps: int) -> flow.Schedule:
     """The ``steps + 1`` times the pipeline's own scheduler visits for ``num_inference_steps=steps``.
 
     For SD3's ``FlowMatchEulerDiscreteScheduler`` these are ``linspace(1, sigma_min, steps)`` passed
@@ -130,7 +130,7 @@ def scheduler_schedule(pipe, steps: int) -> list[float]:
 
     sched = FlowMatchEulerDiscreteScheduler.from_config(pipe.scheduler.config)
     sched.set_timesteps(steps)
-    return [float(s) for s in sched.sigmas]
+    return flow.Schedule(tuple(float(s) for s in sched.sigmas))
 
 
 TransformerFor = Callable[[int, float], torch.nn.Module]
@@ -140,23 +140,22 @@ TransformerFor = Callable[[int, float], torch.nn.Module]
 def sample_latents(
     transformer: torch.nn.Module | TransformerFor,
     noise: torch.Tensor,
-    schedule: Sequence[float],
+    schedule: flow.Schedule | Sequence[float],
     cond: PromptEmbeds,
     uncond: PromptEmbeds | None = None,
     guidance: float = 1.0,
 ) -> torch.Tensor:
-    """Integrate from ``t = schedule[0]`` down to ``schedule[-1]`` with Euler steps.
+    """Integrate from ``t_0`` down to 0 with Euler steps along ``schedule`` (:func:`flow.euler_sample`).
 
-    ``schedule`` holds K + 1 times, descending, normally ending at 0. ``transformer`` is a module or
-    a function ``(step_index, t) -> module`` (used by unmerged split-timestep students).
+    ``transformer`` is a module or a function ``(step_index, t) -> module`` (used by unmerged
+    split-timestep students).
     """
-    x = noise
-    for i in range(len(schedule) - 1):
-        t, s = float(schedule[i]), float(schedule[i + 1])
+
+    def velocity(i: int, t: float, x: torch.Tensor) -> torch.Tensor:
         model = transformer(i, t) if not isinstance(transformer, torch.nn.Module) else transformer
-        v = guided_velocity(model, x, t, cond, uncond, guidance)
-        x = flow.euler_step(x, v.to(x.dtype), t, s)
-    return x
+        return guided_velocity(model, x, t, cond, uncond, guidance)
+
+    return flow.euler_sample(velocity, noise, flow.Schedule.of(schedule))
 
 
 def latent_shape(pipe, height: int, width: int) -> tuple[int, int, int]:
@@ -205,7 +204,7 @@ def generate(
     pipe,
     prompts: Sequence[str],
     seeds: Sequence[int],
-    schedule: Sequence[float],
+    schedule: flow.Schedule | Sequence[float],
     guidance: float = 1.0,
     use_t5: bool = True,
     batch_size: int = 32,

@@ -25,6 +25,7 @@ import torch
 
 from ..config import fingerprint as settings_hash
 from ..errors import UserError
+from ..flow import Schedule
 from ..text.store import save_safetensors_atomic
 
 __all__ = ["TRAJECTORY_INDEX", "TrajectoryStore", "shard_name", "write_trajectory_index",
@@ -93,7 +94,7 @@ def write_trajectory_shards(build: Callable[[int, list[str]], torch.Tensor], pro
     return written
 
 
-def write_trajectory_index(folder: str | Path, prompts: Sequence[str], settings: dict, schedule: Sequence[float],
+def write_trajectory_index(folder: str | Path, prompts: Sequence[str], settings: dict, schedule: Schedule,
                            shard_size: int, dtype: torch.dtype) -> Path:
     """``index.json``, once every shard is finished (a missing one is a RuntimeError)."""
     from ..imaging import atomic_write_text
@@ -135,7 +136,7 @@ class TrajectoryStore:
                             f"({', '.join(diff)}); run `sd35flash prepare --trajectories` with this recipe")
         self.index = index
         self.prompts: list[str] = list(index["prompts"])
-        self.schedule: list[float] = list(index["schedule"])
+        self.schedule = Schedule.of(index["schedule"])
         self.shard_size: int = int(index["shard_size"])
         self._handles: dict[int, object] = {}
         self._all: torch.Tensor | None = None

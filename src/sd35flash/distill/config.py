@@ -239,7 +239,7 @@ class DistillConfig:
     """Everything one distillation run needs besides the teacher and the output folder.
 
     ``schedule``: the K student times, descending with ``t_1 = 1`` and without the final 0; empty
-    means the METHOD.md default ``flow.sampling_schedule(K, shift)[:-1]`` with the teacher's shift.
+    means the METHOD.md default ``flow.sampling_schedule(K, shift).step_times`` with the teacher's shift.
     ``mode``: ``full`` trains full copies of the teacher (student, fake, branches); ``lora`` trains
     LoRA adapters (``lora``) on one shared frozen base, which with the adapters disabled is the teacher.
     ``t5_dropout``: the rate at which the student's conditioning loses its T5 block (so one student
@@ -333,10 +333,10 @@ class DistillConfig:
 
     def student_schedule(self, shift: float) -> list[float]:
         """The K student times ``t_1 = 1 > ... > t_K`` (no final 0): the configured list, or K
-        uniform points through the teacher's shift, ``flow.sampling_schedule(K, shift)[:-1]``."""
+        uniform points through the teacher's shift, ``flow.sampling_schedule(K, shift).step_times``."""
         if self.schedule:
             return [float(t) for t in self.schedule]
-        return flow.sampling_schedule(self.student_steps, shift)[:-1]
+        return flow.sampling_schedule(self.student_steps, shift).step_times
 
     def branch_steps(self, shift: float) -> list[list[int]]:
         """Per split branch, the indices of the student steps whose time lies in its range; a

@@ -47,7 +47,7 @@ def evaluation_times(idx: torch.Tensor, schedule: Sequence[float], cfg: DMDConfi
     With ``cfg.tau == "below"`` (and sharing), every step is read on its own line at
     ``tau = lo + (t_i - lo) u``, uniform below its own time.
     """
-    k = len(schedule) - 1
+    k = schedule.steps
     lo, hi = cfg.random_tau_range
     random_tau = lo + (hi - lo) * u
     if not cfg.timestep_sharing:
@@ -61,7 +61,7 @@ def evaluation_times(idx: torch.Tensor, schedule: Sequence[float], cfg: DMDConfi
         tau = torch.where(last, times_at(schedule, idx) / 2, tau)
         return EvalPoints(tau, torch.zeros_like(last))
     if k >= 2:
-        shared = torch.tensor(list(schedule[1:k]), dtype=torch.float32, device=idx.device)
+        shared = torch.tensor(list(schedule.times[1:k]), dtype=torch.float32, device=idx.device)
         choice = shared[(pick * len(shared)).long().clamp(max=len(shared) - 1)]
     else:
         choice = random_tau

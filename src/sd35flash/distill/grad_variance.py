@@ -1,4 +1,4 @@
-"""How noisy is the student's DMD gradient? The timestep-sharing ablation statistic (issue 3).
+"""How noisy is the student's DMD gradient? The timestep-sharing ablation statistic.
 
 At one fixed checkpoint (student, fake model, optimiser states as saved), the student's gradient of
 ``L_dm`` alone (no GAN term, no optimiser step) is computed on ``B`` minibatches. Each minibatch

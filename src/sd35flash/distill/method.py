@@ -53,7 +53,7 @@ from .trajectory import TrajectoryBank, tg_loss
 
 
 @dataclass
-class Generator:
+class GeneratorUpdate:
     """What one generator update trains: ``trained`` (the prepared module whose velocity at step
     ``i`` carries the gradient), ``rollout`` (the unwrapped student or branch router that runs steps
     ``1..i-1`` without gradients), the student steps ``i`` it is trained on (``None``: all K), the
@@ -78,7 +78,7 @@ class FlowDMD:
             raise ValueError("trajectory guidance needs a trajectory bank")
         self.cfg, self.m, self.source, self.acc = cfg, models, prompts, accelerator
         self.bank, self.real = bank, real
-        self.schedule = cfg.student_schedule(models.shift) + [0.0]
+        self.schedule = flow.Schedule.from_step_times(cfg.student_schedule(models.shift))
         self.k = cfg.student_steps
         self.shape = models.latent_shape()
         self.dev = accelerator.device
@@ -357,7 +357,7 @@ class FlowDMD:
         (``gan=False`` leaves out ``L_G``; ``timestep_sharing`` overrides ``dmd.timestep_sharing``).
         Draws the step's prompts and noise."""
         cfg = self.cfg
-        gen = Generator(self.student_p, self.student, None, "student", cfg.dmd.weight, cfg.gan.generator_weight)
+        gen = GeneratorUpdate(self.student_p, self.student, None, "student", cfg.dmd.weight, cfg.gan.generator_weight)
         loss, m = self.generator_loss(step, gen, gan=gan, timestep_sharing=timestep_sharing)
         return loss, {"dmd/loss": m["dmd_loss"], "dmd/grad_norm": m["dmd_grad_norm"], "gan/g_loss": m["g_loss"],
                       "student/x0_std": m["x0_std"]}
@@ -365,13 +365,13 @@ class FlowDMD:
     def branch_loss(self, step: int, b: int) -> tuple[torch.Tensor, Metrics]:
         """``split.dmd_weight * L_dm + split.gan_weight * L_G`` of branch ``b`` on the steps of its range."""
         sp = self.cfg.split
-        gen = Generator(self.branches_p[b], self.router, self.branch_steps[b], f"branch{b}", sp.dmd_weight,
+        gen = GeneratorUpdate(self.branches_p[b], self.router, self.branch_steps[b], f"branch{b}", sp.dmd_weight,
                         sp.gan_weight)
         loss, m = self.generator_loss(step, gen)
         return loss, {f"split{b}/dmd_loss": m["dmd_loss"], f"split{b}/g_loss": m["g_loss"],
                       f"split{b}/x0_std": m["x0_std"]}
 
-    def generator_loss(self, step: int, gen: Generator, gan: bool = True,
+    def generator_loss(self, step: int, gen: GeneratorUpdate, gan: bool = True,
                        timestep_sharing: bool | None = None) -> tuple[torch.Tensor, Metrics]:
         """``gen.dmd_weight * L_dm + gen.gan_weight * L_G`` at the evaluation point of a random step
         ``i`` drawn from ``gen.steps``: steps ``1..i-1`` by ``gen.rollout`` without gradients, step ``i``

@@ -1,7 +1,7 @@
 """Student trajectories: from fresh noise, Euler steps on the student's own schedule.
 
-The schedule is the K student times followed by the final 0: ``t_1 = 1 > t_2 > ... > t_K > 0``.
-Step ``i`` (0-based here) goes from ``t_i`` to ``t_{i+1}`` with ``x_{i+1} = x_i + (t_{i+1} - t_i) v``.
+The :class:`flow.Schedule` holds the K student times and the final 0: ``t_0 = 1 > t_1 > ... > t_K = 0``.
+Step ``i`` goes from ``t_i`` to ``t_{i+1}`` with ``x_{i+1} = x_i + (t_{i+1} - t_i) v``.
 
 ``student`` is a module, or (split-timestep stage) a router ``(step_index, t) -> module`` that sends
 each step to the branch of its time (``models.branches.BranchRouter``).
@@ -30,7 +30,7 @@ def model_at(student: Student, j: int, t: float) -> torch.nn.Module:
     return student if isinstance(student, torch.nn.Module) else student(j, t)
 
 
-def step_velocity(student: Student, x: torch.Tensor, schedule: Sequence[float], cond: PromptEmbeds,
+def step_velocity(student: Student, x: torch.Tensor, schedule: flow.Schedule, cond: PromptEmbeds,
                   idx: torch.Tensor, present: Sequence[int] = ()) -> torch.Tensor:
     """``v(x, t_idx)`` with each sample at its own step ``idx``; a router runs each distinct step's
     samples through that step's module, and the module of each step in ``present`` that no sample
@@ -44,9 +44,9 @@ def step_velocity(student: Student, x: torch.Tensor, schedule: Sequence[float], 
         if not bool(m.any()):
             first = torch.zeros_like(m)
             first[0] = True
-            predict_velocity(student(j, float(schedule[j])), x[first], t[first], cond.index(first))
+            predict_velocity(student(j, schedule.times[j]), x[first], t[first], cond.index(first))
             continue
-        vj = predict_velocity(student(j, float(schedule[j])), x[m], t[m], cond.index(m))
+        vj = predict_velocity(student(j, schedule.times[j]), x[m], t[m], cond.index(m))
         if v is None:
             v = torch.empty((x.shape[0], *vj.shape[1:]), dtype=vj.dtype, device=vj.device)
         v[m] = vj
@@ -58,33 +58,36 @@ def bcast(t: torch.Tensor, like: torch.Tensor) -> torch.Tensor:
     return t.view(-1, *([1] * (like.ndim - 1)))
 
 
-def times_at(schedule: Sequence[float], idx: torch.Tensor) -> torch.Tensor:
+def times_at(schedule: flow.Schedule, idx: torch.Tensor) -> torch.Tensor:
     """Per-sample times ``t_{idx}`` from the (K + 1)-point schedule."""
-    return torch.tensor(list(schedule), dtype=torch.float32, device=idx.device)[idx]
+    return torch.tensor(schedule.times, dtype=torch.float32, device=idx.device)[idx]
 
 
 @torch.no_grad()
-def rollout_to_step(student: Student, noise: torch.Tensor, schedule: Sequence[float], cond: PromptEmbeds,
+def rollout_to_step(student: Student, noise: torch.Tensor, schedule: flow.Schedule, cond: PromptEmbeds,
                     idx: torch.Tensor, steps: int | None = None) -> torch.Tensor:
     """The student's state ``x_{t_i}`` for each sample's step index ``i = idx``, without gradients.
 
     Runs steps ``0 .. max(idx) - 1`` (``0 .. steps - 1`` when given) from ``noise``
     (``x_{t_0} = noise`` at ``t = 1``) and keeps, per sample, the state reached after ``idx`` steps.
     """
-    x = noise
     out = noise.clone()
     if steps is None:
         steps = int(idx.max().item()) if idx.numel() else 0
-    for j in range(steps):
-        t, s = float(schedule[j]), float(schedule[j + 1])
-        v = predict_velocity(model_at(student, j, t), x, t, cond).to(x.dtype)
-        x = flow.euler_step(x, v, t, s)
-        out = torch.where(bcast(idx == j + 1, x), x, out)
+
+    def keep(j: int, x: torch.Tensor, v: torch.Tensor, x_next: torch.Tensor) -> None:
+        nonlocal out
+        out = torch.where(bcast(idx == j + 1, x_next), x_next, out)
+
+    def velocity(j: int, t: float, x: torch.Tensor) -> torch.Tensor:
+        return predict_velocity(model_at(student, j, t), x, t, cond)
+
+    flow.euler_sample(velocity, noise, schedule, steps, keep)
     return out
 
 
 @torch.no_grad()
-def student_sample(student: Student, noise: torch.Tensor, schedule: Sequence[float],
+def student_sample(student: Student, noise: torch.Tensor, schedule: flow.Schedule,
                    cond: PromptEmbeds, idx: torch.Tensor, global_idx: torch.Tensor | None = None) -> torch.Tensor:
     """A detached student sample: ``x0_hat = x_{t_i} - t_i v(x_{t_i}, t_i)`` at step ``i = idx``;
     ``global_idx``: the step indices of the whole global batch (see the module docstring)."""

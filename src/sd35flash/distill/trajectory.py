@@ -37,7 +37,7 @@ class TrajectoryBank:
 
     prompts: list[str]
     states: torch.Tensor
-    schedule: list[float]
+    schedule: flow.Schedule
 
     def __len__(self) -> int:
         return len(self.prompts)
@@ -48,7 +48,7 @@ class TrajectoryBank:
         return self.states[:, -1]
 
 
-def teacher_schedule(student_schedule: Sequence[float], teacher_steps: int, shift: float) -> tuple[list[float], list[int]]:
+def teacher_schedule(student: flow.Schedule, teacher_steps: int, shift: float) -> tuple[flow.Schedule, list[int]]:
     """The N-step teacher schedule and the positions in it of the K + 1 student times.
 
     ``flow.sampling_schedule(N, shift)`` holds ``shift(1 - j / N)``; student time ``k`` of a
@@ -56,11 +56,10 @@ def teacher_schedule(student_schedule: Sequence[float], teacher_steps: int, shif
     the nearest teacher time, which must agree within 1e-6.
     """
     sched = flow.sampling_schedule(teacher_steps, shift)
-    targets = list(student_schedule) + [0.0]
     where = []
-    for t in targets:
-        j = min(range(len(sched)), key=lambda n: abs(sched[n] - t))
-        if abs(sched[j] - t) > 1e-6:
+    for t in student.times:
+        j = min(range(len(sched.times)), key=lambda n: abs(sched.times[n] - t))
+        if abs(sched.times[j] - t) > 1e-6:
             raise ValueError(f"student time {t} is not on the teacher's {teacher_steps}-step schedule; "
                              "use the default schedule or a multiple of its step count")
         where.append(j)
@@ -68,18 +67,19 @@ def teacher_schedule(student_schedule: Sequence[float], teacher_steps: int, shif
 
 
 @torch.no_grad()
-def teacher_trajectories(teacher: torch.nn.Module, noise: torch.Tensor, schedule: Sequence[float],
+def teacher_trajectories(teacher: torch.nn.Module, noise: torch.Tensor, schedule: flow.Schedule,
                          record: Sequence[int], cond: PromptEmbeds, uncond: PromptEmbeds | None,
                          guidance: float) -> torch.Tensor:
     """Euler with CFG from ``noise`` along ``schedule``; returns the states at positions ``record``
     stacked as (B, len(record), C, H, W)."""
-    x = noise
-    out = {0: x} if 0 in record else {}
-    for j in range(len(schedule) - 1):
-        v = guided_velocity(teacher, x, float(schedule[j]), cond, uncond, guidance).to(x.dtype)
-        x = flow.euler_step(x, v, float(schedule[j]), float(schedule[j + 1]))
+    out = {0: noise} if 0 in record else {}
+
+    def keep(j: int, x: torch.Tensor, v: torch.Tensor, x_next: torch.Tensor) -> None:
         if j + 1 in record:
-            out[j + 1] = x
+            out[j + 1] = x_next
+
+    flow.euler_sample(lambda j, t, x: guided_velocity(teacher, x, t, cond, uncond, guidance), noise, schedule,
+                      after_step=keep)
     return torch.stack([out[r] for r in record], dim=1)
 
 
@@ -111,21 +111,23 @@ def load_or_build(path: Path, build: Callable[[], TrajectoryBank]) -> tuple[Traj
     Returns ``(bank, reused)``."""
     if path.is_file():
         blob = torch.load(path, weights_only=True)
-        return TrajectoryBank(list(blob["prompts"]), blob["states"].float(), list(blob["schedule"])), True
+        return TrajectoryBank(list(blob["prompts"]), blob["states"].float(), flow.Schedule.of(blob["schedule"])), True
     bank = build()
     path.parent.mkdir(parents=True, exist_ok=True)
-    atomic_torch_save(path, {"prompts": bank.prompts, "states": bank.states, "schedule": bank.schedule},
+    atomic_torch_save(path, {"prompts": bank.prompts, "states": bank.states, "schedule": bank.schedule.to_list()},
                       "teacher trajectories")
     return bank, False
 
 
 def build_bank(teacher: torch.nn.Module, encode: Callable[[list[str]], PromptEmbeds],
-               uncond: Callable[[int], PromptEmbeds], prompts: Sequence[str], student_schedule: Sequence[float],
+               uncond: Callable[[int], PromptEmbeds], prompts: Sequence[str], step_times: Sequence[float],
                teacher_steps: int, shift: float, guidance: float, latent_shape: tuple[int, int, int],
                seed: int, batch_size: int, device: torch.device | str,
                progress: Callable[[int], None] | None = None) -> TrajectoryBank:
-    """Teacher CFG trajectories for ``prompts`` from per-trajectory noise seeds ``seed + m``."""
-    sched, record = teacher_schedule(student_schedule, teacher_steps, shift)
+    """Teacher CFG trajectories for ``prompts`` from per-trajectory noise seeds ``seed + m``, at the
+    student's K ``step_times`` (as a recipe stores them) and its end point."""
+    student = flow.Schedule.from_step_times(step_times)
+    sched, record = teacher_schedule(student, teacher_steps, shift)
     states = []
     for start in range(0, len(prompts), batch_size):
         ps = list(prompts[start : start + batch_size])
@@ -133,10 +135,10 @@ def build_bank(teacher: torch.nn.Module, encode: Callable[[list[str]], PromptEmb
         states.append(teacher_trajectories(teacher, noise, sched, record, encode(ps), uncond(len(ps)), guidance).cpu())
         if progress is not None:
             progress(len(ps))
-    return TrajectoryBank(list(prompts), torch.cat(states), [float(t) for t in student_schedule] + [0.0])
+    return TrajectoryBank(list(prompts), torch.cat(states), student)
 
 
-def tg_loss(student: torch.nn.Module, states: torch.Tensor, idx: torch.Tensor, schedule: Sequence[float],
+def tg_loss(student: torch.nn.Module, states: torch.Tensor, idx: torch.Tensor, schedule: flow.Schedule,
             cond: PromptEmbeds, space: str = "x") -> torch.Tensor:
     """For step ``i = idx``, ``space="x"``: ``|| x_{t_i} + dt v_theta(x_{t_i}, t_i) - x_{t_{i+1}} ||^2``;
     ``space="velocity"``: ``|| v_theta(x_{t_i}, t_i) - (x_{t_{i+1}} - x_{t_i}) / dt ||^2`` with

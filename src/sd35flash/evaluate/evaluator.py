@@ -84,21 +84,21 @@ def parse_schedule(text: str) -> list[float] | str:
     return times
 
 
-def apply_schedule(pipe, spec: str, steps: int | None, default_steps: int) -> tuple[list[float], int]:
+def apply_schedule(pipe, spec: str, steps: int | None, default_steps: int) -> tuple[flow.Schedule, int]:
     """The schedule ``--schedule spec`` asks for, and its step count (``steps`` must agree with a list)."""
     parsed = parse_schedule(spec)
     if isinstance(parsed, list):
         if steps is not None and steps != len(parsed) - 1:
             raise UserError(f"--steps {steps} disagrees with --schedule {spec} ({len(parsed) - 1} steps); "
                             "drop --steps")
-        return parsed, len(parsed) - 1
+        return flow.Schedule(tuple(parsed)), len(parsed) - 1
     n = steps or default_steps
     if parsed == "scheduler":
         return scheduler_schedule(pipe, n), n
     return flow.sampling_schedule(n, float(pipe.scheduler.config.get("shift", 3.0))), n
 
 
-def resolve_sampling(pipe, model: str, steps: int | None, guidance: float | None) -> tuple[list[float], int, float]:
+def resolve_sampling(pipe, model: str, steps: int | None, guidance: float | None) -> tuple[flow.Schedule, int, float]:
     """Schedule, steps and guidance: a student's ``sd35flash.json`` supplies its own schedule (when
     ``steps`` is not overridden) and guidance 1.0; a teacher uses its scheduler's own schedule, as
     the stock pipeline does, and a shipped teacher's registry entry its recommended steps and
@@ -109,7 +109,7 @@ def resolve_sampling(pipe, model: str, steps: int | None, guidance: float | None
     if steps is not None and steps < 1:
         raise UserError(f"--steps must be >= 1, got {steps}")
     if info is not None and (steps is None or steps == info.steps):
-        sched = [float(t) for t in info.timesteps] + [0.0]
+        sched = flow.Schedule.from_step_times(info.timesteps)
         return sched, info.steps, info.guidance if guidance is None else guidance
     steps = steps or (info.steps if info is not None else shipped.steps if shipped else TEACHER_DEFAULT_STEPS)
     g = guidance if guidance is not None else (info.guidance if info is not None else
@@ -152,7 +152,7 @@ def evaluate(req: EvalRequest, json_out: str | Path, save_images: str | Path | N
         "num_images": len(specs),
         "steps": steps,
         "guidance": guidance,
-        "schedule": schedule,
+        "schedule": schedule.to_list(),
         "use_t5": req.use_t5,
         "variant": variant,
         "transformer_bytes": param_bytes(model),

@@ -22,10 +22,8 @@ Typical use::
 
 from __future__ import annotations
 
-from collections.abc import Iterator, Sequence
+from collections.abc import Iterator
 from contextlib import contextmanager
-from typing import Union
-
 import numpy as np
 import torch
 import torch.nn.functional as F
@@ -47,10 +45,6 @@ INPUT_RESOLUTION = 224
 # EfficientNet-Lite ("edge") models were trained with inception-style normalisation.
 _PIXEL_MEAN = 127.0
 _PIXEL_STD = 128.0
-
-ImageLike = Union[np.ndarray, torch.Tensor]
-Images = Union[np.ndarray, torch.Tensor, Sequence[ImageLike]]
-
 
 def _load_backbone(weights_path: str | None) -> nn.Module:
     try:
@@ -201,110 +195,18 @@ class EffNetLite0Features(nn.Module):
 # Input handling
 
 
-def _to_chw_tensor(img: ImageLike, index: int) -> torch.Tensor:
-    """One image (H, W, 3) numpy / (H, W, 3) or (3, H, W) tensor -> (3, H, W) tensor."""
-    t = torch.as_tensor(np.ascontiguousarray(img)) if isinstance(img, np.ndarray) else img
-    if not isinstance(t, torch.Tensor):
-        raise UserError(f"image {index}: expected a numpy array or torch tensor, got {type(img).__name__}")
-    if t.ndim != 3:
-        raise UserError(f"image {index}: expected shape (H, W, 3), got {tuple(t.shape)}")
-    if t.shape[-1] == 3:
-        return t.permute(2, 0, 1)
-    if t.shape[0] == 3 and isinstance(img, torch.Tensor):
-        return t
-    raise UserError(f"image {index}: expected 3 (RGB) channels, got shape {tuple(t.shape)}")
-
-
-def _check_dtype_and_range(t: torch.Tensor, what: str) -> torch.Tensor:
-    """Accept uint8, integer in [0, 255] (cast to uint8) or float in [0, 1]."""
-    if t.dtype == torch.uint8:
-        return t
-    if t.dtype == torch.bool or t.is_complex():
-        raise UserError(f"{what}: unsupported dtype {t.dtype}; pass uint8 RGB images")
-    if t.numel() == 0:
-        return t
-    lo, hi = float(t.min()), float(t.max())
-    if t.is_floating_point():
-        if not (np.isfinite(lo) and np.isfinite(hi)) or lo < -1e-3 or hi > 1.0 + 1e-3:
-            raise UserError(
-                f"{what}: float images must lie in [0, 1] (got range [{lo:.3g}, {hi:.3g}]); "
-                "pass uint8 images in [0, 255] instead"
-            )
-        return t.clamp(0.0, 1.0)
-    if lo < 0 or hi > 255:
-        raise UserError(f"{what}: integer images must lie in [0, 255] (got range [{lo}, {hi}])")
-    return t.to(torch.uint8)
-
-
-class _ImageSet:
-    """A validated view on an image collection that yields (B, 3, H, W) batches lazily."""
-
-    def __init__(self, images: Images, name: str) -> None:
-        self.name = name
-        self._array: torch.Tensor | None = None  # (N, 3, H, W) view, when given as one array
-        self._items: Sequence[ImageLike] | None = None
-        if isinstance(images, np.ndarray):
-            if images.ndim != 4 or images.shape[-1] != 3:
-                raise UserError(
-                    f"{name} images: expected an (N, H, W, 3) RGB array, got shape {images.shape}"
-                )
-            self._array = torch.from_numpy(np.ascontiguousarray(images)).permute(0, 3, 1, 2)
-        elif isinstance(images, torch.Tensor):
-            if images.ndim != 4 or 3 not in (images.shape[1], images.shape[-1]):
-                raise UserError(
-                    f"{name} images: expected an (N, H, W, 3) or (N, 3, H, W) tensor, "
-                    f"got shape {tuple(images.shape)}"
-                )
-            t = images.detach().cpu()
-            self._array = t.permute(0, 3, 1, 2) if t.shape[-1] == 3 else t
-        elif isinstance(images, (list, tuple)):
-            self._items = images
-        else:
-            raise UserError(
-                f"{name} images: expected a numpy array, a torch tensor or a list of images, "
-                f"got {type(images).__name__}"
-            )
-        if len(self) < 2:
-            raise UserError(
-                f"{name} images: the Frechet distance needs at least 2 images per set, got {len(self)}"
-            )
-
-    def __len__(self) -> int:
-        return int(self._array.shape[0]) if self._array is not None else len(self._items or ())
-
-    def batches(self, batch_size: int) -> Iterator[torch.Tensor]:
-        if batch_size < 1:
-            raise UserError(f"batch_size must be >= 1, got {batch_size}")
-        n = len(self)
-        for start in range(0, n, batch_size):
-            stop = min(n, start + batch_size)
-            if self._array is not None:
-                yield _check_dtype_and_range(self._array[start:stop], f"{self.name} images")
-                continue
-            assert self._items is not None
-            imgs = [
-                _check_dtype_and_range(_to_chw_tensor(self._items[i], i), f"{self.name} image {i}")
-                for i in range(start, stop)
-            ]
-            same_shape = all(im.shape == imgs[0].shape for im in imgs)
-            if same_shape and all(im.dtype == torch.uint8 for im in imgs):
-                yield torch.stack(imgs)
-                continue
-            # Mixed sizes / dtypes: bring each to float [0, 1] at the network resolution.
-            floats = []
-            for im in imgs:
-                f = im.float() / 255.0 if im.dtype == torch.uint8 else im.float()
-                if not same_shape and tuple(f.shape[-2:]) != (INPUT_RESOLUTION, INPUT_RESOLUTION):
-                    shrinking = f.shape[-2] > INPUT_RESOLUTION or f.shape[-1] > INPUT_RESOLUTION
-                    f = F.interpolate(
-                        f[None],
-                        size=(INPUT_RESOLUTION, INPUT_RESOLUTION),
-                        mode="bilinear",
-                        align_corners=False,
-                        antialias=shrinking,
-                    )[0]
-                floats.append(f)
-            yield torch.stack(floats)
+def _image_batches(images: np.ndarray, name: str, batch_size: int) -> list[torch.Tensor]:
+    """``(N, H, W, 3)`` uint8 RGB images (what the shapes world renders and the sampler decodes) as
+    ``(B, 3, H, W)`` uint8 batches; a :class:`UserError` for any other input or fewer than 2 images."""
+    if not isinstance(images, np.ndarray) or images.dtype != np.uint8 or images.ndim != 4 or images.shape[-1] != 3:
+        got = f"{images.dtype} array of shape {images.shape}" if isinstance(images, np.ndarray) else type(images).__name__
+        raise UserError(f"{name} images: expected an (N, H, W, 3) uint8 RGB array, got {got}")
+    if len(images) < 2:
+        raise UserError(f"{name} images: the Frechet distance needs at least 2 images per set, got {len(images)}")
+    if batch_size < 1:
+        raise UserError(f"batch_size must be >= 1, got {batch_size}")
+    nchw = torch.from_numpy(np.ascontiguousarray(images)).permute(0, 3, 1, 2)
+    return [nchw[start : start + batch_size] for start in range(0, len(images), batch_size)]
 
 
 # ----------------------------------------------------------------------------------------------
@@ -395,8 +297,7 @@ class FDScorer:
     """Frechet distance between image sets, in EfficientNet-Lite0 feature space.
 
     The network is built once and reused by every call. Images are ``(N, H, W, 3)`` uint8 numpy
-    arrays (float arrays in [0, 1] and torch tensors in NHWC or NCHW are accepted too), or lists of
-    ``(H, W, 3)`` images, possibly of different sizes. Every image is resized to 224 x 224.
+    arrays; every image is resized to 224 x 224.
 
     Args:
         device: torch device for the network (default CPU).
@@ -424,16 +325,13 @@ class FDScorer:
             ).to(self.device)
         return self._metric
 
-    def features(self, images: Images, batch_size: int | None = None) -> np.ndarray:
+    def features(self, images: np.ndarray, batch_size: int | None = None) -> np.ndarray:
         """``(N, 1280)`` float64 features of ``images`` (for caching / :meth:`fd_from_features`)."""
-        image_set = _ImageSet(images, "input")
-        out = [
-            self.extractor(batch).cpu().numpy()
-            for batch in image_set.batches(batch_size or self.batch_size)
-        ]
+        out = [self.extractor(batch).cpu().numpy()
+               for batch in _image_batches(images, "input", batch_size or self.batch_size)]
         return np.concatenate(out, axis=0)
 
-    def fd(self, real: Images, fake: Images, batch_size: int | None = None) -> float:
+    def fd(self, real: np.ndarray, fake: np.ndarray, batch_size: int | None = None) -> float:
         """Frechet distance between two image sets, computed by torchmetrics'
         ``FrechetInceptionDistance`` with this EfficientNet-Lite0 as the feature extractor.
 
@@ -441,14 +339,14 @@ class FDScorer:
         better. Needs at least 2 images per set (use hundreds or more for a stable estimate: with
         fewer images than 1280 the covariances are rank-deficient and FD is biased upwards).
         """
-        real_set, fake_set = _ImageSet(real, "real"), _ImageSet(fake, "fake")
         bs = batch_size or self.batch_size
+        real_batches, fake_batches = _image_batches(real, "real", bs), _image_batches(fake, "fake", bs)
         metric = self._fid_metric()
         metric.reset()
         try:
-            for batch in real_set.batches(bs):
+            for batch in real_batches:
                 metric.update(batch.to(self.device), real=True)
-            for batch in fake_set.batches(bs):
+            for batch in fake_batches:
                 metric.update(batch.to(self.device), real=False)
             with _single_threaded_linalg(self.device):
                 value = float(metric.compute())

@@ -60,9 +60,10 @@ def single_object_specs(n: int, split: str = "test"):
 @torch.no_grad()
 def trace(pipe, transformer, specs, seeds, schedule, guidance: float, batch_size: int = 32):
     """Decoded ``x0_hat`` after each step for every spec: uint8 array (steps, N, H, W, 3)."""
+    schedule = flow.Schedule.of(schedule)
     device, dtype = pipe._execution_device, pipe.transformer.dtype
     size = pipe.transformer.config.sample_size * (2 ** (len(pipe.vae.config.block_out_channels) - 1))
-    per_step: list[list[np.ndarray]] = [[] for _ in range(len(schedule) - 1)]
+    per_step: list[list[np.ndarray]] = [[] for _ in range(schedule.steps)]
     uncond = encode_prompts(pipe, [""], device=device).to(device=device, dtype=dtype) if guidance > 1 else None
     for start in range(0, len(specs), batch_size):
         chunk = specs[start : start + batch_size]
@@ -71,12 +72,15 @@ def trace(pipe, transformer, specs, seeds, schedule, guidance: float, batch_size
         if uncond is not None:
             unc = PromptEmbeds(uncond.embeds.expand(len(chunk), -1, -1), uncond.pooled.expand(len(chunk), -1))
         x = make_noise(latent_shape(pipe, size, size), seeds[start : start + len(chunk)], dtype=dtype, device=device)
-        for i in range(len(schedule) - 1):
-            t, s = float(schedule[i]), float(schedule[i + 1])
+
+        def velocity(i: int, t: float, x: torch.Tensor, cond=cond, unc=unc) -> torch.Tensor:
             model = transformer(i, t) if not isinstance(transformer, torch.nn.Module) else transformer
-            v = guided_velocity(model, x, t, cond, unc, guidance).to(x.dtype)
-            per_step[i].append(decode_latents(pipe.vae, flow.x0_from_v(x, v, t)))
-            x = flow.euler_step(x, v, t, s)
+            return guided_velocity(model, x, t, cond, unc, guidance)
+
+        def keep(i: int, x: torch.Tensor, v: torch.Tensor, x_next: torch.Tensor) -> None:
+            per_step[i].append(decode_latents(pipe.vae, flow.x0_from_v(x, v, schedule.times[i])))
+
+        flow.euler_sample(velocity, x, schedule, after_step=keep)
     return np.stack([np.concatenate(p) for p in per_step])
 
 

@@ -4,7 +4,7 @@ student schedule file ``sd35flash.json``.
 Every model is a diffusers ``StableDiffusion3Pipeline`` folder; see ``docs/ARCHITECTURE.md``.
 """
 
-from sd35flash.models.pipeline_io import is_local_path, load_components, load_pipeline, save_pipeline
+from sd35flash.models.pipeline_io import is_local_path, load_pipeline, save_pipeline
 from sd35flash.models.student_info import (
     FILENAME,
     StudentInfo,
@@ -39,7 +39,6 @@ __all__ = [
     "count_parameters",
     "info_to_json",
     "is_local_path",
-    "load_components",
     "load_pipeline",
     "read_student_info",
     "save_pipeline",

@@ -34,7 +34,6 @@ __all__ = [
     "MODEL_INDEX",
     "PIPELINE_CLASS",
     "is_local_path",
-    "load_components",
     "load_pipeline",
     "save_pipeline",
 ]
@@ -160,18 +159,6 @@ def _first_line(exc: BaseException) -> str:
     if not text:
         return ""
     return text[0] if len(text[0]) <= 240 else text[0][:240] + "..."
-
-
-def load_components(
-    model: str | os.PathLike[str],
-    revision: str | None = None,
-    torch_dtype: torch.dtype = torch.float32,
-    device: str | torch.device = "cpu",
-) -> dict[str, Any]:
-    """The pipeline's components by name (``transformer``, ``vae``, ``text_encoder``, ...,
-    ``tokenizer_3``, ``scheduler``); absent optional components map to ``None``."""
-    pipe = load_pipeline(model, revision=revision, torch_dtype=torch_dtype, device=device)
-    return dict(pipe.components)
 
 
 def _check_extra_name(rel: str) -> Path:

@@ -117,13 +117,6 @@ class SplitInfo:
         if self.presplit and not _SUBFOLDER.match(str(self.presplit)):
             raise UserError(f"'split.presplit' must be a subfolder name, got {self.presplit!r}")
 
-    def branch_of(self, t: float) -> int:
-        """The index of the branch whose range holds ``t`` (``t_min < t <= t_max``)."""
-        for i, b in enumerate(self.branches):
-            if b.contains(t):
-                return i
-        raise ValueError(f"no split branch covers t = {t}")
-
     @classmethod
     def from_dict(cls, data: Any) -> SplitInfo:
         if not isinstance(data, dict):

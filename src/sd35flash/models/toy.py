@@ -24,7 +24,7 @@ from __future__ import annotations
 import math
 from collections.abc import Iterator
 from contextlib import contextmanager
-from dataclasses import asdict, dataclass, fields
+from dataclasses import dataclass
 from typing import Any
 
 import torch
@@ -91,19 +91,6 @@ class ToyConfig:
     def inner_dim(self) -> int:
         """Transformer width: ``num_attention_heads * attention_head_dim``."""
         return self.num_attention_heads * self.attention_head_dim
-
-    def to_dict(self) -> dict[str, Any]:
-        d = asdict(self)
-        d["vae_block_out_channels"] = list(self.vae_block_out_channels)
-        return d
-
-    @classmethod
-    def from_dict(cls, data: dict[str, Any]) -> ToyConfig:
-        known = {f.name for f in fields(cls)}
-        unknown = sorted(set(data) - known)
-        if unknown:
-            raise UserError(f"unknown toy model setting(s) {unknown}; valid ones are {sorted(known)}")
-        return cls(**data)
 
 
 def check_config(cfg: ToyConfig) -> None:

@@ -7,7 +7,6 @@ The messages say what went wrong and when; the caller adds which checkpoint is t
 from __future__ import annotations
 
 import math
-from collections.abc import Iterable
 
 import torch
 
@@ -22,13 +21,6 @@ def check_finite(step: int, **values: float | torch.Tensor) -> None:
             raise TrainingAlarm(
                 f"{name} became {x} at step {step}; training stopped"
             )
-
-
-def grads_finite(params: Iterable[torch.nn.Parameter]) -> bool:
-    for p in params:
-        if p.grad is not None and not torch.isfinite(p.grad).all():
-            return False
-    return True
 
 
 class CollapseDetector:
