@@ -21,7 +21,6 @@ from pathlib import Path
 import pytest
 import torch
 from safetensors.torch import load_file
-from test_deploy_quantize import TINY, WORDS
 
 from sd35flash.cli import main
 from sd35flash.config import merge
@@ -29,7 +28,6 @@ from sd35flash.distill.config import load_distill_config
 from sd35flash.distill.models import DistillModels
 from sd35flash.distill.run import distill, work_dir
 from sd35flash.distill.trajectory import teacher_identity
-from sd35flash.models import build_toy_pipeline, save_pipeline
 
 SUBS = ("transformer", "transformer_branch0", "transformer_branch1")
 CFG = {"batch_size": 4, "trajectory": {"steps": 1, "batch_size": 4, "num_trajectories": 4, "teacher_steps": 4},
@@ -88,10 +86,8 @@ def _two_processes(cfg, teacher: Path, out: Path, resume: bool = False, kill: st
 
 
 @pytest.fixture(scope="module")
-def tiny(tmp_path_factory) -> Path:
-    out = tmp_path_factory.mktemp("fsdp") / "tiny"
-    save_pipeline(build_toy_pipeline(TINY, WORDS), out)
-    return out
+def tiny(tiny_dir) -> Path:
+    return tiny_dir
 
 
 @pytest.mark.timeout(600)
@@ -210,8 +206,8 @@ def file_copy(folder: Path, tmp_path: Path) -> Path:
     return dest
 
 
-def test_resolution_reaches_the_latent_shape(tiny):
-    native = build_toy_pipeline(TINY, WORDS)
+def test_resolution_reaches_the_latent_shape(tiny, tiny_pipeline):
+    native = tiny_pipeline()
     side = int(native.transformer.config.sample_size)
     scale = 2 ** (len(native.vae.config.block_out_channels) - 1)
     models = DistillModels.load(str(tiny), resolution=side * scale)
