@@ -7,8 +7,8 @@ import json
 from test_deploy_quantize import TINY, WORDS
 
 from sd35flash.cli import main
-from sd35flash.deploy.bench import ROW_KEYS
-from sd35flash.deploy.quantize import WEIGHTS_FILE
+from sd35flash.deploy.tools.bench import ROW_KEYS
+from sd35flash.deploy.runtime.quantize import WEIGHTS_FILE
 from sd35flash.models import build_toy_pipeline, save_pipeline
 
 

@@ -10,7 +10,7 @@ import torch
 from torch import nn
 
 from sd35flash import flow
-from sd35flash.deploy.quantize import (
+from sd35flash.deploy.runtime.quantize import (
     METHODS,
     QuantizationUnsupported,
     linear_names,
@@ -21,7 +21,7 @@ from sd35flash.deploy.quantize import (
     unsupported_reason,
     weight_bytes,
 )
-from sd35flash.deploy.sensitivity import capture_calibration, relative_error, sensitivity_scan
+from sd35flash.deploy.runtime.sensitivity import capture_calibration, relative_error, sensitivity_scan
 from sd35flash.models import ToyConfig, build_toy_pipeline
 
 WORDS = "a an the small large red green blue yellow circle square triangle left right of and one two three".split()

@@ -16,9 +16,9 @@ from PIL import Image
 from test_deploy_quantize import TINY, WORDS
 
 from sd35flash.cli import main
-from sd35flash.deploy.pipeline import load_deployed, preset_size
-from sd35flash.deploy.presets import PRESETS, Preset, check_runnable, get_preset, runnable_presets
-from sd35flash.deploy.text_encoders import PromptEncoder
+from sd35flash.deploy.runtime.pipeline import load_deployed, preset_size
+from sd35flash.deploy.runtime.presets import PRESETS, Preset, check_runnable, get_preset, runnable_presets
+from sd35flash.deploy.runtime.text_encoders import PromptEncoder
 from sd35flash.errors import UserError
 from sd35flash.models import build_toy_pipeline, save_pipeline
 from sd35flash.sampling import clip_length, encode_prompts, generate

@@ -8,17 +8,16 @@ import pytest
 import torch
 
 from sd35flash.cli import main
-from sd35flash.deploy.plan import (
-    PRESET_MEMORY,
+from sd35flash.deploy.runtime.presets import PRESETS
+from sd35flash.deploy.tools.plan import PRESET_MEMORY, plan_memory
+from sd35flash.deploy.tools.plan_check import check_transformer, check_vae
+from sd35flash.plan.architecture import (
     build_on_meta,
     load_architecture,
     param_stats,
-    plan_memory,
     transformer_activation_elements,
     vae_decode_activation_elements,
 )
-from sd35flash.deploy.plan_check import check_transformer, check_vae
-from sd35flash.deploy.presets import PRESETS
 from sd35flash.errors import UserError
 from sd35flash.models import ToyConfig, build_toy_pipeline, build_transformer, build_vae, save_pipeline
 

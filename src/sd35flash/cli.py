@@ -188,7 +188,7 @@ def _add_export_plan_commands(sub) -> None:
 
 
 def _add_train_plan_arguments(pl) -> None:
-    """`plan --train`: per-GPU memory of a distillation (deploy/plan_train.py)."""
+    """`plan --train`: per-GPU memory of a distillation (plan/train.py)."""
     t = pl.add_argument_group("--train (distillation memory per GPU)")
     t.add_argument("--train", action="store_true", help="plan a distillation run instead of inference")
     t.add_argument("--mode", choices=("full", "lora"), default="full", help="full fine-tuning or LoRA adapters")
@@ -207,8 +207,8 @@ def _add_train_plan_arguments(pl) -> None:
 
 
 def _cmd_export(args) -> int:
-    from .deploy.onnx_export import check_export_output, check_export_parts, copy_export, read_manifest
-    from .deploy.onnx_runtime import cached_export
+    from .deploy.export.onnx_export import check_export_output, check_export_parts, copy_export, read_manifest
+    from .deploy.export.onnx_runtime import cached_export
     from .models.pipeline_io import is_local_path, load_pipeline
     from .paths import cache_root
 
@@ -226,13 +226,13 @@ def _cmd_export(args) -> int:
 
 
 def _cmd_plan(args) -> int:
-    from .deploy.plan import plan_memory, plan_to_text
+    from .deploy.tools.plan import plan_memory, plan_to_text
     from .io import atomic_write_json
 
     if args.json_out:
         check_writable_output(args.json_out, "file", "--json")
     if args.train:
-        from .deploy.plan_train import TrainSetup, plan_training, training_plan_to_text
+        from .plan.train import TrainSetup, plan_training, training_plan_to_text
 
         setup = TrainSetup(config=args.config, mode=args.mode, gpus=args.gpus, sharding=args.sharding,
                            resolution=args.resolution, batch=args.batch,
@@ -522,7 +522,7 @@ def _one_line(text: str) -> str:
 def _check_device(args) -> None:
     """Any ``--device`` is resolved before work starts: a device this machine lacks is an error."""
     if getattr(args, "device", None) not in (None, "auto"):
-        from .deploy.pipeline import resolve_device
+        from .deploy.runtime.pipeline import resolve_device
 
         resolve_device(args.device)
 

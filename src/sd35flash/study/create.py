@@ -148,13 +148,13 @@ def _load(m: ModelArg, preset: str | None, device: str, prompts: list[str]):
 
     try:
         if preset:
-            from ..deploy.pipeline import load_deployed
-            from ..deploy.presets import get_preset
+            from ..deploy.runtime.pipeline import load_deployed
+            from ..deploy.runtime.presets import get_preset
 
             dp = load_deployed(m.model, get_preset(preset), device=device, progress=False)
             pipe = dp.pipe
         else:
-            from ..deploy.pipeline import resolve_device
+            from ..deploy.runtime.pipeline import resolve_device
 
             dp, pipe = None, load_pipeline(m.model, device=resolve_device(device))
         schedule, steps, guidance = resolve_sampling(pipe, m.model, m.steps, m.guidance)

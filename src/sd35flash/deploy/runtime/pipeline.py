@@ -23,11 +23,11 @@ from pathlib import Path
 
 import torch
 
-from ..errors import UserError
-from ..paths import cache_root
+from ...errors import UserError
+from ...paths import cache_root
 from .presets import Preset, check_runnable
 from .quantize import get_method, load_quantized, quantize_module, read_quant_info
-from ..text.encoder import PromptEncoder, _hash_module, check_writable, default_cache_dir
+from ...text.encoder import PromptEncoder, _hash_module, check_writable, default_cache_dir
 from .text_encoders import quantize_t5
 
 __all__ = ["DeployedPipeline", "CALIBRATION_PROMPTS", "load_deployed", "resolve_device"]
@@ -96,9 +96,9 @@ def _scan_cache(transformer, method: str, budget: float) -> Path:
 def _mixed_precision(pipe, model: str, preset: Preset, encoder: PromptEncoder, progress: bool) -> tuple[list[str], dict]:
     """Run (or reuse) the sensitivity scan and leave ``pipe.transformer`` quantized; returns
     (kept layers, report)."""
-    from ..evaluate.evaluator import resolve_sampling
-    from ..io import atomic_write_json
-    from ..world import canonical_prompt, split_specs
+    from ...evaluate.evaluator import resolve_sampling
+    from ...io import atomic_write_json
+    from ...world import canonical_prompt, split_specs
     from .sensitivity import Calibration, capture_calibration, sensitivity_scan
 
     budget = float(preset.error_budget)  # type: ignore[arg-type]
@@ -131,7 +131,7 @@ def _mixed_precision(pipe, model: str, preset: Preset, encoder: PromptEncoder, p
 
 def _apply_onnx(pipe, preset: Preset):
     try:
-        from .onnx_runtime import apply_onnx_backend
+        from ..export.onnx_runtime import apply_onnx_backend
     except ImportError:
         raise UserError("the onnx backend is not installed in this build; use a torch preset "
                         "(see `sd35flash presets`)") from None
@@ -147,7 +147,7 @@ def load_deployed(model: str, preset: Preset, device: str | torch.device | None 
     ``embed_cache``: ``None`` follows the preset, ``False`` disables the disk cache, a path uses it.
     ``force_no_t5`` runs without T5 whatever the preset says (``--no-t5``).
     """
-    from ..models.pipeline_io import load_pipeline
+    from ...models.pipeline_io import load_pipeline
 
     dev = resolve_device(device)
     check_runnable(preset, dev)

@@ -1,6 +1,6 @@
 """Latency and memory of an SD3.5-Medium-size pipeline with random weights (``bench/gpu.sh``).
 
-``python -m sd35flash.deploy.gpu_bench --json OUT [--tiny] [--device cuda] [--resolutions 512,1024]``
+``python -m sd35flash.deploy.tools.gpu_bench --json OUT [--tiny] [--device cuda] [--resolutions 512,1024]``
 
 No downloads: every network is built from ``configs/sd35-medium-architecture.yaml`` (transformer,
 CLIP-L, CLIP-G, T5-XXL encoder, VAE) with random initialisation, directly on the device in bf16, with
@@ -40,7 +40,8 @@ from typing import Any
 
 import torch
 
-from sd35flash.deploy.plan import GIB, Architecture, load_architecture, plan_memory
+from sd35flash.deploy.tools.plan import plan_memory
+from sd35flash.plan.architecture import GIB, Architecture, load_architecture
 
 __all__ = ["build_random_pipeline", "run_bench", "tiny_architecture"]
 
@@ -131,7 +132,7 @@ def _peak(fn: Callable[[], Any], device: torch.device, resident: int) -> float:
         fn()
         _sync(device)
         return torch.cuda.max_memory_allocated(device) / GIB
-    from sd35flash.deploy.plan_check import rss_peak_growth
+    from sd35flash.deploy.tools.plan_check import rss_peak_growth
 
     return (resident + rss_peak_growth(fn)) / GIB
 

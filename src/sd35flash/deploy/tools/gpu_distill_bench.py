@@ -1,7 +1,7 @@
 """Peak memory and seconds per step of DMD-style distillation steps at SD3.5-Medium size, against the
 training-memory plan (``bench/gpu-distill.sh``).
 
-``python -m sd35flash.deploy.gpu_distill_bench --json OUT [--tiny] [--device cuda] [--settings lora,full]``
+``python -m sd35flash.deploy.tools.gpu_distill_bench --json OUT [--tiny] [--device cuda] [--settings lora,full]``
 
 No downloads: the transformer is built from ``configs/sd35-medium-architecture.yaml`` with random
 weights on the device; prompt embeddings are random tensors of the real shapes (333 tokens x 4096,
@@ -44,8 +44,8 @@ from typing import Any
 import torch
 import torch.nn.functional as F
 
-from sd35flash.deploy.plan import GIB, Architecture, load_architecture
-from sd35flash.deploy.plan_train import LORA_TARGETS, TrainSetup, plan_training
+from sd35flash.plan.architecture import GIB, Architecture, load_architecture
+from sd35flash.plan.train import LORA_TARGETS, TrainSetup, plan_training
 
 __all__ = ["run_distill_bench"]
 
@@ -304,7 +304,7 @@ def main(argv: list[str] | None = None) -> int:
     diffusers_logging.set_verbosity_error()
     device = torch.device(args.device or ("cuda" if torch.cuda.is_available() else "cpu"))
     if args.tiny:
-        from sd35flash.deploy.gpu_bench import tiny_architecture
+        from sd35flash.deploy.tools.gpu_bench import tiny_architecture
 
         arch = tiny_architecture()
     else:
