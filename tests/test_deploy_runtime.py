@@ -100,6 +100,15 @@ def test_unwritable_cache_is_a_user_error(pipe, tmp_path):
         PromptEncoder(pipe, cache_dir=blocker / "cache")
 
 
+def test_calibration_prompts_are_the_first_val_scenes():
+    """The runtime writes its calibration prompts out (it does not import the shapes world); they must
+    stay the canonical prompts of ``split_specs("val", 4, seed=0)``, or cached scans would mislead."""
+    from sd35flash.deploy.runtime.pipeline import CALIBRATION_PROMPTS
+    from sd35flash.world import canonical_prompt, split_specs
+
+    assert list(CALIBRATION_PROMPTS) == [canonical_prompt(s) for s in split_specs("val", 4, seed=0)]
+
+
 def test_presets_registry_and_hardware_checks():
     for name in ("desktop-16bit-t5", "laptop-8bit-no-t5", "mobile-6bit-no-t5", "cpu-onnx-int8"):
         assert get_preset(name).name == name

@@ -187,7 +187,7 @@ def test_unhealthy_probe_makes_a_checkpoint_not_good(tmp_path):
 def tiny_folder(tmp_path_factory):
     """An untrained smoke-size pipeline saved by sd35flash."""
     from sd35flash.models.toy import build_vae
-    from sd35flash.pretrain.config import load_pretrain_config
+    from sd35flash.toy_teacher import load_pretrain_config
     from sd35flash.pretrain.flow_trainer import build_teacher_pipeline
 
     cfg = load_pretrain_config("smoke")

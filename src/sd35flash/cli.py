@@ -286,7 +286,7 @@ def _cmd_world(args) -> int:
 
 
 def _cmd_pretrain(args) -> int:
-    from .pretrain.config import load_pretrain_config
+    from .toy_teacher import load_pretrain_config
     from .pretrain.run import pretrain
 
     cfg = load_pretrain_config(args.preset, args.config)
@@ -315,7 +315,7 @@ def _read_prompts(path: str) -> list[str]:
 
 
 def _cmd_generate(args) -> int:
-    from .evaluate.evaluator import resolve_sampling
+    from .models.sampling_settings import resolve_sampling
     from .imaging import make_grid, save_png
     from .models.branches import sampling_transformer
     from .models.pipeline_io import load_pipeline
@@ -366,33 +366,8 @@ def _cmd_eval(args) -> int:
     return 0
 
 
-def parse_overrides(items: list[str]) -> dict:
-    """``["a.b=1", "c=true"]`` -> ``{"a": {"b": 1}, "c": True}`` (values parsed as YAML scalars/lists)."""
-    import yaml
-
-    from .errors import ConfigError
-
-    out: dict = {}
-    for item in items:
-        key, sep, text = item.partition("=")
-        if not sep or not key or any(not part for part in key.split(".")):
-            raise ConfigError(f"--set expects KEY=VALUE with a dotted key (e.g. dmd.timestep_sharing=false), got {item!r}")
-        try:
-            value = yaml.safe_load(text)
-        except yaml.YAMLError:
-            raise ConfigError(f"--set {key}: cannot parse the value {text!r}") from None
-        node = out
-        *parents, leaf = key.split(".")
-        for part in parents:
-            node = node.setdefault(part, {})
-            if not isinstance(node, dict):
-                raise ConfigError(f"--set {key}: {part} is set both as a value and as a section")
-        node[leaf] = value
-    return out
-
-
 def _cmd_distill(args) -> int:
-    from .config import merge
+    from .config import merge, parse_overrides
     from .distill.config import load_distill_config
     from .distill.run import distill
 
@@ -414,7 +389,7 @@ def _cmd_distill(args) -> int:
 
 
 def _cmd_merge(args) -> int:
-    from .distill.merge import ratio_weights, write_merged
+    from .models.merge import ratio_weights, write_merged
     from .models.branches import memory_report
 
     if args.ratio is not None:

@@ -319,7 +319,7 @@ def register(sub) -> dict[str, Callable]:
 
 
 def cmd_prepare(args: argparse.Namespace) -> int:
-    from .cli import parse_overrides
+    from .config import parse_overrides
 
     req = PrepareRequest(teacher=args.teacher, prompts=args.prompts, out=Path(args.out), resolution=args.resolution,
                          dtype=args.dtype, batch=args.batch, shard_size=args.shard_size, resume=args.resume,

@@ -18,8 +18,7 @@ from ..imaging import make_grid, save_png
 from ..io import atomic_write_json, atomic_write_text, to_json
 from ..models.pipeline_io import load_pipeline
 from ..models.branches import param_bytes, resolve_variant, sampling_transformer
-from ..models.registry import settings_for_folder
-from ..models.student_info import read_student_info
+from ..models.sampling_settings import resolve_sampling
 from ..sampling import generate, scheduler_schedule
 from ..world import canonical_prompt, render, split_specs
 from ..world.spec import SceneSpec, read_jsonl
@@ -27,9 +26,6 @@ from .alignment import alignment_scores, judge_all
 
 #: Render seeds for FD reference images (fixed, so every model is compared to the same set).
 REFERENCE_SEED = 5_000_000
-#: Default guidance for a teacher (no sd35flash.json); students carry their own in sd35flash.json.
-TEACHER_DEFAULT_GUIDANCE = 4.0
-TEACHER_DEFAULT_STEPS = 28
 
 
 @dataclass
@@ -96,26 +92,6 @@ def apply_schedule(pipe, spec: str, steps: int | None, default_steps: int) -> tu
     if parsed == "scheduler":
         return scheduler_schedule(pipe, n), n
     return flow.sampling_schedule(n, float(pipe.scheduler.config.get("shift", 3.0))), n
-
-
-def resolve_sampling(pipe, model: str, steps: int | None, guidance: float | None) -> tuple[list[float], int, float]:
-    """Schedule, steps and guidance: a student's ``sd35flash.json`` supplies its own schedule (when
-    ``steps`` is not overridden) and guidance 1.0; a teacher uses its scheduler's own schedule, as
-    the stock pipeline does, and a shipped teacher's registry entry its recommended steps and
-    guidance; a student run at another step count uses shifted uniform steps."""
-    info = read_student_info(model) if Path(model).is_dir() else None
-    shipped = settings_for_folder(model) if info is None and Path(model).is_dir() else None
-    shift = float(pipe.scheduler.config.get("shift", 3.0))
-    if steps is not None and steps < 1:
-        raise UserError(f"--steps must be >= 1, got {steps}")
-    if info is not None and (steps is None or steps == info.steps):
-        sched = [float(t) for t in info.timesteps] + [0.0]
-        return sched, info.steps, info.guidance if guidance is None else guidance
-    steps = steps or (info.steps if info is not None else shipped.steps if shipped else TEACHER_DEFAULT_STEPS)
-    g = guidance if guidance is not None else (info.guidance if info is not None else
-                                               shipped.guidance if shipped else TEACHER_DEFAULT_GUIDANCE)
-    sched = flow.sampling_schedule(steps, shift) if info is not None else scheduler_schedule(pipe, steps)
-    return sched, steps, g
 
 
 def evaluate(req: EvalRequest, json_out: str | Path, save_images: str | Path | None = None,

@@ -35,7 +35,7 @@ from ..sampling import (
 )
 from ..world import canonical_prompt, split_specs
 from ..world.judge import detect, judge
-from .evaluator import resolve_sampling
+from ..models.sampling_settings import resolve_sampling
 
 
 def parse_schedule(text: str) -> list[float]:

@@ -19,8 +19,9 @@ from ..train.data import EpochSampler
 from ..train.logger import RunLogger
 from ..train.schedules import warmup_cosine
 from ..world import BACKGROUND, judge, render, split_specs
-from .config import PretrainConfig
-from .data import WorldImages, images_to_tensor
+from ..toy_teacher import PretrainConfig
+from ..models.latents import images_to_tensor
+from .data import WorldImages
 
 
 def foreground_weight(x: torch.Tensor, fg_weight: float) -> torch.Tensor:

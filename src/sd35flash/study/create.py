@@ -142,7 +142,7 @@ def _load(m: ModelArg, preset: str | None, device: str, prompts: list[str]):
     """Load one model through the project's loaders; returns (pipe, schedule, steps, guidance, sampler
     kwargs). Under a preset every prompt of the job is encoded up front (the preset may free the text
     encoders after that)."""
-    from ..evaluate.evaluator import resolve_sampling
+    from ..models.sampling_settings import resolve_sampling
     from ..models.branches import sampling_transformer
     from ..models.pipeline_io import load_pipeline
 

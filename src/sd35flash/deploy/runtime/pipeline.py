@@ -32,9 +32,16 @@ from .text_encoders import quantize_t5
 
 __all__ = ["DeployedPipeline", "CALIBRATION_PROMPTS", "load_deployed", "resolve_device"]
 
-#: Calibration for the sensitivity scan: the first prompts of the shapes world's val split, sampled
-#: with the model's own schedule (at most this many steps), transformer inputs kept at 3 steps.
-CALIBRATION_PROMPTS = 4
+#: Calibration for the sensitivity scan: the canonical prompts of the first four scenes of the shapes
+#: world's val split (``split_specs("val", 4, seed=0)``; tests/test_deploy_runtime.py checks they
+#: still are), sampled with the model's own schedule (at most ``CALIBRATION_MAX_STEPS`` steps),
+#: transformer inputs kept at 3 steps. Written out so the runtime does not import the shapes world.
+CALIBRATION_PROMPTS = (
+    "a small cyan circle",
+    "a large orange triangle at the bottom",
+    "a small blue square and a white circle",
+    "a blue square above a small blue triangle",
+)
 CALIBRATION_MAX_STEPS = 8
 
 
@@ -96,9 +103,8 @@ def _scan_cache(transformer, method: str, budget: float) -> Path:
 def _mixed_precision(pipe, model: str, preset: Preset, encoder: PromptEncoder, progress: bool) -> tuple[list[str], dict]:
     """Run (or reuse) the sensitivity scan and leave ``pipe.transformer`` quantized; returns
     (kept layers, report)."""
-    from ...evaluate.evaluator import resolve_sampling
     from ...io import atomic_write_json
-    from ...world import canonical_prompt, split_specs
+    from ...models.sampling_settings import resolve_sampling
     from .sensitivity import Calibration, capture_calibration, sensitivity_scan
 
     budget = float(preset.error_budget)  # type: ignore[arg-type]
@@ -107,7 +113,7 @@ def _mixed_precision(pipe, model: str, preset: Preset, encoder: PromptEncoder, p
         report = json.loads(cached.read_text())
         quantize_module(pipe.transformer, preset.quantization, skip=report["kept"])
         return report["kept"], report
-    prompts = [canonical_prompt(s) for s in split_specs("val", CALIBRATION_PROMPTS, seed=0)]
+    prompts = list(CALIBRATION_PROMPTS)
     schedule, steps, guidance = resolve_sampling(pipe, model, None, None)
     if steps > CALIBRATION_MAX_STEPS:  # a many-step teacher: a shorter run visits the same range of t
         schedule, _, guidance = resolve_sampling(pipe, model, CALIBRATION_MAX_STEPS, None)

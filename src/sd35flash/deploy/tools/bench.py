@@ -263,7 +263,8 @@ def measure(job: _Job) -> dict:
     """One row (see the module docstring); runs inside the worker subprocess."""
     import torch
 
-    from ...evaluate.evaluator import EvalRequest, evaluate, resolve_sampling
+    from ...evaluate.evaluator import EvalRequest, evaluate
+    from ...models.sampling_settings import resolve_sampling
     from ...sampling import encode_prompts, generate
     from ...world import canonical_prompt, split_specs
     from ..runtime.pipeline import load_deployed

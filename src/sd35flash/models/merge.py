@@ -19,9 +19,9 @@ from pathlib import Path
 import torch
 
 from ..errors import UserError
-from ..models.branches import load_transformer
-from ..models.pipeline_io import load_pipeline
-from ..models.student_info import read_student_info
+from .branches import load_transformer
+from .pipeline_io import load_pipeline
+from .student_info import read_student_info
 
 
 def ratio_weights(ratio: float) -> list[float]:
