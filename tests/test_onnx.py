@@ -17,7 +17,7 @@ import pytest
 import torch
 
 from sd35flash.cli import main
-from sd35flash.deploy import onnx_runtime
+from sd35flash.deploy.export import onnx_runtime
 from sd35flash.deploy.export.onnx_export import MANIFEST, MissingPartError, check_export_parts, pipeline_fingerprint
 from sd35flash.deploy.export.onnx_runtime import OrtTransformer, apply_onnx_backend
 from sd35flash.models import ToyConfig, build_toy_pipeline, load_pipeline, save_pipeline

@@ -37,6 +37,7 @@ from .imaging import atomic_write_text
 from .models.pipeline_io import load_pipeline, save_pipeline
 from .models.registry import REGISTRY_FILE, ShippedModel, assets_root, list_models, write_checksums
 from .sampling import generate, scheduler_schedule
+from .sizes import folder_bytes
 from .evaluate.teacher_table import metrics_table, read_evals
 from .world import canonical_prompt, judge, split_specs
 
@@ -81,10 +82,6 @@ def choose_guidance(evals: list[tuple[str, dict]], steps: int) -> float | None:
     if not val:
         return None
     return float(max(val, key=lambda r: r["alignment"]["overall"])["guidance"])
-
-
-def folder_bytes(folder: Path) -> int:
-    return sum(p.stat().st_size for p in folder.rglob("*") if p.is_file())
 
 
 def model_card(name: str, info: dict, entry: ShippedModel, evals, check: dict, machine: str, wall: str,

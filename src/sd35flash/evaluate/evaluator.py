@@ -98,7 +98,7 @@ def evaluate(req: EvalRequest, json_out: str | Path, save_images: str | Path | N
              pipe=None, progress: bool = True, encoder=None, size: int | None = None, extra: dict | None = None) -> dict:
     """Run one evaluation and write ``json_out`` (and a grid PNG beside it) atomically.
 
-    ``encoder`` (a ``deploy.text_encoders.PromptEncoder``) and ``size`` come from a device preset;
+    ``encoder`` (a ``text.encoder.PromptEncoder``) and ``size`` come from a device preset;
     ``extra`` is merged into the result (e.g. the preset)."""
     specs = load_specs(req.split, req.specs_file, req.num_images)
     if pipe is None:

@@ -27,7 +27,8 @@ from ...errors import UserError
 from ...paths import cache_root
 from .presets import Preset, check_runnable
 from .quantize import get_method, load_quantized, quantize_module, read_quant_info
-from ...text.encoder import PromptEncoder, _hash_module, check_writable, default_cache_dir
+from ...fingerprints import hash_module_sampled
+from ...text.encoder import PromptEncoder, check_writable, default_cache_dir
 from .text_encoders import quantize_t5
 
 __all__ = ["DeployedPipeline", "CALIBRATION_PROMPTS", "load_deployed", "resolve_device"]
@@ -92,7 +93,7 @@ def preset_size(pipe, preset: Preset) -> int:
 
 def transformer_fingerprint(transformer: torch.nn.Module) -> str:
     h = hashlib.sha256()
-    _hash_module(h, "transformer", transformer)
+    hash_module_sampled(h, "transformer", transformer)
     return h.hexdigest()[:20]
 
 

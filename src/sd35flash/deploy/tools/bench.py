@@ -118,10 +118,6 @@ def peak_rss_gib() -> float:
     return peak / GIB if sys.platform == "darwin" else peak / 2**20
 
 
-def _dir_bytes(folder: Path) -> int:
-    return sum(p.stat().st_size for p in folder.rglob("*") if p.is_file())
-
-
 # -- parent side ---------------------------------------------------------------------------------
 
 def _prepare(model: str, preset_name: str, folder: Path, device, progress: bool) -> tuple[dict[str, str], dict]:

@@ -42,6 +42,7 @@ import torch
 
 from sd35flash.deploy.tools.plan import plan_memory
 from sd35flash.plan.architecture import GIB, Architecture, load_architecture
+from sd35flash.sizes import module_bytes
 
 __all__ = ["build_random_pipeline", "run_bench", "tiny_architecture"]
 
@@ -115,10 +116,6 @@ def _timed(fn: Callable[[], Any], device: torch.device, warmup: int, repeats: in
         _sync(device)
         times.append(time.perf_counter() - t0)
     return statistics.median(times)
-
-
-def _weights_bytes(module: torch.nn.Module) -> int:
-    return sum(t.numel() * t.element_size() for t in list(module.parameters()) + list(module.buffers()))
 
 
 def _peak(fn: Callable[[], Any], device: torch.device, resident: int) -> float:
@@ -207,7 +204,7 @@ def run_bench(out: str | Path, arch: Architecture, device: torch.device, dtype: 
     no_t5_arch = Architecture(arch.name, {**arch.configs, "text_encoder_3": None}, arch.clip_tokens, arch.t5_tokens)
 
     def resident() -> int:
-        return sum(_weights_bytes(m) for m in pipe.components.values() if isinstance(m, torch.nn.Module))
+        return module_bytes(*(m for m in pipe.components.values() if isinstance(m, torch.nn.Module)))
 
     desktop = "desktop-16bit-t5"  # the planner preset the bf16 rows are compared with
     for res in resolutions:

@@ -46,6 +46,7 @@ import torch.nn.functional as F
 
 from sd35flash.plan.architecture import GIB, Architecture, load_architecture
 from sd35flash.plan.train import LORA_TARGETS, TrainSetup, plan_training
+from sd35flash.sizes import tensor_bytes
 
 __all__ = ["run_distill_bench"]
 
@@ -116,16 +117,6 @@ class _Models:
                 for p in params:
                     p.requires_grad_(name == train)
         return self.teacher
-
-
-def _tensor_bytes(tensors) -> int:
-    seen, total = set(), 0
-    for t in tensors:
-        if t is None or t.data_ptr() in seen:
-            continue
-        seen.add(t.data_ptr())
-        total += t.numel() * t.element_size()
-    return total
 
 
 def run_setting(setting: str, arch: Architecture, device: torch.device, resolution: int, batch: int, steps: int,
@@ -229,7 +220,7 @@ def run_setting(setting: str, arch: Architecture, device: torch.device, resoluti
     peak = torch.cuda.max_memory_allocated(device) / GIB if device.type == "cuda" else None
     opt_tensors = [v for o in (opt_s, opt_c) for st in o.state.values() for v in st.values() if torch.is_tensor(v)]
     models = [teacher, disc] + ([] if setting == "lora" else [m.student, m.fake])
-    resident = _tensor_bytes([t for mod in models for t in list(mod.parameters()) + list(mod.buffers())]
+    resident = tensor_bytes(unique_storage=True, tensors=[t for mod in models for t in list(mod.parameters()) + list(mod.buffers())]
                              + opt_tensors + ema) / GIB
     setup = TrainSetup(config=arch.name, mode="lora" if setting == "lora" else "full", resolution=resolution,
                        batch=batch, gradient_checkpointing=setting == "full", lora_rank=rank,
