@@ -31,6 +31,7 @@ from pathlib import Path
 
 from .errors import UserError
 from .io import check_model_output
+from .seeds import derive_seed
 
 __all__ = ["PrepareRequest", "prepare", "register"]
 
@@ -263,7 +264,7 @@ def _prepare_trajectories(req: PrepareRequest, settings: dict, prompts: list[str
     teacher = SD3Transformer2DModel.from_pretrained(req.teacher, subfolder="transformer", revision=req.revision)
     teacher = teacher.to(ranks.device).eval().requires_grad_(False)
     sched, record = teacher_schedule(settings["schedule"], settings["teacher_steps"], settings["shift"])
-    seed = settings["seed"] * 1_000_003 + 17
+    seed = derive_seed(settings["seed"], 17)
     shape = tuple(settings["shape"])
     dev = ranks.device
 

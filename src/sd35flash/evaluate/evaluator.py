@@ -23,6 +23,7 @@ from ..sampling import generate, scheduler_schedule
 from ..world import canonical_prompt, render, split_specs
 from ..world.spec import SceneSpec, read_jsonl
 from .alignment import alignment_scores, judge_all
+from ..seeds import derive_seed
 
 #: Render seeds for FD reference images (fixed, so every model is compared to the same set).
 REFERENCE_SEED = 5_000_000
@@ -109,7 +110,7 @@ def evaluate(req: EvalRequest, json_out: str | Path, save_images: str | Path | N
     variant = resolve_variant(req.model, req.variant)
     model = sampling_transformer(pipe, req.model, variant)
     prompts = [canonical_prompt(s) for s in specs]
-    seeds = [req.seed * 1_000_003 + i for i in range(len(specs))]
+    seeds = [derive_seed(req.seed, i) for i in range(len(specs))]
     bar = tqdm(total=len(specs), desc=f"generate ({steps} steps)", disable=not progress, leave=False)
     t0 = time.perf_counter()
     if encoder is not None:

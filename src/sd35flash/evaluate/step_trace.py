@@ -36,6 +36,7 @@ from ..sampling import (
 from ..world import canonical_prompt, split_specs
 from ..world.judge import detect, judge
 from ..models.sampling_settings import resolve_sampling
+from ..seeds import derive_seed
 
 
 def parse_schedule(text: str) -> list[float]:
@@ -114,7 +115,7 @@ def main(argv: list[str] | None = None) -> int:
             schedule = parse_schedule(args.schedule)
         transformer = sampling_transformer(pipe, args.model, resolve_variant(args.model, "auto"))
         specs = single_object_specs(args.num)
-        seeds = [args.seed * 1_000_003 + i for i in range(len(specs))]
+        seeds = [derive_seed(args.seed, i) for i in range(len(specs))]
         images = trace(pipe, transformer, specs, seeds, schedule, guidance)
         result = {"model": args.model, "guidance": guidance, **summarise(images, specs, schedule)}
         atomic_write_text(Path(args.json), json.dumps(result, indent=1, allow_nan=False))

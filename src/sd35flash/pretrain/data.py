@@ -14,8 +14,8 @@ import numpy as np
 from tqdm.auto import tqdm
 
 from ..io import atomic_torch_save
-
 from ..world import SceneSpec, paraphrase, render, split_specs
+from ..seeds import derive_seed
 
 
 @dataclass
@@ -30,7 +30,7 @@ class WorldImages:
         """Render the ``n`` scenes, in parallel over the cores this process may use (each image has its
         own seed, so the result does not depend on the number of workers)."""
         specs = split_specs("train", n, seed=seed)
-        jobs = [(s, seed * 1_000_003 + i, size) for i, s in enumerate(specs)]
+        jobs = [(s, derive_seed(seed, i), size) for i, s in enumerate(specs)]
         workers = min(len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else 1, 16)
         bar = tqdm(total=n, desc="render", disable=not progress, leave=False)
         out = []
