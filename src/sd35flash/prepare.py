@@ -134,7 +134,7 @@ def prepare(req: PrepareRequest, rank: int | None = None, world_size: int | None
 
     from .data.prepared import MANIFEST
     from .data.prompts import PREPARED_PROMPTS, load_prompts, write_prompts
-    from .imaging import atomic_write_text
+    from .io import atomic_write_text
     from .models.pipeline_io import load_pipeline
     from .models.resolution import geometry_configs, latent_side
     from .sampling import clip_length, encode_prompts

@@ -171,7 +171,7 @@ def file_prompts(path: str | Path, column: str | None = None) -> PromptSource:
 def write_prompts(path: str | Path, source: PromptSource) -> Path:
     """Write ``source`` as JSON Lines (``{"prompt", "spec"?}`` a line), atomically; :func:`file_prompts`
     reads it back."""
-    from ..imaging import atomic_write_text
+    from ..io import atomic_write_text
 
     lines = []
     for i, prompt in enumerate(source.prompts):

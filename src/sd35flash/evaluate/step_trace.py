@@ -22,7 +22,8 @@ import torch
 
 from .. import flow
 from ..errors import UserError
-from ..imaging import atomic_write_text, make_grid, save_png
+from ..imaging import make_grid, save_png
+from ..io import atomic_write_text
 from ..models.branches import resolve_variant, sampling_transformer
 from ..models.pipeline_io import load_pipeline
 from ..sampling import (

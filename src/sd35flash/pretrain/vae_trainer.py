@@ -12,6 +12,7 @@ from accelerate import Accelerator
 from diffusers import AutoencoderKL
 
 from ..errors import TrainingAlarm
+from ..io import atomic_write_text, staged_dir
 from ..models.toy import build_vae
 from ..train.alarms import check_finite
 from ..train.checkpoint import CheckpointManager
@@ -110,13 +111,9 @@ class VAETrainer:
         if acc.is_main_process:
             self._calibrate(model, images)
             metrics = evaluate_vae(model, vcfg.eval_images, seed=cfg.data_seed + 7, size=cfg.model.image_size)
-            tmp = self.final_dir.with_name("final.tmp")
-            model.save_pretrained(tmp)
-            if self.final_dir.exists():
-                import shutil
-                shutil.rmtree(self.final_dir)
-            tmp.rename(self.final_dir)
-            (self.dir / "metrics.json").write_text(json.dumps(metrics, indent=1))
+            with staged_dir(self.final_dir, "VAE folder") as tmp:
+                model.save_pretrained(tmp)
+            atomic_write_text(self.dir / "metrics.json", json.dumps(metrics, indent=1), "VAE metrics")
         acc.wait_for_everyone()
         acc.free_memory()
         acc._custom_objects.clear()

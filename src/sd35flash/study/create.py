@@ -25,7 +25,8 @@ from typing import Any
 
 from ..errors import UserError
 from ..io import check_model_output
-from ..imaging import atomic_write_text, save_png
+from ..imaging import save_png
+from ..io import atomic_write_text
 from .folder import FORMAT_VERSION, IMAGES, PLAN, TIMING, StudyFolder, image_name, read_json
 
 _NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,39}$")

@@ -252,7 +252,7 @@ def run_distill_bench(out: str | Path, arch: Architecture, device: torch.device,
                       batch: int = 1, steps: int = 3, rank: int = 64, compute: torch.dtype = torch.bfloat16,
                       log: Callable[[str], None] = print) -> dict[str, Any]:
     """Run every setting and write the JSON to ``out`` after each (a stopped run keeps what it measured)."""
-    from sd35flash.imaging import atomic_write_text
+    from sd35flash.io import atomic_write_text
 
     t_start = time.perf_counter()
     result: dict[str, Any] = {

@@ -119,7 +119,7 @@ def main(argv: list[str] | None = None) -> int:
     worst = max(abs(r["error"]) for r in rows)
     print(f"largest error {worst:.1%} over {len(rows)} checks")
     if args.json_out:
-        from sd35flash.imaging import atomic_write_text
+        from sd35flash.io import atomic_write_text
 
         atomic_write_text(args.json_out, json.dumps({"checks": rows, "max_abs_error": worst}, indent=1))
     return 0
