@@ -145,14 +145,14 @@ def _coerce(value: Any, tp: Any, where: str) -> Any:
     if origin in (typing.Union, types.UnionType):
         if value is None and type(None) in args:
             return None
-        errors = []
-        for a in args:
-            if a is type(None):
-                continue
+        members = [a for a in args if a is not type(None)]
+        if len(members) == 1:  # ``X | None``: X's own error names the key inside a nested section
+            return _coerce(value, members[0], where)
+        for a in members:
             try:
                 return _coerce(value, a, where)
-            except ConfigError as e:  # try the next member
-                errors.append(str(e))
+            except ConfigError:  # try the next member
+                pass
         raise ConfigError(f"{where}: expected {' or '.join(_type_name(a) for a in args)}, got {value!r}")
     if origin is typing.Literal:
         if value not in args:

@@ -21,13 +21,13 @@ import functools
 import json
 import math
 import os
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 import torch
-import yaml
 
+from sd35flash.config import load_config
 from sd35flash.errors import UserError
 
 __all__ = [
@@ -104,6 +104,28 @@ class Architecture:
     t5_tokens: int = 256
 
 
+@dataclass
+class TextTokens:
+    """The text lengths the sampler pads to: CLIP's, and T5's (the pipeline's ``max_sequence_length``)."""
+
+    clip: int = 77
+    t5: int = 256
+
+
+@dataclass
+class ArchitectureFile:
+    """An architecture YAML (``configs/sd35-*-architecture.yaml``): each network's constructor
+    arguments, read strictly by :func:`sd35flash.config.load_config`."""
+
+    name: str = ""
+    text_tokens: TextTokens = field(default_factory=TextTokens)
+    transformer: dict[str, Any] | None = None
+    text_encoder: dict[str, Any] | None = None
+    text_encoder_2: dict[str, Any] | None = None
+    text_encoder_3: dict[str, Any] | None = None
+    vae: dict[str, Any] | None = None
+
+
 def _read_json(path: Path) -> dict[str, Any]:
     try:
         return json.loads(path.read_text(encoding="utf-8"))
@@ -116,13 +138,9 @@ def load_architecture(config: str | os.PathLike[str]) -> Architecture:
     text = os.fspath(config)
     path = CONFIG_DIR / BUILT_IN[text] if text in BUILT_IN else Path(text).expanduser()
     if path.is_file():
-        data = yaml.safe_load(path.read_text())
-        unknown = set(data) - {"name", "text_tokens", *COMPONENTS.values()}
-        if unknown:
-            raise UserError(f"{path}: unknown architecture key(s) {sorted(unknown)}")
-        tokens = data.get("text_tokens", {})
-        return Architecture(data.get("name", path.stem), {k: data.get(k) for k in COMPONENTS.values()},
-                            int(tokens.get("clip", 77)), int(tokens.get("t5", 256)))
+        f = load_config(ArchitectureFile, path)
+        return Architecture(f.name or path.stem, {k: getattr(f, k) for k in COMPONENTS.values()},
+                            f.text_tokens.clip, f.text_tokens.t5)
     if path.is_dir():
         return _architecture_from_folder(path)
     raise UserError(f"--config {text}: not one of {sorted(BUILT_IN)}, an architecture YAML or an SD3 pipeline folder")
