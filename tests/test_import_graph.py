@@ -103,6 +103,13 @@ def test_edges_are_found():
     assert len(edges) > 300
 
 
+def test_every_import_names_an_existing_module():
+    """A moved module leaves no import behind that points at its old place (lazy ones included)."""
+    modules = set(_modules())
+    bad = [f"{a} -> {b} (line {line})" for a, b, line in import_edges() if b not in modules]
+    assert not bad, "imports of modules that do not exist: " + "; ".join(bad)
+
+
 @pytest.mark.parametrize("importer,kind,targets,why", RULES, ids=[f"{r[0]}-{r[1]}" for r in RULES])
 def test_rule(importer, kind, targets, why):
     bad = []

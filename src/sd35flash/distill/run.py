@@ -29,7 +29,7 @@ from ..train.checkpoint import CheckpointManager, read_meta
 from ..train.runtime import make_accelerator
 from .adversarial import resolve_blocks
 from .config import DistillConfig, MemoryConfig
-from .export import export_student, student_info
+from ..models.student_folder import export_student, student_info
 from .memory_check import check_distill_fits
 from ..models.merge import merged_transformer
 from .models import DistillModels
