@@ -22,6 +22,7 @@ from ..train.schedules import warmup_cosine
 from ..world import BACKGROUND, judge, render, split_specs
 from ..toy_teacher import PretrainConfig
 from ..models.latents import images_to_tensor
+from ..seeds import derive_seed
 from .data import WorldImages
 
 
@@ -138,7 +139,7 @@ class VAETrainer:
 def evaluate_vae(vae: AutoencoderKL, n: int, seed: int, size: int) -> dict:
     """Reconstruction PSNR and judge accuracy on reconstructions of ``val`` renders (per category)."""
     specs = split_specs("val", n, seed=seed)
-    imgs = np.stack([render(s, seed=seed * 7919 + i, size=size) for i, s in enumerate(specs)])
+    imgs = np.stack([render(s, seed=derive_seed(seed, i, stride=7919), size=size) for i, s in enumerate(specs)])
     recs = []
     for i in range(0, n, 64):
         x = images_to_tensor(imgs[i : i + 64]).to(vae.device, vae.dtype)
