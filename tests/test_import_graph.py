@@ -8,6 +8,7 @@ over the top-level packages and modules of ``sd35flash`` (``world``, ``deploy``,
 from __future__ import annotations
 
 import ast
+import functools
 from collections import defaultdict
 from pathlib import Path
 
@@ -61,7 +62,8 @@ def _modules() -> dict[str, Path]:
     return {_module_name(p): p for p in sorted(PACKAGE.rglob("*.py"))}
 
 
-def import_edges() -> list[tuple[str, str, int]]:
+@functools.cache
+def import_edges() -> tuple[tuple[str, str, int], ...]:
     """``(importer, imported module, line)`` for every import of sd35flash, relative ones resolved;
     ``from pkg import name`` counts as an import of ``pkg.name`` when that is a module."""
     modules = _modules()
@@ -81,7 +83,7 @@ def import_edges() -> list[tuple[str, str, int]]:
                     continue
                 subs = [f"{target}.{a.name}" for a in node.names if f"{target}.{a.name}" in modules]
                 edges += [(name, t, node.lineno) for t in (subs or [target])]
-    return edges
+    return tuple(edges)
 
 
 def _under(module: str, prefix: str) -> bool:
