@@ -17,7 +17,7 @@ import re
 import sys
 from pathlib import Path
 
-from sd35flash.imaging import atomic_write_text
+from sd35flash.io import atomic_write_text
 
 NAME = re.compile(r"^s(\d+)-b(\d+)-test\.json$")
 

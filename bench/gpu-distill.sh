@@ -16,7 +16,7 @@ mkdir -p "$(dirname "$OUT")"
 if command -v nvidia-smi >/dev/null 2>&1; then
   nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv,noheader || true
 fi
-timeout 470 "$PY" -m sd35flash.deploy.gpu_distill_bench --json "$OUT" "$@"
+timeout 470 "$PY" -m sd35flash.deploy.tools.gpu_distill_bench --json "$OUT" "$@"
 echo "wrote $OUT"
 GPUS=$(nvidia-smi -L 2>/dev/null | grep -c '^GPU' || true)
 if [ "${GPUS:-0}" -gt 1 ]; then

@@ -12,5 +12,5 @@ mkdir -p "$(dirname "$OUT")"
 if command -v nvidia-smi >/dev/null 2>&1; then
   nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv,noheader || true
 fi
-timeout 590 "$PY" -m sd35flash.deploy.gpu_bench --json "$OUT" "$@"
+timeout 590 "$PY" -m sd35flash.deploy.tools.gpu_bench --json "$OUT" "$@"
 echo "wrote $OUT"

@@ -26,7 +26,7 @@ from pathlib import Path
 
 import httpx
 
-from sd35flash.imaging import atomic_write_text
+from sd35flash.io import atomic_write_text
 from sd35flash.paths import git_commit
 from sd35flash.study import db
 from sd35flash.study.folder import StudyFolder

@@ -50,7 +50,7 @@ def cache_dir(tmp_path_factory) -> Path:
 @pytest.fixture(scope="session")
 def smoke_teacher(cache_dir, tmp_path_factory) -> Path:
     """The smoke-preset teacher (VAE + flow), trained once per test session through the real CLI path."""
-    from sd35flash.pretrain.config import load_pretrain_config
+    from sd35flash.toy_teacher import load_pretrain_config
     from sd35flash.pretrain.run import pretrain
 
     out = tmp_path_factory.mktemp("teacher") / "smoke"

@@ -16,7 +16,8 @@ from safetensors import safe_open
 
 from sd35flash.cli import main
 from sd35flash.errors import UserError
-from sd35flash.evaluate.evaluator import EvalRequest, evaluate, resolve_sampling
+from sd35flash.evaluate.evaluator import EvalRequest, evaluate
+from sd35flash.models.sampling_settings import resolve_sampling
 from sd35flash.models.pipeline_io import load_pipeline
 from sd35flash.models.registry import CHECKSUM_FILE, REGISTRY_FILE, list_models, resolve_model
 from sd35flash.sampling import generate, scheduler_schedule

@@ -101,7 +101,7 @@ def test_report_lists_every_model(tmp_path, smoke_teacher):
 
 
 def test_set_overrides_parse_to_a_nested_mapping():
-    from sd35flash.cli import parse_overrides
+    from sd35flash.config import parse_overrides
     from sd35flash.errors import ConfigError
 
     assert parse_overrides(["dmd.timestep_sharing=false", "student.lr=1.0e-4", "gan.blocks=[0, -1]", "student_steps=2"]) == {

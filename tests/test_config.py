@@ -4,7 +4,7 @@ import pytest
 
 from sd35flash.config import from_dict, load_config, merge
 from sd35flash.errors import ConfigError
-from sd35flash.pretrain.config import PRESETS, PretrainConfig, load_pretrain_config
+from sd35flash.toy_teacher import PRESETS, PretrainConfig, load_pretrain_config
 
 
 def test_presets_load():

@@ -10,7 +10,7 @@ import torch
 from torch import nn
 
 from sd35flash import flow
-from sd35flash.deploy.quantize import (
+from sd35flash.deploy.runtime.quantize import (
     METHODS,
     QuantizationUnsupported,
     linear_names,
@@ -21,7 +21,7 @@ from sd35flash.deploy.quantize import (
     unsupported_reason,
     weight_bytes,
 )
-from sd35flash.deploy.sensitivity import capture_calibration, relative_error, sensitivity_scan
+from sd35flash.deploy.runtime.sensitivity import capture_calibration, relative_error, sensitivity_scan
 
 #: Relative output error allowed per method on the tiny transformer (measured: int8 0.004, int8-dynamic
 #: 0.007, int6 0.014, int4 0.065, qint4 0.055). A quantizer that drops or scrambles weights gives ~1.

@@ -12,9 +12,9 @@ import torch
 from PIL import Image
 
 from sd35flash.cli import main
-from sd35flash.deploy.pipeline import load_deployed, preset_size
-from sd35flash.deploy.presets import PRESETS, Preset, check_runnable, get_preset, runnable_presets
-from sd35flash.deploy.text_encoders import PromptEncoder
+from sd35flash.deploy.runtime.pipeline import load_deployed, preset_size
+from sd35flash.deploy.runtime.presets import PRESETS, Preset, check_runnable, get_preset, runnable_presets
+from sd35flash.deploy.runtime.text_encoders import PromptEncoder
 from sd35flash.errors import UserError
 from sd35flash.sampling import clip_length, encode_prompts, generate
 
@@ -86,6 +86,15 @@ def test_unwritable_cache_is_a_user_error(pipe, tmp_path):
     blocker.write_text("x")
     with pytest.raises(UserError, match="not writable"):
         PromptEncoder(pipe, cache_dir=blocker / "cache")
+
+
+def test_calibration_prompts_are_the_first_val_scenes():
+    """The runtime writes its calibration prompts out (it does not import the shapes world); they must
+    stay the canonical prompts of ``split_specs("val", 4, seed=0)``, or cached scans would mislead."""
+    from sd35flash.deploy.runtime.pipeline import CALIBRATION_PROMPTS
+    from sd35flash.world import canonical_prompt, split_specs
+
+    assert list(CALIBRATION_PROMPTS) == [canonical_prompt(s) for s in split_specs("val", 4, seed=0)]
 
 
 def test_presets_registry_and_hardware_checks():

@@ -22,7 +22,7 @@ from sd35flash.distill.models import DistillModels
 from sd35flash.distill.real import from_renders
 from sd35flash.distill.trajectory import tg_loss
 from sd35flash.errors import ConfigError, UserError
-from sd35flash.pretrain.data import encode_latents
+from sd35flash.models.latents import encode_latents
 from sd35flash.sampling import PromptEmbeds
 from sd35flash.world import render
 

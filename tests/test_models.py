@@ -182,6 +182,21 @@ def test_student_info_roundtrip_and_errors(tmp_path: Path) -> None:
         write_student_info(tmp_path, StudentInfo(timesteps=[1.0, 0.5], steps=3))
 
 
+@pytest.mark.parametrize("bad,names", [
+    ('{"timesteps": [1.0, 0.5], "steps": 2, "colour": 1}', "unknown config key 'sd35flash.colour'"),
+    ('{"timesteps": [1.0, "x"], "steps": 2}', "sd35flash.timesteps[1]: expected a number"),
+    ('{"timesteps": [1.0, 0.5], "steps": 2, "needs_t5": "yes"}', "sd35flash.needs_t5: expected true or false"),
+    ('{"timesteps": [1.0, 0.5], "steps": 2, "split": {"branches": [{"subfolder": "a", "t_mn": 0.5, "t_max": 1}],'
+     ' "merge_weights": [1.0]}}', "'sd35flash.split.branches[0].t_mn'"),
+])
+def test_student_info_errors_name_the_key(tmp_path: Path, bad: str, names: str) -> None:
+    """sd35flash.json is read like every config (config.from_dict): one line naming the key."""
+    (tmp_path / FILENAME).write_text(bad)
+    with pytest.raises(UserError) as exc:
+        read_student_info(tmp_path)
+    assert names in str(exc.value) and "\n" not in str(exc.value)
+
+
 def test_student_sigmas_reproduce_schedule_in_stock_scheduler() -> None:
     info = StudentInfo(timesteps=[1.0, 0.9, 0.75, 0.5], steps=4)
     scheduler = FlowMatchEulerDiscreteScheduler(num_train_timesteps=1000, shift=3.0)

@@ -17,9 +17,9 @@ import pytest
 import torch
 
 from sd35flash.cli import main
-from sd35flash.deploy import onnx_runtime
-from sd35flash.deploy.onnx_export import MANIFEST, MissingPartError, check_export_parts, pipeline_fingerprint
-from sd35flash.deploy.onnx_runtime import OrtTransformer, apply_onnx_backend
+from sd35flash.deploy.export import onnx_runtime
+from sd35flash.deploy.export.onnx_export import MANIFEST, MissingPartError, check_export_parts, pipeline_fingerprint
+from sd35flash.deploy.export.onnx_runtime import OrtTransformer, apply_onnx_backend
 from sd35flash.models import load_pipeline, save_pipeline
 from sd35flash.paths import cache_root
 from sd35flash.sampling import encode_prompts, generate, scheduler_schedule

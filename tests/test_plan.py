@@ -8,17 +8,16 @@ import pytest
 import torch
 
 from sd35flash.cli import main
-from sd35flash.deploy.plan import (
-    PRESET_MEMORY,
+from sd35flash.deploy.runtime.presets import PRESETS
+from sd35flash.deploy.tools.plan import PRESET_MEMORY, plan_memory
+from sd35flash.deploy.tools.plan_check import check_transformer, check_vae
+from sd35flash.plan.architecture import (
     build_on_meta,
     load_architecture,
     param_stats,
-    plan_memory,
     transformer_activation_elements,
     vae_decode_activation_elements,
 )
-from sd35flash.deploy.plan_check import check_transformer, check_vae
-from sd35flash.deploy.presets import PRESETS
 from sd35flash.errors import UserError
 from sd35flash.models import ToyConfig, build_transformer, build_vae, save_pipeline
 
@@ -121,5 +120,12 @@ def test_toy_prediction_matches_measured_peak():
 def test_unknown_architecture_key(tmp_path):
     bad = tmp_path / "arch.yaml"
     bad.write_text("name: x\ntransformr: {}\n")
-    with pytest.raises(UserError, match="transformr"):
+    with pytest.raises(UserError, match=r"unknown config key 'arch\.transformr' \(did you mean 'transformer'\?\)"):
         load_architecture(str(bad))
+
+
+def test_mistyped_architecture_value(tmp_path):
+    """An architecture YAML is a typed config: a value of the wrong type is one line naming its key."""
+    (tmp_path / "b.yaml").write_text("text_tokens: {clip: 1.5}\n")
+    with pytest.raises(UserError, match=r"b\.text_tokens\.clip: expected an integer"):
+        load_architecture(str(tmp_path / "b.yaml"))

@@ -7,8 +7,8 @@ import json
 import pytest
 
 from sd35flash.cli import main
-from sd35flash.deploy.plan_train import TrainSetup, plan_training
-from sd35flash.deploy.plan_train_check import check_train_pass
+from sd35flash.plan.train import TrainSetup, plan_training
+from sd35flash.deploy.tools.plan_train_check import check_train_pass
 from sd35flash.distill.memory_check import MEMORY_ENV, check_training_fits, cheapest_fit
 from sd35flash.errors import UserError
 from sd35flash.models import save_pipeline
@@ -95,7 +95,7 @@ def test_distill_refuses_before_loading_and_force_skips_the_check(tiny_pipeline,
 
 
 def test_distill_reads_its_memory_options_and_suggests_its_own_overrides():
-    from sd35flash.deploy.plan import load_architecture
+    from sd35flash.plan.architecture import load_architecture
     from sd35flash.distill.config import load_distill_config
     from sd35flash.distill.memory_check import setup_for_distill
 

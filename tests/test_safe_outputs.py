@@ -13,8 +13,8 @@ from pathlib import Path
 import pytest
 import torch
 
-from sd35flash.cli import main, parse_overrides
-from sd35flash.config import load_config, merge
+from sd35flash.cli import main
+from sd35flash.config import load_config, merge, parse_overrides
 from sd35flash.distill.config import DistillConfig, load_distill_config
 from sd35flash.errors import ConfigError, UserError
 from sd35flash.io import (
@@ -170,8 +170,8 @@ def test_nonsense_config_numbers_are_refused(override, needle):
 
 
 def test_every_preset_is_in_range():
-    from sd35flash.pretrain.config import PRESETS as PT
-    from sd35flash.pretrain.config import load_pretrain_config
+    from sd35flash.toy_teacher import PRESETS as PT
+    from sd35flash.toy_teacher import load_pretrain_config
 
     for name in ("smoke", "quick", "default"):
         load_distill_config(name)

@@ -12,8 +12,9 @@ import yaml
 from sd35flash.cli import main
 from sd35flash.config import merge, to_dict
 from sd35flash.models.pipeline_io import load_pipeline
-from sd35flash.pretrain.config import load_pretrain_config
-from sd35flash.pretrain.run import pretrain, teacher_dir
+from sd35flash.toy_teacher import load_pretrain_config
+from sd35flash.pretrain.run import pretrain
+from sd35flash.toy_teacher import teacher_dir
 from sd35flash.train.checkpoint import StopTraining
 
 

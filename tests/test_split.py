@@ -15,7 +15,7 @@ from sd35flash.cli import main
 from sd35flash.config import merge
 from sd35flash.distill import run as distill_run
 from sd35flash.distill.config import load_distill_config
-from sd35flash.distill.merge import merge_state_dicts, merged_transformer, ratio_weights
+from sd35flash.models.merge import merge_state_dicts, merged_transformer, ratio_weights
 from sd35flash.distill.trainer import DistillTrainer
 from sd35flash.errors import ConfigError, UserError
 from sd35flash.models.branches import BranchRouter, memory_report, resolve_variant, sampling_transformer

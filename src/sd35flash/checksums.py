@@ -53,16 +53,12 @@ def folder_files(folder: str | Path, skip: Iterable[str] = ()) -> list[str]:
     return sorted(out)
 
 
-def _atomic_text(path: Path, text: str) -> None:
-    atomic_write_text(path, text, path.name)
-
-
 def write_checksums(folder: str | Path) -> Path:
     """Hash every file below ``folder`` into ``folder/checksums.sha256`` (written atomically, last)."""
     root = Path(folder)
     lines = [f"{sha256_file(root / rel)}  {rel}\n" for rel in folder_files(root, skip=[CHECKSUM_FILE])]
     path = root / CHECKSUM_FILE
-    _atomic_text(path, "".join(lines))
+    atomic_write_text(path, "".join(lines), path.name)
     return path
 
 
@@ -74,7 +70,7 @@ def update_checksum(folder: str | Path, rel: str) -> None:
     if sums is None:
         return
     sums[rel] = sha256_file(root / rel)
-    _atomic_text(root / CHECKSUM_FILE, "".join(f"{h}  {r}\n" for r, h in sorted(sums.items())))
+    atomic_write_text(root / CHECKSUM_FILE, "".join(f"{h}  {r}\n" for r, h in sorted(sums.items())), CHECKSUM_FILE)
 
 
 def read_checksums(folder: str | Path) -> dict[str, str] | None:

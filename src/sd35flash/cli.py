@@ -193,7 +193,7 @@ def _add_export_plan_commands(sub) -> None:
 
 
 def _add_train_plan_arguments(pl) -> None:
-    """`plan --train`: per-GPU memory of a distillation (deploy/plan_train.py)."""
+    """`plan --train`: per-GPU memory of a distillation (plan/train.py)."""
     t = pl.add_argument_group("--train (distillation memory per GPU)")
     t.add_argument("--train", action="store_true", help="plan a distillation run instead of inference")
     t.add_argument("--mode", choices=("full", "lora"), default="full", help="full fine-tuning or LoRA adapters")
@@ -212,8 +212,8 @@ def _add_train_plan_arguments(pl) -> None:
 
 
 def _cmd_export(args) -> int:
-    from .deploy.onnx_export import check_export_output, check_export_parts, copy_export, read_manifest
-    from .deploy.onnx_runtime import cached_export
+    from .deploy.export.onnx_export import check_export_output, check_export_parts, copy_export, read_manifest
+    from .deploy.export.onnx_runtime import cached_export
     from .models.pipeline_io import is_local_path, load_pipeline
     from .paths import cache_root
 
@@ -231,13 +231,13 @@ def _cmd_export(args) -> int:
 
 
 def _cmd_plan(args) -> int:
-    from .deploy.plan import plan_memory, plan_to_text
+    from .deploy.tools.plan import plan_memory, plan_to_text
     from .io import atomic_write_json
 
     if args.json_out:
         check_writable_output(args.json_out, "file", "--json")
     if args.train:
-        from .deploy.plan_train import TrainSetup, plan_training, training_plan_to_text
+        from .plan.train import TrainSetup, plan_training, training_plan_to_text
 
         setup = TrainSetup(config=args.config, mode=args.mode, gpus=args.gpus, sharding=args.sharding,
                            resolution=args.resolution, batch=args.batch,
@@ -291,7 +291,7 @@ def _cmd_world(args) -> int:
 
 
 def _cmd_pretrain(args) -> int:
-    from .pretrain.config import load_pretrain_config
+    from .toy_teacher import load_pretrain_config
     from .pretrain.run import pretrain
 
     cfg = load_pretrain_config(args.preset, args.config)
@@ -320,7 +320,7 @@ def _read_prompts(path: str) -> list[str]:
 
 
 def _cmd_generate(args) -> int:
-    from .evaluate.evaluator import resolve_sampling
+    from .models.sampling_settings import resolve_sampling
     from .imaging import make_grid, save_png
     from .models.branches import sampling_transformer
     from .models.pipeline_io import load_pipeline
@@ -371,33 +371,8 @@ def _cmd_eval(args) -> int:
     return 0
 
 
-def parse_overrides(items: list[str]) -> dict:
-    """``["a.b=1", "c=true"]`` -> ``{"a": {"b": 1}, "c": True}`` (values parsed as YAML scalars/lists)."""
-    import yaml
-
-    from .errors import ConfigError
-
-    out: dict = {}
-    for item in items:
-        key, sep, text = item.partition("=")
-        if not sep or not key or any(not part for part in key.split(".")):
-            raise ConfigError(f"--set expects KEY=VALUE with a dotted key (e.g. dmd.timestep_sharing=false), got {item!r}")
-        try:
-            value = yaml.safe_load(text)
-        except yaml.YAMLError:
-            raise ConfigError(f"--set {key}: cannot parse the value {text!r}") from None
-        node = out
-        *parents, leaf = key.split(".")
-        for part in parents:
-            node = node.setdefault(part, {})
-            if not isinstance(node, dict):
-                raise ConfigError(f"--set {key}: {part} is set both as a value and as a section")
-        node[leaf] = value
-    return out
-
-
 def _cmd_distill(args) -> int:
-    from .config import merge
+    from .config import merge, parse_overrides
     from .distill.config import load_distill_config
     from .distill.run import distill
 
@@ -421,7 +396,7 @@ def _cmd_distill(args) -> int:
 
 
 def _cmd_merge(args) -> int:
-    from .distill.merge import ratio_weights, write_merged
+    from .models.merge import ratio_weights, write_merged
     from .models.branches import memory_report
 
     if args.ratio is not None:
@@ -529,7 +504,7 @@ def _one_line(text: str) -> str:
 def _check_device(args) -> None:
     """Any ``--device`` is resolved before work starts: a device this machine lacks is an error."""
     if getattr(args, "device", None) not in (None, "auto"):
-        from .deploy.pipeline import resolve_device
+        from .deploy.runtime.pipeline import resolve_device
 
         resolve_device(args.device)
 

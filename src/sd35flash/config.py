@@ -145,14 +145,14 @@ def _coerce(value: Any, tp: Any, where: str) -> Any:
     if origin in (typing.Union, types.UnionType):
         if value is None and type(None) in args:
             return None
-        errors = []
-        for a in args:
-            if a is type(None):
-                continue
+        members = [a for a in args if a is not type(None)]
+        if len(members) == 1:  # ``X | None``: X's own error names the key inside a nested section
+            return _coerce(value, members[0], where)
+        for a in members:
             try:
                 return _coerce(value, a, where)
-            except ConfigError as e:  # try the next member
-                errors.append(str(e))
+            except ConfigError:  # try the next member
+                pass
         raise ConfigError(f"{where}: expected {' or '.join(_type_name(a) for a in args)}, got {value!r}")
     if origin is typing.Literal:
         if value not in args:
@@ -293,3 +293,24 @@ def fingerprint(obj: Any, length: int = 12) -> str:
     """A stable short hash of a config (dataclass or mapping), used to key caches."""
     blob = json.dumps(to_dict(obj), sort_keys=True, default=str).encode()
     return hashlib.sha256(blob).hexdigest()[:length]
+
+
+def parse_overrides(items: list[str]) -> dict:
+    """``["a.b=1", "c=true"]`` -> ``{"a": {"b": 1}, "c": True}`` (values parsed as YAML scalars/lists)."""
+    out: dict = {}
+    for item in items:
+        key, sep, text = item.partition("=")
+        if not sep or not key or any(not part for part in key.split(".")):
+            raise ConfigError(f"--set expects KEY=VALUE with a dotted key (e.g. dmd.timestep_sharing=false), got {item!r}")
+        try:
+            value = yaml.safe_load(text)
+        except yaml.YAMLError:
+            raise ConfigError(f"--set {key}: cannot parse the value {text!r}") from None
+        node = out
+        *parents, leaf = key.split(".")
+        for part in parents:
+            node = node.setdefault(part, {})
+            if not isinstance(node, dict):
+                raise ConfigError(f"--set {key}: {part} is set both as a value and as a section")
+        node[leaf] = value
+    return out

@@ -32,8 +32,8 @@ from .io import atomic_write_json
 from .models.registry import default_teacher as shipped_teacher
 from .models.registry import verify_asset
 from .models.student_info import read_student_info
-from .pretrain.config import load_pretrain_config
-from .pretrain.run import pretrain, teacher_dir
+from .toy_teacher import load_pretrain_config, teacher_dir
+from .pretrain.run import pretrain
 
 
 @dataclass(frozen=True)

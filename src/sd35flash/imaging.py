@@ -8,7 +8,7 @@ from pathlib import Path
 import numpy as np
 from PIL import Image, ImageDraw, ImageFont
 
-from .io import atomic_write, atomic_write_text  # noqa: F401  (atomic_write_text: kept importable from here)
+from .io import atomic_write
 
 
 def make_grid(images: np.ndarray | Sequence[np.ndarray], cols: int | None = None, pad: int = 2,

@@ -31,6 +31,7 @@ from pathlib import Path
 
 from .errors import UserError
 from .io import check_model_output
+from .seeds import derive_seed
 
 __all__ = ["PrepareRequest", "prepare", "register"]
 
@@ -133,7 +134,7 @@ def prepare(req: PrepareRequest, rank: int | None = None, world_size: int | None
 
     from .data.prepared import MANIFEST
     from .data.prompts import PREPARED_PROMPTS, load_prompts, write_prompts
-    from .imaging import atomic_write_text
+    from .io import atomic_write_text
     from .models.pipeline_io import load_pipeline
     from .models.resolution import geometry_configs, latent_side
     from .sampling import clip_length, encode_prompts
@@ -265,7 +266,7 @@ def _prepare_trajectories(req: PrepareRequest, settings: dict, prompts: list[str
     teacher = teacher.to(ranks.device).eval().requires_grad_(False)
     student = flow.Schedule.from_step_times(settings["schedule"])
     sched, record = teacher_schedule(student, settings["teacher_steps"], settings["shift"])
-    seed = settings["seed"] * 1_000_003 + 17
+    seed = derive_seed(settings["seed"], 17)
     shape = tuple(settings["shape"])
     dev = ranks.device
 
@@ -320,7 +321,7 @@ def register(sub) -> dict[str, Callable]:
 
 
 def cmd_prepare(args: argparse.Namespace) -> int:
-    from .cli import parse_overrides
+    from .config import parse_overrides
 
     req = PrepareRequest(teacher=args.teacher, prompts=args.prompts, out=Path(args.out), resolution=args.resolution,
                          dtype=args.dtype, batch=args.batch, shard_size=args.shard_size, resume=args.resume,

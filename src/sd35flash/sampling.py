@@ -221,7 +221,7 @@ def generate(
     the folder ``pipe`` was loaded from, when its own transformer samples) and the prompt.
 
     ``encoder`` (prompts -> :class:`PromptEmbeds`) replaces :func:`encode_prompts`, e.g. a cached
-    encoder whose text encoders were freed (``sd35flash.deploy.text_encoders``); ``use_t5`` is then
+    encoder whose text encoders were freed (``sd35flash.deploy.runtime.text_encoders``); ``use_t5`` is then
     the encoder's business."""
     if len(prompts) != len(seeds):
         raise ValueError("need one seed per prompt")

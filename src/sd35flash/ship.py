@@ -23,7 +23,6 @@ import argparse
 import json
 import os
 import platform
-import shutil
 import sys
 import tempfile
 from pathlib import Path
@@ -33,10 +32,11 @@ import torch
 import yaml
 
 from .errors import UserError
-from .imaging import atomic_write_text
+from .io import atomic_write_text, replace_dir
 from .models.pipeline_io import load_pipeline, save_pipeline
 from .models.registry import REGISTRY_FILE, ShippedModel, assets_root, list_models, write_checksums
 from .sampling import generate, scheduler_schedule
+from .sizes import folder_bytes
 from .evaluate.teacher_table import metrics_table, read_evals
 from .world import canonical_prompt, judge, split_specs
 
@@ -81,10 +81,6 @@ def choose_guidance(evals: list[tuple[str, dict]], steps: int) -> float | None:
     if not val:
         return None
     return float(max(val, key=lambda r: r["alignment"]["overall"])["guidance"])
-
-
-def folder_bytes(folder: Path) -> int:
-    return sum(p.stat().st_size for p in folder.rglob("*") if p.is_file())
 
 
 def model_card(name: str, info: dict, entry: ShippedModel, evals, check: dict, machine: str, wall: str,
@@ -217,9 +213,7 @@ def ship(src: str, name: str, eval_dir: Path | None = None, dtype: str = "float1
         write_checksums(stage)
         entry.bytes = folder_bytes(stage)
         target.parent.mkdir(parents=True, exist_ok=True)
-        if target.exists():
-            shutil.rmtree(target)
-        os.replace(stage, target)
+        replace_dir(stage, target)
     _update_registry(root, entry)
     print(f"shipped {name}: {target} ({entry.bytes / 1e6:.1f} MB, {dtype}; storage check: mean pixel diff "
           f"{check['mean_abs_pixel_diff']}, verdicts agree {check['verdicts_agree']}/{check['prompts']})")

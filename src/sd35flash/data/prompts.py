@@ -32,6 +32,7 @@ import torch
 from ..errors import UserError
 from ..world import SceneSpec, canonical_prompt, paraphrase, split_specs
 from ..world.spec import SpecError
+from ..seeds import EPOCH_STRIDE, derive_seed
 
 __all__ = ["PREPARED_PROMPTS", "PromptDataset", "PromptSource", "file_prompts", "load_prompts", "shapes_prompts",
            "write_prompts"]
@@ -57,7 +58,7 @@ class PromptSource:
 def shapes_prompts(n: int, seed: int = 0) -> PromptSource:
     """``n`` shapes-world ``train`` specs, each with one paraphrase fixed by ``seed`` and its index."""
     specs = split_specs("train", n, seed=seed + 31)
-    prompts = [paraphrase(s, random.Random(seed * 1_000_003 + i)) for i, s in enumerate(specs)]
+    prompts = [paraphrase(s, random.Random(derive_seed(seed, i))) for i, s in enumerate(specs)]
     return PromptSource("shapes", prompts, specs)
 
 
@@ -170,7 +171,7 @@ def file_prompts(path: str | Path, column: str | None = None) -> PromptSource:
 def write_prompts(path: str | Path, source: PromptSource) -> Path:
     """Write ``source`` as JSON Lines (``{"prompt", "spec"?}`` a line), atomically; :func:`file_prompts`
     reads it back."""
-    from ..imaging import atomic_write_text
+    from ..io import atomic_write_text
 
     lines = []
     for i, prompt in enumerate(source.prompts):
@@ -215,7 +216,7 @@ class PromptDataset:
         e = self.epoch if epoch is None else int(epoch)
         n = len(self.prompts)
         if self.shuffle:
-            order = torch.randperm(n, generator=torch.Generator().manual_seed(self.seed * 100_003 + e)).tolist()
+            order = torch.randperm(n, generator=torch.Generator().manual_seed(derive_seed(self.seed, e, EPOCH_STRIDE))).tolist()
         else:
             order = list(range(n))
         return order[self.rank :: self.world_size]

@@ -97,7 +97,7 @@ def write_trajectory_shards(build: Callable[[int, list[str]], torch.Tensor], pro
 def write_trajectory_index(folder: str | Path, prompts: Sequence[str], settings: dict, schedule: Schedule,
                            shard_size: int, dtype: torch.dtype) -> Path:
     """``index.json``, once every shard is finished (a missing one is a RuntimeError)."""
-    from ..imaging import atomic_write_text
+    from ..io import atomic_write_text
 
     folder = Path(folder)
     key = settings_hash(settings, length=24)

@@ -46,11 +46,11 @@ def register(sub, generate_parser: argparse.ArgumentParser, eval_parser: argpars
 
 
 def deployed_from_args(args):
-    """The :class:`~sd35flash.deploy.pipeline.DeployedPipeline` for ``--preset`` (``None`` without it)."""
+    """The :class:`~sd35flash.deploy.runtime.pipeline.DeployedPipeline` for ``--preset`` (``None`` without it)."""
     if not getattr(args, "preset", None):
         return None
-    from .pipeline import load_deployed
-    from .presets import get_preset
+    from .runtime.pipeline import load_deployed
+    from .runtime.presets import get_preset
 
     preset = get_preset(args.preset)
     return load_deployed(args.model, preset, device=args.device, revision=args.revision,
@@ -59,8 +59,8 @@ def deployed_from_args(args):
 
 def cmd_presets(args) -> int:
     from ..io import atomic_write_json, check_writable_output
-    from .pipeline import resolve_device
-    from .presets import PRESETS, presets_table
+    from .runtime.pipeline import resolve_device
+    from .runtime.presets import PRESETS, presets_table
 
     dev = resolve_device(args.device)
     if args.json_out:
@@ -73,7 +73,7 @@ def cmd_presets(args) -> int:
 
 def cmd_bench(args) -> int:
     from ..io import check_writable_output
-    from .bench import BenchRequest, run_bench
+    from .tools.bench import BenchRequest, run_bench
 
     check_writable_output(args.json_out, "file", "--json")
     if args.work:

@@ -143,7 +143,7 @@ class SplitConfig:
     routed student (each step by its own branch). Each branch keeps an EMA anchored at its start
     weights: ``ema <- ema_decay * ema + (1 - ema_decay) * w`` from the first update, no warm-up.
 
-    Merging (``distill.merge``): ``W = sum_b w_b W_b``; for K = 2, ``w = [1 - merge_ratio,
+    Merging (``models.merge``): ``W = sum_b w_b W_b``; for K = 2, ``w = [1 - merge_ratio,
     merge_ratio]`` (ratio 0 = branch 0, ratio 1 = branch 1); for K > 2, ``merge_weights`` (K numbers
     >= 0 summing to 1). ``unmerged``: the student folder's default sampling routes each step to its
     branch instead of using the merged transformer (beyond the paper). ``keep_presplit`` also saves

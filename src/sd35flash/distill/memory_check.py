@@ -1,8 +1,8 @@
 """Refuse a distillation that the training-memory planner says will not fit, before loading anything.
 
 ``check_distill_fits(cfg, teacher)`` (called by ``distill`` unless ``--force``) turns the config and
-the teacher's architecture into a :class:`~sd35flash.deploy.plan_train.TrainSetup`, plans it
-(``deploy/plan_train.py``) and compares the per-device peak with the memory of one visible device:
+the teacher's architecture into a :class:`~sd35flash.plan.train.TrainSetup`, plans it
+(``plan/train.py``) and compares the per-device peak with the memory of one visible device:
 a CUDA device's total memory, or on the CPU the available RAM shared by the processes of this node.
 When it does not fit, the one-line error names the cheapest change that does, trying in order
 ``--ema cpu``, ``--optimizer adamw8bit``, ``--gradient-checkpointing``, ``--sharding fsdp`` (full mode on
@@ -22,8 +22,8 @@ from typing import Any
 
 import torch
 
-from ..deploy.plan import Architecture, load_architecture
-from ..deploy.plan_train import TrainSetup, plan_training
+from ..plan.architecture import Architecture, load_architecture
+from ..plan.train import TrainSetup, plan_training
 from ..errors import UserError
 
 __all__ = ["available_gib", "check_distill_fits", "check_training_fits", "cheapest_fit", "setup_for_distill"]

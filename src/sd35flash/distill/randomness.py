@@ -10,6 +10,8 @@ from __future__ import annotations
 
 import torch
 
+from ..seeds import derive_seed
+
 
 class StepRandom:
     """Random tensors for one (step, stream): global draws, local slices."""
@@ -17,7 +19,7 @@ class StepRandom:
     def __init__(self, seed: int, step: int, stream: str, global_batch: int, rank: int = 0, world: int = 1) -> None:
         if global_batch % world:
             raise ValueError(f"global batch {global_batch} does not divide by {world} processes")
-        key = (seed * 1_000_003 + step) * 131 + sum(ord(c) * 31**k for k, c in enumerate(stream)) % 1_000_000_007
+        key = derive_seed(seed, step) * 131 + sum(ord(c) * 31**k for k, c in enumerate(stream)) % 1_000_000_007
         self.gen = torch.Generator("cpu").manual_seed(key % (2**63 - 1))
         self.batch = global_batch
         per = global_batch // world

@@ -15,7 +15,7 @@ import numpy as np
 import torch
 
 from ..errors import UserError
-from ..pretrain.data import encode_latents
+from ..models.latents import encode_latents
 from ..world import render
 from ..world.spec import SceneSpec
 from .prompts import PromptSource

@@ -34,9 +34,9 @@ from ..train.checkpoint import CheckpointManager, read_meta
 from ..train.runtime import make_accelerator
 from .adversarial import resolve_blocks
 from .config import DistillConfig, MemoryConfig
-from .export import export_student, student_info
+from ..models.student_folder import export_student, student_info
 from .memory_check import check_distill_fits
-from .merge import merged_transformer
+from ..models.merge import merged_transformer
 from .models import DistillModels
 from .prompts import PromptSource, load_prompts
 from .real import RealBank, RenderBank, from_renders, from_teacher
@@ -54,8 +54,7 @@ def default_teacher() -> Path:
     its checksums), else the one ``sd35flash pretrain`` (default preset) cached; UserError if neither."""
     from ..models.registry import default_teacher as shipped_teacher
     from ..models.registry import verify_asset
-    from ..pretrain.config import load_pretrain_config
-    from ..pretrain.run import is_finished, teacher_dir
+    from ..toy_teacher import is_finished, load_pretrain_config, teacher_dir
 
     shipped = shipped_teacher()
     if shipped is not None:

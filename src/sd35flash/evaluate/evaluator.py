@@ -18,18 +18,15 @@ from ..imaging import make_grid, save_png
 from ..io import atomic_write_json, atomic_write_text, to_json
 from ..models.pipeline_io import load_pipeline
 from ..models.branches import param_bytes, resolve_variant, sampling_transformer
-from ..models.registry import settings_for_folder
-from ..models.student_info import read_student_info
+from ..models.sampling_settings import resolve_sampling
 from ..sampling import generate, scheduler_schedule
 from ..world import canonical_prompt, render, split_specs
 from ..world.spec import SceneSpec, read_jsonl
 from .alignment import alignment_scores, judge_all
+from ..seeds import derive_seed
 
 #: Render seeds for FD reference images (fixed, so every model is compared to the same set).
 REFERENCE_SEED = 5_000_000
-#: Default guidance for a teacher (no sd35flash.json); students carry their own in sd35flash.json.
-TEACHER_DEFAULT_GUIDANCE = 4.0
-TEACHER_DEFAULT_STEPS = 28
 
 
 @dataclass
@@ -98,31 +95,11 @@ def apply_schedule(pipe, spec: str, steps: int | None, default_steps: int) -> tu
     return flow.sampling_schedule(n, float(pipe.scheduler.config.get("shift", 3.0))), n
 
 
-def resolve_sampling(pipe, model: str, steps: int | None, guidance: float | None) -> tuple[flow.Schedule, int, float]:
-    """Schedule, steps and guidance: a student's ``sd35flash.json`` supplies its own schedule (when
-    ``steps`` is not overridden) and guidance 1.0; a teacher uses its scheduler's own schedule, as
-    the stock pipeline does, and a shipped teacher's registry entry its recommended steps and
-    guidance; a student run at another step count uses shifted uniform steps."""
-    info = read_student_info(model) if Path(model).is_dir() else None
-    shipped = settings_for_folder(model) if info is None and Path(model).is_dir() else None
-    shift = float(pipe.scheduler.config.get("shift", 3.0))
-    if steps is not None and steps < 1:
-        raise UserError(f"--steps must be >= 1, got {steps}")
-    if info is not None and (steps is None or steps == info.steps):
-        sched = flow.Schedule.from_step_times(info.timesteps)
-        return sched, info.steps, info.guidance if guidance is None else guidance
-    steps = steps or (info.steps if info is not None else shipped.steps if shipped else TEACHER_DEFAULT_STEPS)
-    g = guidance if guidance is not None else (info.guidance if info is not None else
-                                               shipped.guidance if shipped else TEACHER_DEFAULT_GUIDANCE)
-    sched = flow.sampling_schedule(steps, shift) if info is not None else scheduler_schedule(pipe, steps)
-    return sched, steps, g
-
-
 def evaluate(req: EvalRequest, json_out: str | Path, save_images: str | Path | None = None,
              pipe=None, progress: bool = True, encoder=None, size: int | None = None, extra: dict | None = None) -> dict:
     """Run one evaluation and write ``json_out`` (and a grid PNG beside it) atomically.
 
-    ``encoder`` (a ``deploy.text_encoders.PromptEncoder``) and ``size`` come from a device preset;
+    ``encoder`` (a ``text.encoder.PromptEncoder``) and ``size`` come from a device preset;
     ``extra`` is merged into the result (e.g. the preset)."""
     specs = load_specs(req.split, req.specs_file, req.num_images)
     if pipe is None:
@@ -133,7 +110,7 @@ def evaluate(req: EvalRequest, json_out: str | Path, save_images: str | Path | N
     variant = resolve_variant(req.model, req.variant)
     model = sampling_transformer(pipe, req.model, variant)
     prompts = [canonical_prompt(s) for s in specs]
-    seeds = [req.seed * 1_000_003 + i for i in range(len(specs))]
+    seeds = [derive_seed(req.seed, i) for i in range(len(specs))]
     bar = tqdm(total=len(specs), desc=f"generate ({steps} steps)", disable=not progress, leave=False)
     t0 = time.perf_counter()
     if encoder is not None:

@@ -18,6 +18,7 @@ import random
 import numpy as np
 from tqdm.auto import tqdm
 
+from ..seeds import derive_seed
 from ..world import render, render_with_layout, split_specs
 from ..world.selftest import junk_image, perturb
 from .evaluator import REFERENCE_SEED
@@ -30,10 +31,10 @@ def fd_scale(split: str = "test", num: int = 200, seed: int = 1, progress: bool 
     other, wrong, junk = [], [], []
     rng, nrng = random.Random(seed), np.random.default_rng(seed)
     for i, s in enumerate(tqdm(specs, desc="render anchors", disable=not progress, leave=False)):
-        img, placed = render_with_layout(s, seed=seed * 7_777_777 + i)
+        img, placed = render_with_layout(s, seed=derive_seed(seed, i, stride=7_777_777))
         other.append(img)
         _, bad = perturb(s, placed, rng)
-        wrong.append(render(bad, seed=seed * 7_777_777 + i))
+        wrong.append(render(bad, seed=derive_seed(seed, i, stride=7_777_777)))
         junk.append(junk_image(s, nrng, refs.shape[1]))
     scorer = FDScorer()
     ref_feats = scorer.features(refs)

@@ -1,7 +1,7 @@
 """``sd35flash merge-sweep``: choose the split-timestep merge ratio on ``val``.
 
 For each ratio ``r`` the student's two branches are merged, ``W = (1 - r) W_0 + r W_1``
-(:mod:`sd35flash.distill.merge`), and the merged transformer is evaluated (alignment and FD) on the
+(:mod:`sd35flash.models.merge`), and the merged transformer is evaluated (alignment and FD) on the
 ``val`` split; ``test`` and ``heldout`` are refused, since the ratio is a model-selection choice.
 
 Choice (an FD guard, then alignment): a ratio is admissible when its ``fd_effnet`` is at most
@@ -23,7 +23,7 @@ matplotlib.use("Agg")
 import matplotlib.pyplot as plt  # noqa: E402
 from tqdm.auto import tqdm  # noqa: E402
 
-from ..distill.merge import load_branches, merge_state_dicts, ratio_weights, write_merged  # noqa: E402
+from ..models.merge import load_branches, merge_state_dicts, ratio_weights, write_merged  # noqa: E402
 from ..errors import UserError  # noqa: E402
 from ..io import atomic_write_json, check_model_output, check_writable_output  # noqa: E402
 from ..models.pipeline_io import load_pipeline  # noqa: E402

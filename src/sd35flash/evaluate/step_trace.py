@@ -22,7 +22,8 @@ import torch
 
 from .. import flow
 from ..errors import UserError
-from ..imaging import atomic_write_text, make_grid, save_png
+from ..imaging import make_grid, save_png
+from ..io import atomic_write_text
 from ..models.branches import resolve_variant, sampling_transformer
 from ..models.pipeline_io import load_pipeline
 from ..sampling import (
@@ -35,7 +36,8 @@ from ..sampling import (
 )
 from ..world import canonical_prompt, split_specs
 from ..world.judge import detect, judge
-from .evaluator import resolve_sampling
+from ..models.sampling_settings import resolve_sampling
+from ..seeds import derive_seed
 
 
 def parse_schedule(text: str) -> list[float]:
@@ -118,7 +120,7 @@ def main(argv: list[str] | None = None) -> int:
             schedule = parse_schedule(args.schedule)
         transformer = sampling_transformer(pipe, args.model, resolve_variant(args.model, "auto"))
         specs = single_object_specs(args.num)
-        seeds = [args.seed * 1_000_003 + i for i in range(len(specs))]
+        seeds = [derive_seed(args.seed, i) for i in range(len(specs))]
         images = trace(pipe, transformer, specs, seeds, schedule, guidance)
         result = {"model": args.model, "guidance": guidance, **summarise(images, specs, schedule)}
         atomic_write_text(Path(args.json), json.dumps(result, indent=1, allow_nan=False))

@@ -25,7 +25,7 @@ from pathlib import Path
 
 from ..args import integer, number
 from ..errors import UserError
-from ..imaging import atomic_write_text
+from ..io import atomic_write_text
 from ..models.pipeline_io import load_pipeline
 from ..models.registry import resolve_model
 from ..train.logger import read_metrics

@@ -20,7 +20,7 @@ matplotlib.use("Agg")
 import matplotlib.pyplot as plt  # noqa: E402
 
 from ..errors import UserError  # noqa: E402
-from ..imaging import atomic_write_text  # noqa: E402
+from ..io import atomic_write, atomic_write_text  # noqa: E402
 from ..train.logger import read_metrics  # noqa: E402
 
 CANDIDATES = ("flow/metrics.jsonl", "training/flow-metrics.jsonl", "metrics.jsonl")
@@ -71,11 +71,10 @@ def plot(series: dict[str, list[tuple[int, float]]], out: Path, title: str) -> P
     ax_l.grid(alpha=0.3)
     fig.suptitle(title, fontsize=9)
     fig.tight_layout()
-    out.parent.mkdir(parents=True, exist_ok=True)
-    tmp = out.with_name(f".{out.stem}.tmp.png")
-    fig.savefig(tmp, dpi=110)
-    plt.close(fig)
-    tmp.replace(out)
+    try:
+        atomic_write(out, lambda tmp: fig.savefig(tmp, dpi=110, format="png"), "curve plot")
+    finally:
+        plt.close(fig)
     return out
 
 

@@ -19,6 +19,7 @@ from pathlib import Path
 import torch
 
 from ..errors import UserError
+from ..sizes import module_bytes
 from .student_info import BranchInfo, StudentInfo, read_student_info
 
 VARIANTS = ("auto", "merged", "unmerged", "presplit")
@@ -117,7 +118,7 @@ def sampling_transformer(pipe, model: str | Path, variant: str = "auto") -> torc
 def param_bytes(model: torch.nn.Module | BranchRouter) -> int:
     """Bytes of the parameters and buffers sampling holds in memory (all branches for a router)."""
     mods = model.modules if isinstance(model, BranchRouter) else [model]
-    return int(sum(t.numel() * t.element_size() for m in mods for t in [*m.parameters(), *m.buffers()]))
+    return module_bytes(*mods)
 
 
 def file_param_bytes(folder: Path) -> int:

@@ -39,11 +39,12 @@ import json
 import math
 import os
 import re
-from dataclasses import asdict, dataclass, field, fields
+from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
 from sd35flash.checksums import update_checksum
+from sd35flash.config import from_dict
 from sd35flash.errors import UserError
 from sd35flash.io import atomic_write_text
 
@@ -117,24 +118,6 @@ class SplitInfo:
         if self.presplit and not _SUBFOLDER.match(str(self.presplit)):
             raise UserError(f"'split.presplit' must be a subfolder name, got {self.presplit!r}")
 
-    @classmethod
-    def from_dict(cls, data: Any) -> SplitInfo:
-        if not isinstance(data, dict):
-            raise UserError(f"'split' must be an object, got {type(data).__name__}")
-        data = dict(data)
-        unknown = sorted(set(data) - {f.name for f in fields(cls)})
-        if unknown:
-            raise UserError(f"unknown key(s) {unknown} in 'split'")
-        raw = data.get("branches")
-        if not isinstance(raw, list) or not all(isinstance(b, dict) and set(b) == {"subfolder", "t_min", "t_max"}
-                                                for b in raw):
-            raise UserError("'split.branches' must be a list of {subfolder, t_min, t_max} objects")
-        data["branches"] = [BranchInfo(**b) for b in raw]
-        if "merge_weights" not in data:
-            raise UserError("'split' needs 'merge_weights'")
-        info = cls(**data)
-        info.validate()
-        return info
 
 
 @dataclass
@@ -220,25 +203,19 @@ class StudentInfo:
 
     @classmethod
     def from_dict(cls, data: Any) -> StudentInfo:
-        """Build and validate; raises :class:`UserError` on anything malformed."""
+        """Build and validate through :func:`sd35flash.config.from_dict` (unknown keys, types and
+        ranges, nested ``split`` included), then :meth:`validate`; raises
+        :class:`~sd35flash.errors.ConfigError` (a UserError) naming the key."""
         if not isinstance(data, dict):
             raise UserError(f"it must hold a JSON object, got {type(data).__name__}")
         data = dict(data)
         version = data.pop("format", FORMAT_VERSION)
         if version != FORMAT_VERSION:
             raise UserError(f"it has format {version!r}; this sd35flash reads format {FORMAT_VERSION}")
-        known = {f.name for f in fields(cls)}
-        unknown = sorted(set(data) - known)
-        if unknown:
-            raise UserError(f"unknown key(s) {unknown}; valid keys are {sorted(known)}")
         missing = [k for k in ("timesteps", "steps") if k not in data]
         if missing:
             raise UserError(f"missing key(s) {missing}")
-        if data.get("split") is not None:
-            data["split"] = SplitInfo.from_dict(data["split"])
-        info = cls(**data)
-        info.validate()
-        return info
+        return from_dict(cls, data, where="sd35flash")
 
 
 def write_student_info(folder: str | os.PathLike[str], info: StudentInfo) -> Path:

@@ -11,11 +11,11 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
-import torch
 from tqdm.auto import tqdm
 
 from ..io import atomic_torch_save
 from ..world import SceneSpec, paraphrase, render, split_specs
+from ..seeds import derive_seed
 
 
 @dataclass
@@ -30,7 +30,7 @@ class WorldImages:
         """Render the ``n`` scenes, in parallel over the cores this process may use (each image has its
         own seed, so the result does not depend on the number of workers)."""
         specs = split_specs("train", n, seed=seed)
-        jobs = [(s, seed * 1_000_003 + i, size) for i, s in enumerate(specs)]
+        jobs = [(s, derive_seed(seed, i), size) for i, s in enumerate(specs)]
         workers = min(len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else 1, 16)
         bar = tqdm(total=n, desc="render", disable=not progress, leave=False)
         out = []
@@ -53,11 +53,6 @@ def _render_job(job: tuple[SceneSpec, int, int]) -> np.ndarray:
     return render(spec, seed=seed, size=size)
 
 
-def images_to_tensor(images: np.ndarray) -> torch.Tensor:
-    """uint8 (N, H, W, 3) -> float (N, 3, H, W) in [-1, 1]."""
-    return torch.from_numpy(images).permute(0, 3, 1, 2).float().div(127.5).sub(1.0)
-
-
 def prompt_for(spec: SceneSpec, index: int, epoch: int, seed: int) -> str:
     """The training prompt of sample ``index`` in ``epoch``: a paraphrase picked deterministically, so
     a resumed run sees exactly the prompts an uninterrupted one would."""
@@ -68,17 +63,3 @@ def save_tensor_atomic(obj: dict, path: str | Path) -> None:
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     atomic_torch_save(path, obj, "data cache")
-
-
-@torch.no_grad()
-def encode_latents(vae, images: np.ndarray, batch_size: int = 128, progress: bool = True,
-                   device: torch.device | str = "cpu") -> torch.Tensor:
-    """Pre-encode images to scaled latents ``z = (mean(E(x)) - shift) * scaling`` (the posterior mean;
-    encoding on the fly costs ~20% throughput)."""
-    out = []
-    sf, sh = vae.config.scaling_factor, vae.config.shift_factor or 0.0
-    for i in tqdm(range(0, len(images), batch_size), desc="encode latents", disable=not progress, leave=False):
-        x = images_to_tensor(images[i : i + batch_size]).to(device)
-        z = vae.encode(x).latent_dist.mean
-        out.append(((z - sh) * sf).cpu())
-    return torch.cat(out)

@@ -23,8 +23,9 @@ from ..train.loop import CheckpointHook, PeriodicHook, Stage, TrainLoop, Update
 from ..train.schedules import warmup_cosine
 from ..world import CATEGORIES, all_words, canonical_prompt, judge, split_specs
 from ..world.spec import SceneSpec
-from .config import PretrainConfig
-from .data import WorldImages, encode_latents, prompt_for, save_tensor_atomic
+from ..toy_teacher import PretrainConfig
+from ..models.latents import encode_latents
+from .data import WorldImages, prompt_for, save_tensor_atomic
 
 SAMPLE_PROMPTS = (
     "a large red circle", "a small green square", "a blue triangle", "a white diamond",

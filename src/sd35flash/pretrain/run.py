@@ -15,24 +15,13 @@ from pathlib import Path
 from ..config import to_dict
 from ..errors import NonFiniteError, TrainingAlarm, UserError
 from ..io import atomic_write_json, check_model_output, copy_dir, to_json
-from ..models.pipeline_io import MODEL_INDEX, save_pipeline
-from ..paths import cache_root, git_commit
+from ..models.pipeline_io import save_pipeline
+from ..paths import git_commit
 from ..train.checkpoint import CheckpointManager
 from ..train.runtime import make_accelerator
-from .config import PretrainConfig
+from ..toy_teacher import INFO_FILE, PretrainConfig, is_finished, teacher_dir
 from .flow_trainer import FlowTrainer
 from .vae_trainer import VAETrainer
-
-INFO_FILE = "pretrain.json"
-
-
-def teacher_dir(cfg: PretrainConfig, name: str) -> Path:
-    return cache_root() / "teachers" / f"{name}-{cfg.cache_key()}"
-
-
-def is_finished(folder: Path) -> bool:
-    return (folder / MODEL_INDEX).is_file() and (folder / INFO_FILE).is_file()
-
 
 def has_progress(work: Path) -> bool:
     return any(work.glob("vae/ckpt-*")) or any(work.glob("flow/ckpt-*")) or (work / "vae" / "final").is_dir()

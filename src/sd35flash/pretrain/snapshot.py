@@ -30,8 +30,9 @@ from ..errors import UserError
 from ..models.pipeline_io import save_pipeline
 from ..paths import git_commit
 from ..train.checkpoint import CheckpointManager, read_meta
-from .config import PretrainConfig
-from .run import INFO_FILE, copy_pipeline, is_finished, teacher_dir
+from ..toy_teacher import PretrainConfig
+from ..toy_teacher import INFO_FILE, is_finished, teacher_dir
+from .run import copy_pipeline
 
 #: Logs copied beside the weights: ``training/<name>`` <- ``work/<source>``.
 TRAINING_LOGS = {"flow-metrics.jsonl": "flow/metrics.jsonl", "vae-metrics.jsonl": "vae/metrics.jsonl"}

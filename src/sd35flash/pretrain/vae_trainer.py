@@ -12,6 +12,7 @@ from accelerate import Accelerator
 from diffusers import AutoencoderKL
 
 from ..errors import TrainingAlarm
+from ..io import atomic_write_text, staged_dir
 from ..models.toy import build_vae
 from ..train.alarms import check_finite
 from ..train.checkpoint import CheckpointManager
@@ -19,8 +20,10 @@ from ..train.data import EpochSampler
 from ..train.logger import RunLogger
 from ..train.schedules import warmup_cosine
 from ..world import BACKGROUND, judge, render, split_specs
-from .config import PretrainConfig
-from .data import WorldImages, images_to_tensor
+from ..toy_teacher import PretrainConfig
+from ..models.latents import images_to_tensor
+from ..seeds import derive_seed
+from .data import WorldImages
 
 
 def foreground_weight(x: torch.Tensor, fg_weight: float) -> torch.Tensor:
@@ -109,13 +112,9 @@ class VAETrainer:
         if acc.is_main_process:
             self._calibrate(model, images)
             metrics = evaluate_vae(model, vcfg.eval_images, seed=cfg.data_seed + 7, size=cfg.model.image_size)
-            tmp = self.final_dir.with_name("final.tmp")
-            model.save_pretrained(tmp)
-            if self.final_dir.exists():
-                import shutil
-                shutil.rmtree(self.final_dir)
-            tmp.rename(self.final_dir)
-            (self.dir / "metrics.json").write_text(json.dumps(metrics, indent=1))
+            with staged_dir(self.final_dir, "VAE folder") as tmp:
+                model.save_pretrained(tmp)
+            atomic_write_text(self.dir / "metrics.json", json.dumps(metrics, indent=1), "VAE metrics")
         acc.wait_for_everyone()
         acc.free_memory()
         acc._custom_objects.clear()
@@ -140,7 +139,7 @@ class VAETrainer:
 def evaluate_vae(vae: AutoencoderKL, n: int, seed: int, size: int) -> dict:
     """Reconstruction PSNR and judge accuracy on reconstructions of ``val`` renders (per category)."""
     specs = split_specs("val", n, seed=seed)
-    imgs = np.stack([render(s, seed=seed * 7919 + i, size=size) for i, s in enumerate(specs)])
+    imgs = np.stack([render(s, seed=derive_seed(seed, i, stride=7919), size=size) for i, s in enumerate(specs)])
     recs = []
     for i in range(0, n, 64):
         x = images_to_tensor(imgs[i : i + 64]).to(vae.device, vae.dtype)

@@ -25,7 +25,8 @@ from typing import Any
 
 from ..errors import UserError
 from ..io import check_model_output
-from ..imaging import atomic_write_text, save_png
+from ..imaging import save_png
+from ..io import atomic_write_text
 from .folder import FORMAT_VERSION, IMAGES, PLAN, TIMING, StudyFolder, image_name, read_json
 
 _NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,39}$")
@@ -142,19 +143,19 @@ def _load(m: ModelArg, preset: str | None, device: str, prompts: list[str]):
     """Load one model through the project's loaders; returns (pipe, schedule, steps, guidance, sampler
     kwargs). Under a preset every prompt of the job is encoded up front (the preset may free the text
     encoders after that)."""
-    from ..evaluate.evaluator import resolve_sampling
+    from ..models.sampling_settings import resolve_sampling
     from ..models.branches import sampling_transformer
     from ..models.pipeline_io import load_pipeline
 
     try:
         if preset:
-            from ..deploy.pipeline import load_deployed
-            from ..deploy.presets import get_preset
+            from ..deploy.runtime.pipeline import load_deployed
+            from ..deploy.runtime.presets import get_preset
 
             dp = load_deployed(m.model, get_preset(preset), device=device, progress=False)
             pipe = dp.pipe
         else:
-            from ..deploy.pipeline import resolve_device
+            from ..deploy.runtime.pipeline import resolve_device
 
             dp, pipe = None, load_pipeline(m.model, device=resolve_device(device))
         schedule, steps, guidance = resolve_sampling(pipe, m.model, m.steps, m.guidance)

@@ -26,7 +26,7 @@ from typing import Any
 import numpy as np
 
 from ..errors import UserError
-from ..imaging import atomic_write_text
+from ..io import atomic_write_text
 from . import db, ratings
 from .folder import StudyFolder
 

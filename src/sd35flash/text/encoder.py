@@ -20,7 +20,6 @@ from __future__ import annotations
 
 import gc
 import hashlib
-import json
 import os
 import tempfile
 from collections.abc import Iterable, Sequence
@@ -29,6 +28,7 @@ from pathlib import Path
 import torch
 
 from ..errors import UserError
+from ..fingerprints import hash_module_sampled
 from ..io import atomic_write
 from ..paths import cache_root
 from ..sampling import PromptEmbeds, clip_length, encode_prompts, t5_length
@@ -37,40 +37,17 @@ __all__ = ["ENCODER_NAMES", "PromptEncoder", "check_writable", "count_truncated"
            "encoder_fingerprint", "free_encoders"]
 
 ENCODER_NAMES = ("text_encoder", "text_encoder_2", "text_encoder_3")
-_SAMPLES_PER_TENSOR = 4096
-#: Config keys that differ between a model built in memory and the same model saved and reloaded;
-#: the weights' dtypes are hashed per tensor.
-_UNHASHED_CONFIG_KEYS = ("_name_or_path", "transformers_version", "dtype", "torch_dtype", "architectures")
 
 
 def default_cache_dir() -> Path:
     return cache_root() / "prompt-embeds"
 
 
-def _hash_module(h, name: str, module: torch.nn.Module | None) -> None:
-    h.update(f"[{name}]".encode())
-    if module is None:
-        h.update(b"none")
-        return
-    cfg = getattr(module, "config", None)
-    cfg = cfg.to_dict() if hasattr(cfg, "to_dict") else dict(cfg or {})
-    for key in _UNHASHED_CONFIG_KEYS:
-        cfg.pop(key, None)
-    h.update(json.dumps(cfg, sort_keys=True, default=str).encode())
-    for pname, t in module.state_dict().items():
-        h.update(f"{pname}:{type(t).__name__}:{t.dtype}:{tuple(t.shape)}".encode())
-        if type(t) not in (torch.Tensor, torch.nn.Parameter) or t.device.type == "meta":
-            continue  # quantized tensor subclasses: name/type/shape only (fingerprint before quantizing)
-        flat = t.detach().reshape(-1)
-        step = max(1, flat.numel() // _SAMPLES_PER_TENSOR)
-        h.update(flat[::step][:_SAMPLES_PER_TENSOR].float().cpu().numpy().tobytes())
-
-
 def encoder_fingerprint(pipe, use_t5: bool, variant: str = "") -> str:
     """A short hash identifying what the encoders would output (see the module docstring)."""
     h = hashlib.sha256()
     for name in ENCODER_NAMES:
-        _hash_module(h, name, getattr(pipe, name, None) if (name != "text_encoder_3" or use_t5) else None)
+        hash_module_sampled(h, name, getattr(pipe, name, None) if (name != "text_encoder_3" or use_t5) else None)
     for name in ("tokenizer", "tokenizer_2", "tokenizer_3"):
         tok = getattr(pipe, name, None)
         if tok is not None:

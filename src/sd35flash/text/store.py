@@ -157,7 +157,7 @@ def write_index(folder: str | Path, layout: StoreLayout, fingerprint: str, dtype
     """Write ``index.json`` once every shard is finished (a missing or stale shard is a RuntimeError)."""
     from safetensors import safe_open
 
-    from ..imaging import atomic_write_text
+    from ..io import atomic_write_text
 
     folder = Path(folder)
     missing = [layout.name(s) for s in range(layout.num_shards)

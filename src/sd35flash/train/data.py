@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import torch
 
+from ..seeds import EPOCH_STRIDE, derive_seed
+
 
 class EpochSampler:
     """Yields global batches of indices from per-epoch permutations of ``range(n)``.
@@ -24,7 +26,7 @@ class EpochSampler:
         self._perm = self._make_perm()
 
     def _make_perm(self) -> torch.Tensor:
-        g = torch.Generator().manual_seed(self.seed * 100_003 + self.epoch)
+        g = torch.Generator().manual_seed(derive_seed(self.seed, self.epoch, EPOCH_STRIDE))
         return torch.randperm(self.n, generator=g)
 
     def next_global(self, batch: int) -> torch.Tensor:

@@ -1,7 +1,7 @@
 """Peak memory and seconds per step of DMD-style distillation steps at SD3.5-Medium size, against the
 training-memory plan (``bench/gpu-distill.sh``).
 
-``python -m sd35flash.deploy.gpu_distill_bench --json OUT [--tiny] [--device cuda] [--settings lora,full]``
+``python -m sd35flash.deploy.tools.gpu_distill_bench --json OUT [--tiny] [--device cuda] [--settings lora,full]``
 
 No downloads: the transformer is built from ``configs/sd35-medium-architecture.yaml`` with random
 weights on the device; prompt embeddings are random tensors of the real shapes (333 tokens x 4096,
@@ -44,8 +44,9 @@ from typing import Any
 import torch
 import torch.nn.functional as F
 
-from sd35flash.deploy.plan import GIB, Architecture, load_architecture
-from sd35flash.deploy.plan_train import LORA_TARGETS, TrainSetup, plan_training
+from sd35flash.plan.architecture import GIB, Architecture, load_architecture
+from sd35flash.plan.train import LORA_TARGETS, TrainSetup, plan_training
+from sd35flash.sizes import tensor_bytes
 
 __all__ = ["run_distill_bench"]
 
@@ -116,16 +117,6 @@ class _Models:
                 for p in params:
                     p.requires_grad_(name == train)
         return self.teacher
-
-
-def _tensor_bytes(tensors) -> int:
-    seen, total = set(), 0
-    for t in tensors:
-        if t is None or t.data_ptr() in seen:
-            continue
-        seen.add(t.data_ptr())
-        total += t.numel() * t.element_size()
-    return total
 
 
 def run_setting(setting: str, arch: Architecture, device: torch.device, resolution: int, batch: int, steps: int,
@@ -229,7 +220,7 @@ def run_setting(setting: str, arch: Architecture, device: torch.device, resoluti
     peak = torch.cuda.max_memory_allocated(device) / GIB if device.type == "cuda" else None
     opt_tensors = [v for o in (opt_s, opt_c) for st in o.state.values() for v in st.values() if torch.is_tensor(v)]
     models = [teacher, disc] + ([] if setting == "lora" else [m.student, m.fake])
-    resident = _tensor_bytes([t for mod in models for t in list(mod.parameters()) + list(mod.buffers())]
+    resident = tensor_bytes(unique_storage=True, tensors=[t for mod in models for t in list(mod.parameters()) + list(mod.buffers())]
                              + opt_tensors + ema) / GIB
     setup = TrainSetup(config=arch.name, mode="lora" if setting == "lora" else "full", resolution=resolution,
                        batch=batch, gradient_checkpointing=setting == "full", lora_rank=rank,
@@ -261,7 +252,7 @@ def run_distill_bench(out: str | Path, arch: Architecture, device: torch.device,
                       batch: int = 1, steps: int = 3, rank: int = 64, compute: torch.dtype = torch.bfloat16,
                       log: Callable[[str], None] = print) -> dict[str, Any]:
     """Run every setting and write the JSON to ``out`` after each (a stopped run keeps what it measured)."""
-    from sd35flash.imaging import atomic_write_text
+    from sd35flash.io import atomic_write_text
 
     t_start = time.perf_counter()
     result: dict[str, Any] = {
@@ -304,7 +295,7 @@ def main(argv: list[str] | None = None) -> int:
     diffusers_logging.set_verbosity_error()
     device = torch.device(args.device or ("cuda" if torch.cuda.is_available() else "cpu"))
     if args.tiny:
-        from sd35flash.deploy.gpu_bench import tiny_architecture
+        from sd35flash.deploy.tools.gpu_bench import tiny_architecture
 
         arch = tiny_architecture()
     else:

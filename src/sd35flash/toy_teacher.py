@@ -1,19 +1,28 @@
-"""Typed configuration of teacher pretraining and its presets (``configs/toy-pretrain-*.yaml``)."""
+"""The toy teacher's recipe and cache: the typed pretraining config, its presets
+(``configs/toy-pretrain-*.yaml``), and where ``sd35flash pretrain`` caches a finished teacher.
+
+Below both ``pretrain/`` (which trains the teacher) and the readers of its cache (``distill``'s default
+teacher, ``demo``), so those need not import the training code.
+"""
 
 from __future__ import annotations
 
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from ..config import fingerprint, load_config, to_dict
-from ..errors import ConfigError
-from ..models.toy import ToyConfig
-from ..train.runtime import RuntimeConfig
+from .config import fingerprint, load_config, to_dict
+from .errors import ConfigError
+from .models.pipeline_io import MODEL_INDEX
+from .models.toy import ToyConfig
+from .paths import cache_root
+from .train.runtime import RuntimeConfig
 
-CONFIG_DIR = Path(__file__).resolve().parent.parent / "configs"
+CONFIG_DIR = Path(__file__).resolve().parent / "configs"
 PRESETS = ("smoke", "quick", "default", "teacher", "teacher-gpu")
 #: Bumped when a change to the training code makes old cached teachers stale.
 PRETRAIN_CODE_VERSION = 1
+#: The provenance file of a finished teacher folder.
+INFO_FILE = "pretrain.json"
 
 
 @dataclass
@@ -100,3 +109,12 @@ def load_pretrain_config(preset: str | None = None, path: str | None = None) -> 
     if path is not None:
         return load_config(PretrainConfig, path)
     return load_config(PretrainConfig, preset_path(preset or "default"))
+
+
+def teacher_dir(cfg: PretrainConfig, name: str) -> Path:
+    """``<cache>/teachers/<preset>-<config fingerprint>/`` (``work/`` and the finished ``pipeline/``)."""
+    return cache_root() / "teachers" / f"{name}-{cfg.cache_key()}"
+
+
+def is_finished(folder: Path) -> bool:
+    return (folder / MODEL_INDEX).is_file() and (folder / INFO_FILE).is_file()

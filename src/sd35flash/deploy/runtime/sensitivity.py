@@ -15,7 +15,7 @@ to fall as more layers are kept: ``log2(#layers)`` evaluations instead of one pe
 layers are reported, most sensitive first; a loose budget keeps none, a budget of 0 keeps all.
 
 Cost: one calibration pass per Linear layer plus the bisection. The result is cached by
-``deploy/pipeline.py`` per transformer fingerprint, method and budget.
+``deploy/runtime/pipeline.py`` per transformer fingerprint, method and budget.
 """
 
 from __future__ import annotations
@@ -48,7 +48,7 @@ def capture_calibration(pipe, prompts: Sequence[str], schedule: Sequence[float],
                         seed: int = 0, max_calls: int = 4, use_t5: bool = True, encoder=None) -> Calibration:
     """Sample ``prompts`` with ``schedule`` and record the transformer inputs of up to ``max_calls``
     steps (evenly spaced, first and last included)."""
-    from ..sampling import generate
+    from ...sampling import generate
 
     seen: list[dict[str, torch.Tensor]] = []
 

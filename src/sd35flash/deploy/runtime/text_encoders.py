@@ -11,8 +11,8 @@ The encoder fingerprint, the per-prompt embedding cache and freeing the encoders
 
 from __future__ import annotations
 
-from ..errors import UserError
-from ..text.encoder import (
+from ...errors import UserError
+from ...text.encoder import (
     ENCODER_NAMES,
     PromptEncoder,
     check_writable,

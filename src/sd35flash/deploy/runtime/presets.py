@@ -21,7 +21,7 @@ from typing import Literal
 
 import torch
 
-from ..errors import UserError
+from ...errors import UserError
 from .quantize import METHODS, unsupported_reason as quant_unsupported_reason
 
 __all__ = ["PRESETS", "Preset", "check_runnable", "get_preset", "presets_table", "runnable_presets"]
@@ -38,7 +38,7 @@ class Preset:
     """One deployment recipe.
 
     ``precision``: dtype of every unquantized weight and of the activations. ``quantization``: a
-    :data:`sd35flash.deploy.quantize.METHODS` name for the transformer's Linear layers.
+    :data:`sd35flash.deploy.runtime.quantize.METHODS` name for the transformer's Linear layers.
     ``error_budget``: when set, a sensitivity scan keeps the most sensitive layers in ``precision``
     until the transformer's relative output error is within it. ``t5``: ``fp`` (in ``precision``),
     ``int8`` (int8 weight-only) or ``off`` (zeros; never loaded). ``free_encoders``: drop the text
@@ -108,7 +108,7 @@ def unsupported_reason(preset: Preset, device: torch.device | str) -> str | None
     if preset.backend == "onnx":
         if dev.type != "cpu":
             return "the onnx backend runs on the CPU"
-        if importlib.util.find_spec("sd35flash.deploy.onnx_runtime") is None:
+        if importlib.util.find_spec("sd35flash.deploy.export.onnx_runtime") is None:
             return "the onnx backend is not installed in this build"
     return quant_unsupported_reason(preset.quantization, dev)
 

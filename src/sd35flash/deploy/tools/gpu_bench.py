@@ -1,6 +1,6 @@
 """Latency and memory of an SD3.5-Medium-size pipeline with random weights (``bench/gpu.sh``).
 
-``python -m sd35flash.deploy.gpu_bench --json OUT [--tiny] [--device cuda] [--resolutions 512,1024]``
+``python -m sd35flash.deploy.tools.gpu_bench --json OUT [--tiny] [--device cuda] [--resolutions 512,1024]``
 
 No downloads: every network is built from ``configs/sd35-medium-architecture.yaml`` (transformer,
 CLIP-L, CLIP-G, T5-XXL encoder, VAE) with random initialisation, directly on the device in bf16, with
@@ -40,7 +40,9 @@ from typing import Any
 
 import torch
 
-from sd35flash.deploy.plan import GIB, Architecture, load_architecture, plan_memory
+from sd35flash.deploy.tools.plan import plan_memory
+from sd35flash.plan.architecture import GIB, Architecture, load_architecture
+from sd35flash.sizes import module_bytes
 
 __all__ = ["build_random_pipeline", "run_bench", "tiny_architecture"]
 
@@ -116,10 +118,6 @@ def _timed(fn: Callable[[], Any], device: torch.device, warmup: int, repeats: in
     return statistics.median(times)
 
 
-def _weights_bytes(module: torch.nn.Module) -> int:
-    return sum(t.numel() * t.element_size() for t in list(module.parameters()) + list(module.buffers()))
-
-
 def _peak(fn: Callable[[], Any], device: torch.device, resident: int) -> float:
     """Peak memory (GiB) while ``fn`` runs: the CUDA allocator's peak, or on the CPU ``resident`` weight
     bytes plus the growth of the resident set. Unreachable objects are collected first: a quantised
@@ -131,7 +129,7 @@ def _peak(fn: Callable[[], Any], device: torch.device, resident: int) -> float:
         fn()
         _sync(device)
         return torch.cuda.max_memory_allocated(device) / GIB
-    from sd35flash.deploy.plan_check import rss_peak_growth
+    from sd35flash.deploy.tools.plan_check import rss_peak_growth
 
     return (resident + rss_peak_growth(fn)) / GIB
 
@@ -206,7 +204,7 @@ def run_bench(out: str | Path, arch: Architecture, device: torch.device, dtype: 
     no_t5_arch = Architecture(arch.name, {**arch.configs, "text_encoder_3": None}, arch.clip_tokens, arch.t5_tokens)
 
     def resident() -> int:
-        return sum(_weights_bytes(m) for m in pipe.components.values() if isinstance(m, torch.nn.Module))
+        return module_bytes(*(m for m in pipe.components.values() if isinstance(m, torch.nn.Module)))
 
     desktop = "desktop-16bit-t5"  # the planner preset the bf16 rows are compared with
     for res in resolutions:

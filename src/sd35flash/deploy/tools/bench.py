@@ -6,7 +6,7 @@ Method (one row per preset, plus a ``teacher`` row with ``--teacher``):
    or T5, load the model under the preset (running the sensitivity scan when it has an error
    budget) and save the quantized transformer / T5 with ``quantize.save_quantized`` under
    ``<work>/<preset>/``.
-2. **Measure** in a fresh subprocess per row (``python -m sd35flash.deploy.bench --worker``), so
+2. **Measure** in a fresh subprocess per row (``python -m sd35flash.deploy.tools.bench --worker``), so
    no row inherits the memory of another: load the model under the preset (from the prepared
    checkpoints: the full-precision transformer is never materialised), then
    - encode: every prompt of the run through the text encoders, cold (the disk cache is off);
@@ -42,7 +42,7 @@ import time
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
-from ..errors import UserError
+from ...errors import UserError
 
 __all__ = ["BenchRequest", "ROW_KEYS", "run_bench"]
 
@@ -118,19 +118,15 @@ def peak_rss_gib() -> float:
     return peak / GIB if sys.platform == "darwin" else peak / 2**20
 
 
-def _dir_bytes(folder: Path) -> int:
-    return sum(p.stat().st_size for p in folder.rglob("*") if p.is_file())
-
-
 # -- parent side ---------------------------------------------------------------------------------
 
 def _prepare(model: str, preset_name: str, folder: Path, device, progress: bool) -> tuple[dict[str, str], dict]:
     """Quantize and save what the preset quantizes; returns ({component: checkpoint}, info)."""
     import gc
 
-    from .pipeline import load_deployed
-    from .presets import get_preset
-    from .quantize import get_method, save_quantized
+    from ..runtime.pipeline import load_deployed
+    from ..runtime.presets import get_preset
+    from ..runtime.quantize import get_method, save_quantized
 
     preset = get_preset(preset_name)
     needs_t5 = preset.t5 == "int8"
@@ -162,10 +158,10 @@ def _run_worker(job: _Job) -> dict:
     job_file = folder / "job.json"
     out_file = folder / "row.json"
     out_file.unlink(missing_ok=True)
-    from ..io import atomic_write_json
+    from ...io import atomic_write_json
 
     atomic_write_json(job_file, asdict(job))
-    cmd = [sys.executable, "-m", "sd35flash.deploy.bench", "--worker", str(job_file), "--out", str(out_file)]
+    cmd = [sys.executable, "-m", "sd35flash.deploy.tools.bench", "--worker", str(job_file), "--out", str(out_file)]
     proc = subprocess.run(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=dict(os.environ))
     if proc.returncode != 0 or not out_file.is_file():
         lines = [ln for ln in proc.stderr.strip().splitlines() if ln.strip()]
@@ -176,9 +172,9 @@ def _run_worker(job: _Job) -> dict:
 
 def run_bench(req: BenchRequest) -> dict:
     """Measure every preset (and the teacher) and write ``req.json_out`` atomically."""
-    from ..io import atomic_write_json
-    from .pipeline import resolve_device
-    from .presets import check_runnable, get_preset
+    from ...io import atomic_write_json
+    from ..runtime.pipeline import resolve_device
+    from ..runtime.presets import check_runnable, get_preset
 
     if not req.presets:
         raise UserError("--presets is empty; pass comma-separated names, e.g. laptop-8bit-no-t5,desktop-16bit-t5")
@@ -243,7 +239,7 @@ class _TransformerTimer:
 
 
 def _weights_gib(dp, checkpoints: dict[str, str]) -> float:
-    from .quantize import WEIGHTS_FILE, weight_bytes
+    from ..runtime.quantize import WEIGHTS_FILE, weight_bytes
 
     total = 0
     for name in ("transformer", "vae", "text_encoder", "text_encoder_2", "text_encoder_3"):
@@ -263,11 +259,12 @@ def measure(job: _Job) -> dict:
     """One row (see the module docstring); runs inside the worker subprocess."""
     import torch
 
-    from ..evaluate.evaluator import EvalRequest, evaluate, resolve_sampling
-    from ..sampling import encode_prompts, generate
-    from ..world import canonical_prompt, split_specs
-    from .pipeline import load_deployed
-    from .presets import get_preset
+    from ...evaluate.evaluator import EvalRequest, evaluate
+    from ...models.sampling_settings import resolve_sampling
+    from ...sampling import encode_prompts, generate
+    from ...world import canonical_prompt, split_specs
+    from ..runtime.pipeline import load_deployed
+    from ..runtime.presets import get_preset
 
     baseline = current_rss_gib()
     preset = get_preset(job.preset)
@@ -352,9 +349,9 @@ def measure(job: _Job) -> dict:
 def _worker_main(argv: list[str]) -> int:
     import argparse
 
-    from ..io import atomic_write_json  # importing sd35flash also quiets torchao's import logs
+    from ...io import atomic_write_json  # importing sd35flash also quiets torchao's import logs
 
-    p = argparse.ArgumentParser(prog="sd35flash.deploy.bench")
+    p = argparse.ArgumentParser(prog="sd35flash.deploy.tools.bench")
     p.add_argument("--worker", required=True)
     p.add_argument("--out", required=True)
     args = p.parse_args(argv)

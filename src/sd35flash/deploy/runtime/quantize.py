@@ -46,9 +46,9 @@ from pathlib import Path
 import torch
 from torch import nn
 
-from ..checksums import verify_folder, write_checksums
-from ..errors import UserError
-from ..io import atomic_write_json, atomic_write_text, staged_dir
+from ...checksums import verify_folder, write_checksums
+from ...errors import UserError
+from ...io import atomic_write_json, atomic_write_text, staged_dir
 
 __all__ = [
     "METHODS",

@@ -1,6 +1,6 @@
 """Check the planner's activation formulas against measured peaks.
 
-``python -m sd35flash.deploy.plan_check [--full] [--json OUT]``
+``python -m sd35flash.deploy.tools.plan_check [--full] [--json OUT]``
 
 Measurement: ``torch.distributed._tools.mem_tracker.MemTracker``, torch's own memory tracker, which
 follows every tensor storage through the dispatcher and records the peak of live bytes. Activation
@@ -29,7 +29,7 @@ from typing import Any
 
 import torch
 
-from sd35flash.deploy.plan import (
+from sd35flash.plan.architecture import (
     GIB,
     load_architecture,
     transformer_activation_elements,

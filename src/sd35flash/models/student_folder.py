@@ -21,8 +21,8 @@ from typing import Any
 import torch
 from diffusers import StableDiffusion3Pipeline
 
-from ..models.pipeline_io import save_pipeline
-from ..models.student_info import FILENAME, SplitInfo, StudentInfo, info_to_json
+from .pipeline_io import save_pipeline
+from .student_info import FILENAME, SplitInfo, StudentInfo, info_to_json
 from ..paths import git_commit
 
 

@@ -23,18 +23,26 @@ from pathlib import Path
 
 import torch
 
-from ..errors import UserError
-from ..paths import cache_root
+from ...errors import UserError
+from ...paths import cache_root
 from .presets import Preset, check_runnable
 from .quantize import get_method, load_quantized, quantize_module, read_quant_info
-from ..text.encoder import PromptEncoder, _hash_module, check_writable, default_cache_dir
+from ...fingerprints import hash_module_sampled
+from ...text.encoder import PromptEncoder, check_writable, default_cache_dir
 from .text_encoders import quantize_t5
 
 __all__ = ["DeployedPipeline", "CALIBRATION_PROMPTS", "load_deployed", "resolve_device"]
 
-#: Calibration for the sensitivity scan: the first prompts of the shapes world's val split, sampled
-#: with the model's own schedule (at most this many steps), transformer inputs kept at 3 steps.
-CALIBRATION_PROMPTS = 4
+#: Calibration for the sensitivity scan: the canonical prompts of the first four scenes of the shapes
+#: world's val split (``split_specs("val", 4, seed=0)``; tests/test_deploy_runtime.py checks they
+#: still are), sampled with the model's own schedule (at most ``CALIBRATION_MAX_STEPS`` steps),
+#: transformer inputs kept at 3 steps. Written out so the runtime does not import the shapes world.
+CALIBRATION_PROMPTS = (
+    "a small cyan circle",
+    "a large orange triangle at the bottom",
+    "a small blue square and a white circle",
+    "a blue square above a small blue triangle",
+)
 CALIBRATION_MAX_STEPS = 8
 
 
@@ -85,7 +93,7 @@ def preset_size(pipe, preset: Preset) -> int:
 
 def transformer_fingerprint(transformer: torch.nn.Module) -> str:
     h = hashlib.sha256()
-    _hash_module(h, "transformer", transformer)
+    hash_module_sampled(h, "transformer", transformer)
     return h.hexdigest()[:20]
 
 
@@ -96,9 +104,8 @@ def _scan_cache(transformer, method: str, budget: float) -> Path:
 def _mixed_precision(pipe, model: str, preset: Preset, encoder: PromptEncoder, progress: bool) -> tuple[list[str], dict]:
     """Run (or reuse) the sensitivity scan and leave ``pipe.transformer`` quantized; returns
     (kept layers, report)."""
-    from ..evaluate.evaluator import resolve_sampling
-    from ..io import atomic_write_json
-    from ..world import canonical_prompt, split_specs
+    from ...io import atomic_write_json
+    from ...models.sampling_settings import resolve_sampling
     from .sensitivity import Calibration, capture_calibration, sensitivity_scan
 
     budget = float(preset.error_budget)  # type: ignore[arg-type]
@@ -107,7 +114,7 @@ def _mixed_precision(pipe, model: str, preset: Preset, encoder: PromptEncoder, p
         report = json.loads(cached.read_text())
         quantize_module(pipe.transformer, preset.quantization, skip=report["kept"])
         return report["kept"], report
-    prompts = [canonical_prompt(s) for s in split_specs("val", CALIBRATION_PROMPTS, seed=0)]
+    prompts = list(CALIBRATION_PROMPTS)
     schedule, steps, guidance = resolve_sampling(pipe, model, None, None)
     if steps > CALIBRATION_MAX_STEPS:  # a many-step teacher: a shorter run visits the same range of t
         schedule, _, guidance = resolve_sampling(pipe, model, CALIBRATION_MAX_STEPS, None)
@@ -131,7 +138,7 @@ def _mixed_precision(pipe, model: str, preset: Preset, encoder: PromptEncoder, p
 
 def _apply_onnx(pipe, preset: Preset):
     try:
-        from .onnx_runtime import apply_onnx_backend
+        from ..export.onnx_runtime import apply_onnx_backend
     except ImportError:
         raise UserError("the onnx backend is not installed in this build; use a torch preset "
                         "(see `sd35flash presets`)") from None
@@ -147,7 +154,7 @@ def load_deployed(model: str, preset: Preset, device: str | torch.device | None 
     ``embed_cache``: ``None`` follows the preset, ``False`` disables the disk cache, a path uses it.
     ``force_no_t5`` runs without T5 whatever the preset says (``--no-t5``).
     """
-    from ..models.pipeline_io import load_pipeline
+    from ...models.pipeline_io import load_pipeline
 
     dev = resolve_device(device)
     check_runnable(preset, dev)

@@ -19,9 +19,9 @@ from pathlib import Path
 import torch
 
 from ..errors import UserError
-from ..models.branches import load_transformer
-from ..models.pipeline_io import load_pipeline
-from ..models.student_info import read_student_info
+from .branches import load_transformer
+from .pipeline_io import load_pipeline
+from .student_info import read_student_info
 
 
 def ratio_weights(ratio: float) -> list[float]:
@@ -80,7 +80,7 @@ def write_merged(student: str | Path, out: str | Path, weights: Sequence[float],
     """Write a student folder at ``out`` whose ``transformer/`` merges ``student``'s branches with
     ``weights``; the branches (and the pre-split student) are kept, ``sd35flash.json`` records the new
     weights, and ``unmerged`` (when given) sets the folder's default sampling mode."""
-    from .export import export_student
+    from .student_folder import export_student
 
     pipe = load_pipeline(student)
     info = read_student_info(student)

@@ -48,6 +48,7 @@ import torch
 
 from sd35flash.checksums import write_checksums
 from sd35flash.errors import UserError
+from sd35flash.fingerprints import hash_module_exact
 from sd35flash.io import atomic_write_json, check_model_output, copy_dir, staged_dir
 
 __all__ = [
@@ -131,18 +132,6 @@ def check_export_parts(folder: str | os.PathLike[str]) -> list[str]:
 # ----------------------------------------------------------------------------- fingerprint
 
 
-def _hash_module(h: "hashlib._Hash", module: torch.nn.Module) -> None:
-    config = getattr(module, "config", None)
-    if config is not None:
-        cfg = dict(config) if not hasattr(config, "to_dict") else config.to_dict()
-        h.update(json.dumps(cfg, sort_keys=True, default=str).encode())
-    h.update(type(module).__name__.encode())
-    for name, tensor in sorted(module.state_dict().items()):
-        t = tensor.detach().to("cpu").contiguous()
-        h.update(f"{name}:{tuple(t.shape)}:{t.dtype}".encode())
-        h.update(t.view(torch.uint8).numpy().tobytes() if t.numel() else b"")
-
-
 def pipeline_fingerprint(pipe, settings: dict[str, Any] | None = None, length: int = 16) -> str:
     """A hash of every exported part (class, config, every tensor's bytes) plus the export settings.
 
@@ -160,7 +149,7 @@ def pipeline_fingerprint(pipe, settings: dict[str, Any] | None = None, length: i
         if not isinstance(module, torch.nn.Module) or getattr(module, "is_onnx", False):
             raise UserError(f"the pipeline's {attr} is not a PyTorch module (already ONNX-backed?); load the model again")
         h.update(graph.encode())
-        _hash_module(h, module)
+        hash_module_exact(h, module)
     return h.hexdigest()[:length]
 
 

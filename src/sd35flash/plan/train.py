@@ -1,6 +1,6 @@
 """The training-memory planner (`sd35flash plan --train`): per-GPU memory of one distillation setup.
 
-Built on the inference planner (``deploy/plan.py``): the same architectures (built-in SD3.5
+Built on the inference planner (``plan/architecture.py``): the same architectures (built-in SD3.5
 Medium/Large YAMLs or a pipeline folder), the same meta-device parameter counts, and its inference
 activation formula for the passes that run without gradients (teacher with CFG, student roll-outs,
 probes) and for the VAE decode of probes.
@@ -47,7 +47,7 @@ a dual-attention block adds ``10 / 7 / 6 N_i D``. The peak of forward + backward
 and the parameter gradients plus one block's saved activations and working set. With gradient
 checkpointing only each block's inputs (``N D``) are saved, and one block is recomputed at a time.
 The coefficients are counted from what diffusers' SD3 blocks save and checked against torch's
-``MemTracker`` (``python -m sd35flash.deploy.plan_train_check``).
+``MemTracker`` (``python -m sd35flash.deploy.tools.plan_train_check``).
 
 **Assumptions.** Activations are counted in the compute dtype (``bf16``: 2 bytes; the CPU runs in
 fp32); autocast's fp32 layer-norm outputs are not counted separately. ``batch`` is per GPU (a global
@@ -64,10 +64,10 @@ from typing import Any, Literal
 
 import torch
 
-from sd35flash.deploy.plan import (
+from sd35flash.plan.architecture import (
     GIB,
     Architecture,
-    _component_stats,
+    component_stats,
     load_architecture,
     text_encoder_activation_elements,
     transformer_activation_elements,
@@ -301,7 +301,7 @@ def plan_training(setup: TrainSetup, arch: Architecture | None = None) -> dict[s
     if setup.resolution % (vae_scale * tr_cfg["patch_size"]):
         raise UserError(f"--resolution {setup.resolution} must be a multiple of {vae_scale * tr_cfg['patch_size']}")
     facts = transformer_facts(tr_cfg)
-    stats = _component_stats(json.dumps(arch.configs, sort_keys=True))
+    stats = component_stats(json.dumps(arch.configs, sort_keys=True))
     text_tokens = arch.clip_tokens + arch.t5_tokens
     sharding = setup.sharding_used
     n = setup.gpus

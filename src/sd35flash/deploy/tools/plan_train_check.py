@@ -1,11 +1,11 @@
 """Check the training planner's activation formulas against measured peaks.
 
-``python -m sd35flash.deploy.plan_train_check [--full] [--json OUT]``
+``python -m sd35flash.deploy.tools.plan_train_check [--full] [--json OUT]``
 
 One forward + backward of a random SD3 transformer (loss: mean square of the output), measured with
-``torch.distributed._tools.mem_tracker.MemTracker`` as ``deploy/plan_check.py`` does for inference:
+``torch.distributed._tools.mem_tracker.MemTracker`` as ``deploy/tools/plan_check.py`` does for inference:
 peak live bytes beyond the weights (activations, gradients of activations and parameter gradients)
-against :func:`sd35flash.deploy.plan_train.train_pass_bytes`, for full fine-tuning, LoRA adapters
+against :func:`sd35flash.plan.train.train_pass_bytes`, for full fine-tuning, LoRA adapters
 (peft, rank 8, the planner's target layers) and a frozen module that passes gradients to its input,
 each with and without gradient checkpointing. ``mid``: 8 layers x 384 wide, 2 dual-attention
 layers, 1024 image + 77 text tokens, float32, run for real on the CPU (about a minute). ``--full``
@@ -20,9 +20,9 @@ from typing import Any
 
 import torch
 
-from sd35flash.deploy.plan import GIB, load_architecture
-from sd35flash.deploy.plan_check import _build, _fake_mode, _nullcontext, _transformer_inputs
-from sd35flash.deploy.plan_train import LORA_TARGETS, train_pass_bytes
+from sd35flash.plan.architecture import GIB, load_architecture
+from sd35flash.deploy.tools.plan_check import _build, _fake_mode, _nullcontext, _transformer_inputs
+from sd35flash.plan.train import LORA_TARGETS, train_pass_bytes
 
 __all__ = ["MID_TRAIN", "check_train_pass", "measure_train_peak", "run_checks"]
 
@@ -119,7 +119,7 @@ def main(argv: list[str] | None = None) -> int:
     worst = max(abs(r["error"]) for r in rows)
     print(f"largest error {worst:.1%} over {len(rows)} checks")
     if args.json_out:
-        from sd35flash.imaging import atomic_write_text
+        from sd35flash.io import atomic_write_text
 
         atomic_write_text(args.json_out, json.dumps({"checks": rows, "max_abs_error": worst}, indent=1))
     return 0

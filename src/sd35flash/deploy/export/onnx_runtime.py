@@ -27,7 +27,7 @@ import torch
 from diffusers.configuration_utils import FrozenDict
 
 from sd35flash.checksums import verify_checksums
-from sd35flash.deploy.onnx_export import (
+from sd35flash.deploy.export.onnx_export import (
     GRAPHS,
     MANIFEST,
     _export_settings,
