@@ -38,9 +38,41 @@ CFG = {"batch_size": 4, "trajectory": {"steps": 1, "batch_size": 4, "num_traject
 
 
 
-def _worker(rank: int, port: int, kill: str | None, cfg, teacher: str, out: Path, resume: bool) -> None:
+def _record_weight_reads(folder: Path, log: Path) -> None:
+    """From now on, append to ``log`` every weight file under ``folder`` this process opens: through
+    Python's ``open`` (an audit hook) or safetensors' readers (``load_file``, ``safe_open``)."""
+    import sys
+
+    import safetensors
+    import safetensors.torch
+
+    root = str(folder)
+
+    def note(path) -> None:
+        path = os.fsdecode(path) if isinstance(path, (str, bytes, os.PathLike)) else ""
+        if path.startswith(root) and path.endswith((".safetensors", ".bin")):
+            with open(log, "a") as f:
+                f.write(path + "\n")
+
+    sys.addaudithook(lambda event, args: note(args[0]) if event == "open" and args else None)
+    load_file, safe_open = safetensors.torch.load_file, safetensors.safe_open
+
+    def logged_load_file(path, *a, **k):
+        note(path)
+        return load_file(path, *a, **k)
+
+    def logged_safe_open(path, *a, **k):
+        note(path)
+        return safe_open(path, *a, **k)
+
+    safetensors.torch.load_file, safetensors.safe_open = logged_load_file, logged_safe_open
+
+
+def _worker(rank: int, port: int, kill: str | None, cfg, teacher: str, out: Path, resume: bool,
+            reads: Path | None = None) -> None:
     """One of two processes of a gloo run, forked from the test process (no second import of torch,
-    diffusers and sd35flash): the environment torchrun would give it, then ``distill``."""
+    diffusers and sd35flash): the environment torchrun would give it, then ``distill``. ``reads``:
+    a folder where each process records which teacher transformer weight files it opened."""
     import traceback
 
     from accelerate.state import AcceleratorState, PartialState
@@ -52,6 +84,8 @@ def _worker(rank: int, port: int, kill: str | None, cfg, teacher: str, out: Path
         os.environ["SD35FLASH_FAULT_KILL_AT"] = kill
     AcceleratorState._reset_state(True)  # the parent's single-process state came along with the fork
     PartialState._reset_state()
+    if reads is not None:
+        _record_weight_reads(Path(teacher) / "transformer", reads / f"rank{rank}.txt")
     try:
         distill(cfg, teacher, out, progress=False, resume=resume)
     except BaseException:  # noqa: BLE001 -- the exit code is what the parent reads
@@ -60,7 +94,8 @@ def _worker(rank: int, port: int, kill: str | None, cfg, teacher: str, out: Path
     os._exit(0)
 
 
-def _two_processes(cfg, teacher: Path, out: Path, resume: bool = False, kill: str | None = None) -> list[int]:
+def _two_processes(cfg, teacher: Path, out: Path, resume: bool = False, kill: str | None = None,
+                   reads: Path | None = None) -> list[int]:
     """Exit codes of a two-process gloo run of ``distill`` (forked; a process that dies takes the other down)."""
     import socket
     import time
@@ -71,7 +106,7 @@ def _two_processes(cfg, teacher: Path, out: Path, resume: bool = False, kill: st
         sock.bind(("127.0.0.1", 0))
         port = sock.getsockname()[1]
     ctx = mp.get_context("fork")
-    procs = [ctx.Process(target=_worker, args=(r, port, kill, cfg, str(teacher), out, resume)) for r in range(2)]
+    procs = [ctx.Process(target=_worker, args=(r, port, kill, cfg, str(teacher), out, resume, reads)) for r in range(2)]
     for p in procs:
         p.start()
     deadline = time.monotonic() + 400
@@ -103,7 +138,9 @@ def test_fsdp_two_processes_killed_and_resumed_match_one(tiny, tmp_path, monkeyp
 
     fsdp = merge(cfg, {"sharding": "fsdp"})
     two = tmp_path / "two"
-    codes = _two_processes(fsdp, tiny, two, kill="checkpoint:2")
+    reads = tmp_path / "reads"
+    reads.mkdir()
+    codes = _two_processes(fsdp, tiny, two, kill="checkpoint:2", reads=reads)
     assert codes == [-9, -9] and not two.exists(), codes  # both killed while writing checkpoint 2
     work = work_dir(fsdp, teacher_identity(str(tiny), None), "shapes", two)
     ckpts = sorted(p.name for p in (work / "checkpoints").iterdir())
@@ -113,7 +150,12 @@ def test_fsdp_two_processes_killed_and_resumed_match_one(tiny, tmp_path, monkeyp
     assert len(list(sharded.glob("*.distcp"))) == 2  # one file per process
     assert "sharded/ema-rank1.pt" in json.loads((sharded.parent / "manifest.json").read_text())["files"]
 
-    assert _two_processes(fsdp, tiny, two, resume=True) == [0, 0]
+    assert _two_processes(fsdp, tiny, two, resume=True, reads=reads) == [0, 0]
+    # only process 0 ever read the teacher's transformer weights (both runs); process 1's shards of
+    # teacher, student and fake were broadcast from it
+    weights = str(tiny / "transformer" / "diffusion_pytorch_model.safetensors")
+    assert weights in (reads / "rank0.txt").read_text().splitlines()
+    assert not (reads / "rank1.txt").exists(), (reads / "rank1.txt").read_text()
     teacher = load_file(str(tiny / "transformer" / "diffusion_pytorch_model.safetensors"))
     for sub in SUBS:
         a = load_file(str(one / sub / "diffusion_pytorch_model.safetensors"))
@@ -137,6 +179,49 @@ def test_fsdp_two_processes_killed_and_resumed_match_one(tiny, tmp_path, monkeyp
     for k, v in pipe.transformer.state_dict().items():
         assert torch.allclose(v, a[k], atol=1e-6, rtol=1e-5), k
     assert json.loads((two / "sd35flash.json").read_text())["extra"]["world_size"] == 2
+
+
+def test_materialise_fills_shards_from_process_0_and_rebuilds_buffers():
+    """A transformer built on the meta device and filled by ``Sharded.materialise`` (a group of one)
+    equals the whole model it was filled from: parameters, the position table (a non-persistent
+    buffer when ``pos_embed_max_size`` is unset, so not in the state dict: the constructor's values
+    must survive ``to_empty``) and the output; a bf16 target gets the weights cast."""
+    from accelerate import Accelerator
+    from diffusers import SD3Transformer2DModel
+
+    from sd35flash.distill.models import empty_transformer
+    from sd35flash.train.sharding import Sharded
+
+    config = {**dict(build_toy_pipeline(TINY, WORDS).transformer.config), "pos_embed_max_size": None}
+    torch.manual_seed(0)
+    whole = SD3Transformer2DModel.from_config(config).eval()
+    full = whole.state_dict()
+    assert "pos_embed.pos_embed" not in full and any(n == "pos_embed.pos_embed" for n, _ in whole.named_buffers())
+    sharding = Sharded(Accelerator(cpu=True))
+    try:
+        model = sharding.materialise(empty_transformer(config), full, trainable=False)
+        half = sharding.materialise(empty_transformer(config).to(torch.bfloat16), full, trainable=False)
+        assert set(full) == set(whole.state_dict())  # left as it was
+        buffers = dict(model.named_buffers())
+        for name, b in whole.named_buffers():
+            assert torch.equal(buffers[name], b), name
+        from torch.distributed.tensor import DTensor
+
+        for name, p in model.named_parameters():
+            assert isinstance(p, DTensor) and not p.requires_grad, name
+            assert torch.equal(p.full_tensor(), full[name]), name
+            assert torch.equal(dict(half.named_parameters())[name].full_tensor(), full[name].bfloat16()), name
+        side, ch = int(config["sample_size"]), int(config["in_channels"])
+        x = torch.randn(1, ch, side, side)
+        enc = torch.randn(1, 3, int(config["joint_attention_dim"]))
+        pooled = torch.randn(1, int(config["pooled_projection_dim"]))
+        t = torch.tensor([500.0])
+        with torch.no_grad():
+            ref = whole(x, enc, pooled, t, return_dict=False)[0]
+            got = model(x, enc, pooled, t, return_dict=False)[0]
+        assert torch.allclose(ref, got, atol=1e-6)
+    finally:
+        torch.distributed.destroy_process_group()
 
 
 def _count_encoders(monkeypatch) -> list[str]:
