@@ -97,6 +97,11 @@ def _worker(rank: int, port: int, kill: str | None, cfg, teacher: str, out: Path
 def _two_processes(cfg, teacher: Path, out: Path, resume: bool = False, kill: str | None = None,
                    reads: Path | None = None) -> list[int]:
     """Exit codes of a two-process gloo run of ``distill`` (forked; a process that dies takes the other down)."""
+    return _fork_two(_worker, kill, cfg, str(teacher), out, resume, reads)
+
+
+def _fork_two(target, *args) -> list[int]:
+    """Exit codes of ``target(rank, port, *args)`` run in two forked processes."""
     import socket
     import time
 
@@ -106,7 +111,7 @@ def _two_processes(cfg, teacher: Path, out: Path, resume: bool = False, kill: st
         sock.bind(("127.0.0.1", 0))
         port = sock.getsockname()[1]
     ctx = mp.get_context("fork")
-    procs = [ctx.Process(target=_worker, args=(r, port, kill, cfg, str(teacher), out, resume, reads)) for r in range(2)]
+    procs = [ctx.Process(target=target, args=(r, port, *args)) for r in range(2)]
     for p in procs:
         p.start()
     deadline = time.monotonic() + 400
@@ -179,6 +184,88 @@ def test_fsdp_two_processes_killed_and_resumed_match_one(tiny, tmp_path, monkeyp
     for k, v in pipe.transformer.state_dict().items():
         assert torch.allclose(v, a[k], atol=1e-6, rtol=1e-5), k
     assert json.loads((two / "sd35flash.json").read_text())["extra"]["world_size"] == 2
+
+
+class _Blocks(torch.nn.Module):
+    """Two 128 x 128 linear blocks (``transformer_blocks``, as ``Sharded`` looks for): each process's
+    shard of a weight has 8192 elements, enough for torchao to keep its moments in 8 bits."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.transformer_blocks = torch.nn.ModuleList([torch.nn.Linear(128, 128) for _ in range(2)])
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        for block in self.transformer_blocks:
+            x = torch.tanh(block(x))
+        return x
+
+
+def _adamw8bit_worker(rank: int, port: int, folder: Path) -> None:
+    """Train ``_Blocks`` sharded over two processes with ``adamw8bit`` for 3 steps, saving a sharded
+    checkpoint after step 1; then a fresh model and optimiser load it and redo steps 2-3. Process 0
+    writes both final weights and whether the moments were 8-bit to ``folder / "result.pt"``."""
+    import traceback
+
+    from accelerate import Accelerator
+    from accelerate.state import AcceleratorState, PartialState
+
+    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), RANK=str(rank), LOCAL_RANK=str(rank),
+                      WORLD_SIZE="2", LOCAL_WORLD_SIZE="2")
+    AcceleratorState._reset_state(True)
+    PartialState._reset_state()
+    try:
+        from sd35flash.train.optim import make_optimizer
+        from sd35flash.train.sharding import Sharded
+
+        sharding = Sharded(Accelerator(cpu=True))
+
+        def build():
+            torch.manual_seed(0)
+            model = sharding.shard(_Blocks())
+            opt = make_optimizer(model.parameters(), 1e-2, "adamw8bit")
+            sharding.state.modules.clear()
+            sharding.state.optimizers.clear()
+            sharding.prepare(model, opt)
+            return model, opt
+
+        def step(model, opt, k: int) -> None:
+            x = torch.randn(4, 128, generator=torch.Generator().manual_seed(10 * k + rank))
+            model(x).square().mean().backward()
+            opt.step()
+            opt.zero_grad()
+
+        model, opt = build()
+        step(model, opt, 1)
+        sharding.state.save(folder / "ckpt")
+        step(model, opt, 2)
+        step(model, opt, 3)
+        straight = [p.full_tensor() for p in model.parameters()]
+        moments = [opt.state[p]["exp_avg"] for p in model.parameters()]
+        eight_bit = [type(m.to_local()).__name__ for m in moments]
+        model, opt = build()
+        sharding.state.load(folder / "ckpt")
+        step(model, opt, 2)
+        step(model, opt, 3)
+        resumed = [p.full_tensor() for p in model.parameters()]
+        eight_bit += [type(opt.state[p]["exp_avg"].to_local()).__name__ for p in model.parameters()]
+        if rank == 0:
+            torch.save({"straight": straight, "resumed": resumed, "kinds": eight_bit}, folder / "result.pt")
+        torch.distributed.barrier()
+    except BaseException:  # noqa: BLE001 -- the exit code is what the parent reads
+        traceback.print_exc()
+        os._exit(1)
+    os._exit(0)
+
+
+def test_adamw8bit_on_fsdp2_shards_resumes_exactly(tmp_path):
+    """torchao's ``AdamW8bit`` steps FSDP2's sharded parameters (8-bit moments of each process's
+    shard), and a sharded checkpoint of it resumes exactly (gloo, two processes)."""
+    assert _fork_two(_adamw8bit_worker, tmp_path) == [0, 0]
+    out = torch.load(tmp_path / "result.pt", weights_only=False)
+    assert out["kinds"].count("OptimState8bit") == 4  # both weights, straight and resumed (biases are too small)
+    assert len(out["straight"]) == len(out["resumed"]) == 4
+    for a, b in zip(out["straight"], out["resumed"]):
+        assert torch.equal(a, b)
 
 
 def test_materialise_fills_shards_from_process_0_and_rebuilds_buffers():
