@@ -4,7 +4,11 @@ pipeline with the smallest schedule that passes through every stage (TG 1, DMD 1
 the discriminator heads re-initialised after every critic update, sharded as they are under FSDP2).
 
 * two FSDP2 processes, killed in the middle of a sharded checkpoint and resumed, export the student
-  and branches one process gives; the export loads in stock diffusers;
+  and branches one process gives; the export loads in stock diffusers; process 1 never opens the
+  teacher's transformer weights (its shards are broadcast from process 0);
+* a meta-built transformer filled by ``Sharded.materialise`` equals the whole one, non-persistent
+  position table included;
+* ``adamw8bit`` (torchao) steps FSDP2 shards with 8-bit moments and resumes exactly;
 * a run from a ``prepare`` folder (fp32 embeddings and trajectories) logs the losses of live
   encoding and constructs no text encoder while it trains;
 * bad input is a one-line error: fsdp with LoRA, a prepare folder of another teacher, a resolution

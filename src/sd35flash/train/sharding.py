@@ -13,6 +13,10 @@ asks which kind it has. The two kinds:
   With bf16 / fp16 mixed precision on CUDA the blocks are gathered in that dtype
   (``MixedPrecisionPolicy``; gradients reduced in fp32). Checkpoints: :class:`ShardedState`.
 
+Loading without whole copies (:meth:`Sharded.materialise`): a model built on the meta device is
+sharded, allocated shard by shard (``to_empty``) and filled from a whole state dict only process 0
+holds, broadcast one tensor at a time; the other processes never hold or read the whole model.
+
 EMAs follow the parameters a process holds (:func:`local_tensors`): under FSDP2 the EMA of the
 local shards, saved per process. Works on the CPU with gloo (the tests) as on CUDA with NCCL.
 """
