@@ -7,7 +7,7 @@ the discriminator heads re-initialised after every critic update, sharded as the
   and branches one process gives; the export loads in stock diffusers; process 1 never opens the
   teacher's transformer weights (its shards are broadcast from process 0);
 * a meta-built transformer filled by ``Sharded.materialise`` equals the whole one, non-persistent
-  position table included;
+  position table included; models loaded sharded equal models loaded whole (16-bit teacher);
 * ``adamw8bit`` (torchao) steps FSDP2 shards with 8-bit moments and resumes exactly;
 * a run from a ``prepare`` folder (fp32 embeddings and trajectories) logs the losses of live
   encoding and constructs no text encoder while it trains;
@@ -311,6 +311,41 @@ def test_materialise_fills_shards_from_process_0_and_rebuilds_buffers():
             ref = whole(x, enc, pooled, t, return_dict=False)[0]
             got = model(x, enc, pooled, t, return_dict=False)[0]
         assert torch.allclose(ref, got, atol=1e-6)
+    finally:
+        torch.distributed.destroy_process_group()
+
+
+def test_sharded_load_equals_whole_load_with_a_16bit_teacher(tiny):
+    """``DistillModels`` loaded under FSDP2 (a group of one) with ``teacher_dtype: bf16``: student and
+    fake shards hold the fp32 teacher weights the plain load copies, and the teacher, sharded by
+    ``shard_teacher`` in bf16, gives the plain 16-bit teacher's velocity exactly."""
+    from accelerate import Accelerator
+    from torch.distributed.tensor import DTensor
+
+    from sd35flash.distill.models import CastTeacher
+    from sd35flash.sampling import guided_velocity
+    from sd35flash.train.sharding import Sharded
+
+    ref = DistillModels.load(str(tiny), teacher_dtype="bf16")
+    sharding = Sharded(Accelerator(cpu=True))
+    try:
+        models = DistillModels.load(str(tiny), teacher_dtype="bf16", sharding=sharding)
+        for name in ("student", "fake"):
+            whole = dict(getattr(ref, name).named_parameters())
+            for k, p in getattr(models, name).named_parameters():
+                assert p.requires_grad and p.dtype == torch.float32, (name, k)
+                assert torch.equal(p.full_tensor() if isinstance(p, DTensor) else p, whole[k]), (name, k)
+        models.shard_teacher(sharding)
+        assert isinstance(models.teacher, CastTeacher) and models.pipe.transformer is models.teacher.inner
+        assert all(isinstance(p, DTensor) and p.dtype == torch.bfloat16 for p in models.teacher.parameters())
+        cond = ref.conditioner.full(["a red circle", "a blue square"], "cpu")
+        uncond = ref.conditioner.uncond(2, "cpu")
+        x = torch.randn((2, *ref.latent_shape()), generator=torch.Generator().manual_seed(1))
+        t = torch.tensor([0.9, 0.5])
+        with torch.no_grad():
+            want = guided_velocity(ref.teacher, x, t, cond, uncond, 4.0)
+            got = guided_velocity(models.teacher, x, t, cond, uncond, 4.0)
+        assert torch.equal(want, got)
     finally:
         torch.distributed.destroy_process_group()
 
