@@ -212,7 +212,10 @@ class Sharded(Replicated):
         missing from ``full`` (non-persistent ones, such as a position table) keep the values the
         constructor computed; ``full``'s dtypes are cast to ``module``'s. ``full`` is not changed.
         ``root``: as in :meth:`shard` (``False``: the parameters outside the blocks are whole copies)."""
-        from torch.distributed.checkpoint.state_dict import StateDictOptions, set_model_state_dict
+        from torch.distributed.checkpoint.state_dict import (
+            StateDictOptions,
+            set_model_state_dict,
+        )
 
         buffers = {name: b.detach().clone() for name, b in module.named_buffers()}
         if any(b.is_meta for b in buffers.values()):
