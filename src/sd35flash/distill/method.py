@@ -90,7 +90,8 @@ class FlowDMD:
         self.branches: list[torch.nn.Module] = []
         self.branch_emas: list[EMA] = []
         self.cond: ConditioningProvider = models.conditioner
-        self.sharding: Sharding = make_sharding(cfg.sharding, accelerator)
+        self.sharding: Sharding = (models.sharding if getattr(models, "sharding", None) is not None
+                                   else make_sharding(cfg.sharding, accelerator))
 
     # -- set-up ---------------------------------------------------------------------------------
     def prepare(self) -> None:
@@ -104,7 +105,7 @@ class FlowDMD:
         sh = self.sharding
         sh.shard(m.student)
         sh.shard(critic)
-        sh.shard(m.teacher, trainable=False)
+        m.shard_teacher(sh)
         kind = cfg.memory.optimizer
         opt_tg = make_optimizer(m.student.parameters(), cfg.trajectory.lr, kind)
         opt_s = make_optimizer(m.student.parameters(), cfg.student.lr, kind)

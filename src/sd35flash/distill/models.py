@@ -11,6 +11,12 @@ In LoRA mode (``lora`` settings given) student, fake and split branches are inst
 the pipeline's transformer, which stays frozen and is shared: each model is an
 :class:`~sd35flash.models.lora.AdapterView` (its parameters are its adapter's), and the teacher is
 the view with every adapter disabled, exactly the base. One copy of the weights serves all of them.
+
+Under FSDP2 (a ``fsdp`` sharding given) no process other than 0 holds or reads a whole transformer:
+process 0 loads the pipeline, the others load it without its transformer; student and fake are
+built on the meta device everywhere, sharded and filled from process 0's teacher weights
+(:meth:`~sd35flash.train.sharding.Sharded.materialise`); the teacher stays whole on process 0 (the
+trajectory bank is built there) until :meth:`DistillModels.shard_teacher` shards it the same way.
 """
 
 from __future__ import annotations
@@ -20,7 +26,7 @@ from contextlib import contextmanager
 from collections.abc import Iterator
 
 import torch
-from diffusers import StableDiffusion3Pipeline
+from diffusers import SD3Transformer2DModel, StableDiffusion3Pipeline
 
 from ..models.lora import AdapterView, adapter_parameters, add_adapters, fused_copy, save_adapter
 from ..models.pipeline_io import load_pipeline
@@ -39,6 +45,15 @@ def trainable_copy(transformer: torch.nn.Module) -> torch.nn.Module:
     twin = copy.deepcopy(transformer)
     twin.requires_grad_(True)
     return twin.train()
+
+
+def empty_transformer(config) -> SD3Transformer2DModel:
+    """An SD3 transformer of ``config`` with its parameters on the meta device (no memory) and its
+    buffers computed on the CPU (the position table), to be sharded and filled."""
+    from accelerate import init_empty_weights
+
+    with init_empty_weights(include_buffers=False):
+        return SD3Transformer2DModel.from_config(config)
 
 
 @contextmanager
@@ -110,15 +125,22 @@ class DistillModels:
 
     ``lora`` (LoRA mode): adapters ``student`` and ``fake`` on the shared frozen ``pipe.transformer``;
     ``teacher_dtype`` then holds the shared base in that dtype (the adapters stay fp32) and
-    ``gradient_checkpointing`` applies to the base; ``lora_seed`` seeds the adapters' initialisation."""
+    ``gradient_checkpointing`` applies to the base; ``lora_seed`` seeds the adapters' initialisation.
+
+    ``sharding`` (a :class:`~sd35flash.train.sharding.Sharding`, kept as ``self.sharding``): of kind
+    ``fsdp``, student and fake are sharded as they are made (see the module docstring); ``pipe``'s
+    transformer is then ``None`` on every process but 0 and ``transformer_config`` gives its config."""
 
     def __init__(self, pipe: StableDiffusion3Pipeline, teacher_dtype: str = "fp32",
                  gradient_checkpointing: bool = False, lora: LoraSettings | None = None, lora_seed: int = 0,
-                 resolution: int | None = None) -> None:
+                 resolution: int | None = None, sharding=None, transformer_config=None) -> None:
         from ..models.resolution import latent_side
 
         self.pipe = pipe
-        self.side = latent_side(pipe.transformer.config, pipe.vae.config, resolution or None)
+        self.sharding = sharding
+        self.teacher_dtype = teacher_dtype
+        self.transformer_config = pipe.transformer.config if pipe.transformer is not None else transformer_config
+        self.side = latent_side(self.transformer_config, pipe.vae.config, resolution or None)
         self.lora, self.lora_seed = lora, lora_seed
         for name in ("transformer", "vae", *ENCODERS):
             mod = getattr(pipe, name, None)
@@ -126,8 +148,14 @@ class DistillModels:
                 freeze(mod)
         self.conditioner = Conditioner(pipe) if any(getattr(pipe, n, None) is not None for n in ENCODERS) else None
         self._parked: dict[str, torch.nn.Module] = {}
+        self._teacher_whole = False
         if lora is not None:
+            if self.sharded:
+                raise ValueError("LoRA mode is not sharded: pass a ddp sharding")
             self._lora_models(teacher_dtype, gradient_checkpointing)
+            return
+        if self.sharded:
+            self._sharded_models(gradient_checkpointing)
             return
         self.student = trainable_copy(pipe.transformer)
         self.fake = trainable_copy(pipe.transformer)
@@ -136,6 +164,52 @@ class DistillModels:
             self.fake.enable_gradient_checkpointing()
         dtype = DTYPES[teacher_dtype]
         self.teacher = pipe.transformer if dtype == torch.float32 else CastTeacher(pipe.transformer, dtype)
+
+    @property
+    def sharded(self) -> bool:
+        """True when the models are sharded with FSDP2 as they are made (a ``fsdp`` sharding)."""
+        return getattr(self.sharding, "kind", None) == "fsdp"
+
+    def _sharded_models(self, gradient_checkpointing: bool) -> None:
+        """Student and fake sharded and filled from process 0's whole teacher; the teacher is that
+        whole model on process 0 (cast to ``teacher_dtype`` after the copies) and a meta placeholder
+        on the others, until :meth:`shard_teacher`."""
+        whole = self.pipe.transformer
+        full = whole.state_dict() if whole is not None else None
+        trained = []
+        for name in ("student", "fake"):
+            model = empty_transformer(self.transformer_config)
+            if gradient_checkpointing:
+                model.enable_gradient_checkpointing()
+            # the fake's own parameters are sharded with the critic that will hold it
+            trained.append(self.sharding.materialise(model, full, root=name == "student"))
+        self.student, self.fake = trained
+        del full
+        inner = whole if whole is not None else empty_transformer(self.transformer_config)
+        dtype = DTYPES[self.teacher_dtype]
+        self.teacher = inner if dtype == torch.float32 else CastTeacher(inner, dtype)
+        self._teacher_whole = True
+
+    def shard_teacher(self, sharding) -> None:
+        """Shard the frozen teacher with ``sharding``. Models made with a ``fsdp`` sharding: process
+        0's whole teacher (in ``teacher_dtype``) is broadcast tensor by tensor into a sharded model
+        built on the meta device, which becomes ``teacher`` and ``pipe.transformer`` on every
+        process, and process 0 drops the whole one. Otherwise ``sharding.shard`` (in place under
+        FSDP2, where every process loaded the teacher whole; nothing with ``ddp``)."""
+        if not self._teacher_whole:
+            sharding.shard(self.teacher, trainable=False)
+            return
+        dtype = DTYPES[self.teacher_dtype]
+        inner = self.teacher.inner if isinstance(self.teacher, CastTeacher) else self.teacher
+        full = inner.state_dict() if self.pipe.transformer is not None else None
+        empty = empty_transformer(self.transformer_config)
+        if dtype != torch.float32:
+            empty = empty.to(dtype)
+        sharded = freeze(self.sharding.materialise(empty, full, trainable=False))
+        del full, inner
+        self.pipe.transformer = sharded
+        self.teacher = sharded if dtype == torch.float32 else CastTeacher(sharded, dtype)
+        self._teacher_whole = False
 
     def _lora_models(self, teacher_dtype: str, gradient_checkpointing: bool) -> None:
         base = self.pipe.transformer.to(DTYPES[teacher_dtype])
@@ -189,24 +263,32 @@ class DistillModels:
         return {f.name: f.read_bytes() for f in sorted(folder.iterdir()) if f.is_file()}
 
     @classmethod
-    def for_config(cls, cfg, teacher: str, revision: str | None = None, encoders: bool = True) -> DistillModels:
+    def for_config(cls, cfg, teacher: str, revision: str | None = None, encoders: bool = True,
+                   sharding=None) -> DistillModels:
         """The models of distill config ``cfg`` (a :class:`~.config.DistillConfig`): its ``memory``
         options and ``resolution``, and in ``mode: lora`` its ``lora`` settings seeded by
-        ``runtime.seed``. ``encoders=False`` never loads the text encoders."""
+        ``runtime.seed``. ``encoders=False`` never loads the text encoders; ``sharding``: see :meth:`load`."""
         mem = cfg.memory
         return cls.load(teacher, revision, mem.teacher_dtype, mem.gradient_checkpointing,
                         lora=cfg.lora if cfg.mode == "lora" else None, lora_seed=cfg.runtime.seed,
-                        resolution=cfg.resolution, encoders=encoders)
+                        resolution=cfg.resolution, encoders=encoders, sharding=sharding)
 
     @classmethod
     def load(cls, teacher: str, revision: str | None = None, teacher_dtype: str = "fp32",
              gradient_checkpointing: bool = False, lora: LoraSettings | None = None,
-             lora_seed: int = 0, resolution: int | None = None, encoders: bool = True) -> DistillModels:
+             lora_seed: int = 0, resolution: int | None = None, encoders: bool = True,
+             sharding=None) -> DistillModels:
         """Load the teacher pipeline (local folder or hub id; one-line errors from ``load_pipeline``);
-        ``encoders=False`` leaves the text encoders out (tokenizers, VAE and transformer are loaded)."""
+        ``encoders=False`` leaves the text encoders out (tokenizers, VAE and transformer are loaded).
+        With a ``fsdp`` ``sharding`` only process 0 loads (and verifies) the transformer's weights;
+        the others read its config alone."""
         skip = {} if encoders else {name: None for name in ENCODERS}
-        return cls(load_pipeline(teacher, revision=revision, **skip), teacher_dtype, gradient_checkpointing, lora,
-                   lora_seed, resolution)
+        config = None
+        if getattr(sharding, "kind", None) == "fsdp" and not sharding.acc.is_main_process:
+            skip["transformer"] = None
+            config = SD3Transformer2DModel.load_config(teacher, subfolder="transformer", revision=revision)
+        pipe = load_pipeline(teacher, revision=revision, verify=config is None, **skip)
+        return cls(pipe, teacher_dtype, gradient_checkpointing, lora, lora_seed, resolution, sharding, config)
 
     def park_encoders(self) -> None:
         """Move the text encoders to the CPU and out of the pipeline (nothing can encode until

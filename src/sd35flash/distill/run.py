@@ -32,6 +32,7 @@ from ..models.student_info import SplitInfo
 from ..paths import cache_root
 from ..train.checkpoint import CheckpointManager, read_meta
 from ..train.runtime import make_accelerator
+from ..train.sharding import make_sharding
 from .adversarial import resolve_blocks
 from .config import DistillConfig, MemoryConfig
 from ..models.student_folder import export_student, student_info
@@ -345,12 +346,6 @@ def distill(cfg: DistillConfig, teacher: str | None, out: Path, prompts: str | N
     if not force:
         check_distill_fits(cfg, teacher)
     source = store.prompts() if store is not None else load_prompts(prompts, cfg.num_prompts, seed=cfg.runtime.seed)
-    models = DistillModels.for_config(cfg, teacher, revision, encoders=store is None)
-    if store is not None:
-        check_prepared_side(store, models)
-        models.conditioner = store.conditioner(torch.float32)
-    cfg.branch_steps(models.shift)  # a split branch without student steps fails here, before any work
-    check_gan(cfg, models, source)
     teacher_id = teacher_identity(teacher, revision)
     work = from_work if from_work is not None else work_dir(cfg, teacher_id, prompts, out)
     trained = is_trained(work, cfg)
@@ -360,6 +355,14 @@ def distill(cfg: DistillConfig, teacher: str | None, out: Path, prompts: str | N
         raise UserError(f"an unfinished distillation run for this config exists in {work}; pass --resume to "
                         "continue it, or delete that folder to start over")
     acc = make_accelerator(cfg.runtime, work)
+    # before the models: under FSDP2 only process 0 loads the teacher's weights (models.py)
+    models = DistillModels.for_config(cfg, teacher, revision, encoders=store is None,
+                                      sharding=make_sharding(cfg.sharding, acc))
+    if store is not None:
+        check_prepared_side(store, models)
+        models.conditioner = store.conditioner(torch.float32)
+    cfg.branch_steps(models.shift)  # a split branch without student steps fails here, before any work
+    check_gan(cfg, models, source)
     if acc.is_main_process:
         work.mkdir(parents=True, exist_ok=True)
         clean_stale(out)

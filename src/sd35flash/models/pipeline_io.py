@@ -120,6 +120,7 @@ def load_pipeline(
     revision: str | None = None,
     torch_dtype: torch.dtype = torch.float32,
     device: str | torch.device = "cpu",
+    verify: bool = True,
     **components: Any,
 ) -> StableDiffusion3Pipeline:
     """Load a ``StableDiffusion3Pipeline`` from a local folder or a hub id, onto ``device``.
@@ -127,13 +128,15 @@ def load_pipeline(
     ``revision`` applies to hub ids only (a branch, tag or commit). A local folder must contain a
     ``model_index.json`` naming ``StableDiffusion3Pipeline``. ``components`` replace parts at load
     time, as in ``from_pretrained`` (``text_encoder_3=None`` never loads T5; a ready module is used
-    as given).
+    as given). ``verify=False`` skips the checksum check of a local folder (which reads every file):
+    for a process that is not the one of a group that verifies it.
     """
     name = os.fspath(model)
     if is_local_path(name):
         folder = Path(name).expanduser()
         _check_pipeline_folder(folder, name)
-        verify_folder(folder, name)
+        if verify:
+            verify_folder(folder, name)
         try:
             pipe = StableDiffusion3Pipeline.from_pretrained(folder, **_dtype_kwarg(torch_dtype), **components)
         except (OSError, ValueError, KeyError) as exc:

@@ -15,12 +15,15 @@ def make_optimizer(params: Iterable[torch.nn.Parameter], lr: float, kind: str = 
                    weight_decay: float = 0.0) -> torch.optim.Optimizer:
     """``adamw``: ``torch.optim.AdamW``. ``adamw8bit``: AdamW with 8-bit block-quantised moments
     (bitsandbytes' ``AdamW8bit`` on CUDA when it is installed, else torchao's ``AdamW8bit``, which
-    also steps on the CPU; torchao keeps tensors under 4096 elements in full precision)."""
+    also steps on the CPU; torchao keeps tensors under 4096 elements in full precision). Sharded
+    parameters (FSDP2's ``DTensor``) always get torchao's, which quantises each process's shard."""
     params = list(params)
     if kind == "adamw":
         return torch.optim.AdamW(params, lr=lr, weight_decay=weight_decay)
     if kind == "adamw8bit":
-        if params and params[0].is_cuda:
+        from torch.distributed.tensor import DTensor
+
+        if params and params[0].is_cuda and not any(isinstance(p, DTensor) for p in params):
             try:
                 import bitsandbytes as bnb
 

@@ -13,6 +13,10 @@ asks which kind it has. The two kinds:
   With bf16 / fp16 mixed precision on CUDA the blocks are gathered in that dtype
   (``MixedPrecisionPolicy``; gradients reduced in fp32). Checkpoints: :class:`ShardedState`.
 
+Loading without whole copies (:meth:`Sharded.materialise`): a model built on the meta device is
+sharded, allocated shard by shard (``to_empty``) and filled from a whole state dict only process 0
+holds, broadcast one tensor at a time; the other processes never hold or read the whole model.
+
 EMAs follow the parameters a process holds (:func:`local_tensors`): under FSDP2 the EMA of the
 local shards, saved per process. Works on the CPU with gloo (the tests) as on CUDA with NCCL.
 """
@@ -155,11 +159,15 @@ class Sharded(Replicated):
                        if dtype is not None and acc.device.type == "cuda" else MixedPrecisionPolicy())
         self.state = ShardedState(acc)
 
-    def shard(self, module: torch.nn.Module, trainable: bool = True, broadcast: bool = True) -> torch.nn.Module:
+    def shard(self, module: torch.nn.Module, trainable: bool = True, broadcast: bool = True,
+              root: bool = True) -> torch.nn.Module:
         """``fully_shard`` every block of every ``transformer_blocks`` list inside ``module``, then
         ``module`` (in place; a module already sharded is returned as it is). Frozen modules keep
         their dtype (no mixed-precision policy). A trainable module is first made the same on every
-        process (``broadcast``; see :meth:`_broadcast`)."""
+        process (``broadcast``; see :meth:`_broadcast`). ``root=False`` leaves ``module``'s own
+        parameters (those outside its blocks) whole, for the module that will hold it to shard (the
+        fake model inside the critic: a separately sharded module nested in another fails in the
+        backward pass that goes through it with its parameters frozen)."""
         from torch.distributed.fsdp import FSDPModule, MixedPrecisionPolicy, fully_shard
 
         if isinstance(module, FSDPModule):
@@ -175,18 +183,52 @@ class Sharded(Replicated):
                         fully_shard(block, mesh=self.mesh, mp_policy=policy, reshard_after_forward=True)
         # explicitly for the root too: its parameters are then sharded between passes, so that
         # ``module.parameters()`` always yields the shards (EMA, checkpoints, copies)
-        fully_shard(module, mesh=self.mesh, mp_policy=policy, reshard_after_forward=True)
+        if root:
+            fully_shard(module, mesh=self.mesh, mp_policy=policy, reshard_after_forward=True)
         return module
 
     @torch.no_grad()
     def _broadcast(self, module: torch.nn.Module) -> None:
         """Process 0's parameters and buffers to every process, one tensor at a time through the
         accelerator (as DDP does when it wraps a module): parts initialised at random (the critic's
-        heads) then agree before they are sharded."""
+        heads) then agree before they are sharded. Parameters sharded already (a critic's fake model
+        loaded by :meth:`materialise`) agree by construction and are skipped."""
+        dtensor = _dtensor()
         for t in [*module.parameters(), *module.buffers()]:
+            if isinstance(t, dtensor):
+                continue
             buf = t.detach().to(self.acc.device)
             torch.distributed.broadcast(buf, src=0)
             t.copy_(buf.to(t.device))
+
+    def materialise(self, module: torch.nn.Module, full: dict[str, torch.Tensor] | None,
+                    trainable: bool = True, root: bool = True) -> torch.nn.Module:
+        """Shard ``module``, built with its parameters on the meta device (buffers real, e.g. under
+        accelerate's ``init_empty_weights(include_buffers=False)``), allocate this process's shards
+        on the accelerator (``to_empty``) and fill them from ``full``, a whole state dict that only
+        process 0 holds (``None`` on the others): each tensor is broadcast from process 0 in turn
+        and every process keeps its slice (``set_model_state_dict`` with ``broadcast_from_rank0``).
+        So no process other than 0 ever holds, or reads from disk, the whole model. Buffers
+        missing from ``full`` (non-persistent ones, such as a position table) keep the values the
+        constructor computed; ``full``'s dtypes are cast to ``module``'s. ``full`` is not changed.
+        ``root``: as in :meth:`shard` (``False``: the parameters outside the blocks are whole copies)."""
+        from torch.distributed.checkpoint.state_dict import (
+            StateDictOptions,
+            set_model_state_dict,
+        )
+
+        buffers = {name: b.detach().clone() for name, b in module.named_buffers()}
+        if any(b.is_meta for b in buffers.values()):
+            raise ValueError("materialise needs real buffers: build the module with init_empty_weights(include_buffers=False)")
+        self.shard(module, trainable=trainable, broadcast=False, root=root)
+        module.to_empty(device=self.acc.device)
+        with torch.no_grad():
+            for name, b in module.named_buffers():
+                b.copy_(buffers[name])
+        source = dict(full) if full is not None and self.acc.is_main_process else {}
+        set_model_state_dict(module, source, options=StateDictOptions(full_state_dict=True, broadcast_from_rank0=True))
+        module.requires_grad_(trainable)
+        return module.train(trainable)
 
     def copy(self, module: torch.nn.Module) -> torch.nn.Module:
         """A sharded trainable copy of the sharded diffusers transformer ``module``: the same
