@@ -268,7 +268,7 @@ def test_adamw8bit_on_fsdp2_shards_resumes_exactly(tmp_path):
         assert torch.equal(a, b)
 
 
-def test_materialise_fills_shards_from_process_0_and_rebuilds_buffers():
+def test_materialise_fills_shards_from_process_0_and_rebuilds_buffers(tiny_pipeline):
     """A transformer built on the meta device and filled by ``Sharded.materialise`` (a group of one)
     equals the whole model it was filled from: parameters, the position table (a non-persistent
     buffer when ``pos_embed_max_size`` is unset, so not in the state dict: the constructor's values
@@ -279,7 +279,7 @@ def test_materialise_fills_shards_from_process_0_and_rebuilds_buffers():
     from sd35flash.distill.models import empty_transformer
     from sd35flash.train.sharding import Sharded
 
-    config = {**dict(build_toy_pipeline(TINY, WORDS).transformer.config), "pos_embed_max_size": None}
+    config = {**dict(tiny_pipeline().transformer.config), "pos_embed_max_size": None}
     torch.manual_seed(0)
     whole = SD3Transformer2DModel.from_config(config).eval()
     full = whole.state_dict()
