@@ -21,9 +21,9 @@ from pathlib import Path
 
 import torch
 
-from sd35flash.models.sampling_settings import resolve_sampling
 from sd35flash.io import atomic_write_text
 from sd35flash.models.pipeline_io import load_pipeline
+from sd35flash.models.sampling_settings import resolve_sampling
 from sd35flash.paths import git_commit
 from sd35flash.sampling import generate
 from sd35flash.world import canonical_prompt, split_specs

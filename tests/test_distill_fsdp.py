@@ -456,10 +456,10 @@ def test_bad_input_is_one_line(tiny, tmp_path, capsys, monkeypatch, args, match)
 def test_memory_check_plans_fsdp_and_suggests_it():
     """``sharding: fsdp`` is planned as FSDP2 (each GPU holds 1/N of student, fake and teacher); a DDP
     run on several GPUs that does not fit is told that ``--sharding fsdp`` would."""
-    from sd35flash.plan.architecture import load_architecture
-    from sd35flash.plan.train import plan_training
     from sd35flash.distill.memory_check import check_training_fits, setup_for_distill
     from sd35flash.errors import UserError
+    from sd35flash.plan.architecture import load_architecture
+    from sd35flash.plan.train import plan_training
 
     arch = load_architecture("sd35-large")
     cfg = merge(load_distill_config("smoke"), {"sharding": "fsdp", "memory": {"gradient_checkpointing": True}})

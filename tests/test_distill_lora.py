@@ -5,8 +5,6 @@ into the teacher with ``load_lora_weights`` reproduces it."""
 
 from __future__ import annotations
 
-import copy
-
 import pytest
 import torch
 from diffusers import SD3Transformer2DModel, StableDiffusion3Pipeline

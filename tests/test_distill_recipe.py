@@ -5,15 +5,13 @@ from __future__ import annotations
 import numpy as np
 import pytest
 import torch
-import torch.nn.functional as F
 from accelerate import Accelerator
 from diffusers import SD3Transformer2DModel
 
 from sd35flash import flow
 from sd35flash.config import merge
 from sd35flash.data.prompts import PromptSource, shapes_prompts
-from sd35flash.distill.adversarial import (Discriminator, d_loss, g_loss, reinit_draws, softplus_d_loss,
-                                           softplus_g_loss)
+from sd35flash.distill.adversarial import Discriminator, d_loss, g_loss, reinit_draws, softplus_d_loss, softplus_g_loss
 from sd35flash.distill.config import DMDConfig, GANConfig, load_distill_config
 from sd35flash.distill.critic import Critic
 from sd35flash.distill.dmd import evaluation_times

@@ -11,6 +11,8 @@ from sd35flash.cli import main
 from sd35flash.deploy.runtime.presets import PRESETS
 from sd35flash.deploy.tools.plan import PRESET_MEMORY, plan_memory
 from sd35flash.deploy.tools.plan_check import check_transformer, check_vae
+from sd35flash.errors import UserError
+from sd35flash.models import ToyConfig, build_transformer, build_vae, save_pipeline
 from sd35flash.plan.architecture import (
     build_on_meta,
     load_architecture,
@@ -18,8 +20,6 @@ from sd35flash.plan.architecture import (
     transformer_activation_elements,
     vae_decode_activation_elements,
 )
-from sd35flash.errors import UserError
-from sd35flash.models import ToyConfig, build_transformer, build_vae, save_pipeline
 
 
 @pytest.fixture(scope="module")

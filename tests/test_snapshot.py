@@ -12,9 +12,8 @@ import yaml
 from sd35flash.cli import main
 from sd35flash.config import merge, to_dict
 from sd35flash.models.pipeline_io import load_pipeline
-from sd35flash.toy_teacher import load_pretrain_config
 from sd35flash.pretrain.run import pretrain
-from sd35flash.toy_teacher import teacher_dir
+from sd35flash.toy_teacher import load_pretrain_config, teacher_dir
 from sd35flash.train.checkpoint import StopTraining
 
 

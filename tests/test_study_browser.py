@@ -13,7 +13,6 @@ import pytest
 from sd35flash.study import db
 from sd35flash.study.app import create_app
 from sd35flash.study.folder import StudyFolder
-
 from study_server import thread_server
 
 pytest.importorskip("playwright.sync_api")

@@ -30,11 +30,11 @@ from sd35flash.world import (
     write_jsonl,
 )
 
-O = ObjectSpec
+Obj = ObjectSpec
 
 
 def _relation_spec(relation: str = "left_of") -> SceneSpec:
-    return SceneSpec("relation", (O("circle", "red", "large"), O("square", "blue", None)), relation=relation)
+    return SceneSpec("relation", (Obj("circle", "red", "large"), Obj("square", "blue", None)), relation=relation)
 
 
 # ----------------------------------------------------------------------------- specs
@@ -106,11 +106,11 @@ def test_missing_and_empty_files_raise_spec_error(tmp_path) -> None:
 
 def test_direct_construction_is_validated() -> None:
     with pytest.raises(SpecError):
-        O("circle", "red", "medium")
+        Obj("circle", "red", "medium")
     with pytest.raises(SpecError):
-        SceneSpec("counting", (O("circle", "red"),), count=None)
+        SceneSpec("counting", (Obj("circle", "red"),), count=None)
     with pytest.raises(SpecError):
-        SceneSpec("position", (O("circle", "red"),))
+        SceneSpec("position", (Obj("circle", "red"),))
 
 
 # ----------------------------------------------------------------------------- splits
@@ -146,20 +146,20 @@ def test_two_object_specs_use_distinct_pairs() -> None:
 
 
 def test_canonical_prompts() -> None:
-    assert canonical_prompt(SceneSpec("single_object", (O("circle", "red", "large"),))) == "a large red circle"
-    assert canonical_prompt(SceneSpec("single_object", (O("circle", "orange"),))) == "an orange circle"
-    assert canonical_prompt(SceneSpec("position", (O("square", "blue"),), position="left")) == "a blue square on the left"
+    assert canonical_prompt(SceneSpec("single_object", (Obj("circle", "red", "large"),))) == "a large red circle"
+    assert canonical_prompt(SceneSpec("single_object", (Obj("circle", "orange"),))) == "an orange circle"
+    assert canonical_prompt(SceneSpec("position", (Obj("square", "blue"),), position="left")) == "a blue square on the left"
     assert (
-        canonical_prompt(SceneSpec("two_objects", (O("triangle", "yellow"), O("circle", "green"))))
+        canonical_prompt(SceneSpec("two_objects", (Obj("triangle", "yellow"), Obj("circle", "green"))))
         == "a yellow triangle and a green circle"
     )
     assert (
-        canonical_prompt(SceneSpec("relation", (O("circle", "red"), O("square", "blue")), relation="left_of"))
+        canonical_prompt(SceneSpec("relation", (Obj("circle", "red"), Obj("square", "blue")), relation="left_of"))
         == "a red circle left of a blue square"
     )
-    assert canonical_prompt(SceneSpec("counting", (O("diamond", "white"),), count=3)) == "three white diamonds"
-    assert canonical_prompt(SceneSpec("counting", (O("diamond", "white"),), count=1)) == "one white diamond"
-    assert canonical_prompt(SceneSpec("counting", (O("square", "red", "small"),), count=2)) == "two small red squares"
+    assert canonical_prompt(SceneSpec("counting", (Obj("diamond", "white"),), count=3)) == "three white diamonds"
+    assert canonical_prompt(SceneSpec("counting", (Obj("diamond", "white"),), count=1)) == "one white diamond"
+    assert canonical_prompt(SceneSpec("counting", (Obj("square", "red", "small"),), count=2)) == "two small red squares"
 
 
 def test_paraphrases_use_only_vocabulary_words_and_include_canonical() -> None:
@@ -224,7 +224,7 @@ def test_judge_accepts_render_and_rejects_obvious_mismatches() -> None:
     assert v.correct and set(v.checks) == {"colors", "count", "presence", "relation", "size"}
     assert not judge(img, _relation_spec("right_of")).correct
     assert not judge(img, _relation_spec("above")).correct
-    assert not judge(img, SceneSpec("single_object", (O("circle", "red"),))).correct
+    assert not judge(img, SceneSpec("single_object", (Obj("circle", "red"),))).correct
     blank = np.zeros_like(img)
     assert not judge(blank, spec).correct and not judge(blank, spec).checks["colors"]
     # float images in [0, 1] are accepted too

@@ -291,8 +291,8 @@ def _cmd_world(args) -> int:
 
 
 def _cmd_pretrain(args) -> int:
-    from .toy_teacher import load_pretrain_config
     from .pretrain.run import pretrain
+    from .toy_teacher import load_pretrain_config
 
     cfg = load_pretrain_config(args.preset, args.config)
     name = Path(args.config).stem if args.config else args.preset
@@ -320,10 +320,10 @@ def _read_prompts(path: str) -> list[str]:
 
 
 def _cmd_generate(args) -> int:
-    from .models.sampling_settings import resolve_sampling
     from .imaging import make_grid, save_png
     from .models.branches import sampling_transformer
     from .models.pipeline_io import load_pipeline
+    from .models.sampling_settings import resolve_sampling
     from .sampling import generate
 
     if args.prompts and args.prompt:
@@ -396,8 +396,8 @@ def _cmd_distill(args) -> int:
 
 
 def _cmd_merge(args) -> int:
-    from .models.merge import ratio_weights, write_merged
     from .models.branches import memory_report
+    from .models.merge import ratio_weights, write_merged
 
     if args.ratio is not None:
         weights = ratio_weights(args.ratio)

@@ -32,12 +32,12 @@ import torch
 import yaml
 
 from .errors import UserError
+from .evaluate.teacher_table import metrics_table, read_evals
 from .io import atomic_write_text, replace_dir
 from .models.pipeline_io import load_pipeline, save_pipeline
 from .models.registry import REGISTRY_FILE, ShippedModel, assets_root, list_models, write_checksums
 from .sampling import generate, scheduler_schedule
 from .sizes import folder_bytes
-from .evaluate.teacher_table import metrics_table, read_evals
 from .world import canonical_prompt, judge, split_specs
 
 DTYPES = {"float16": torch.float16, "bfloat16": torch.bfloat16, "float32": torch.float32}

@@ -30,9 +30,9 @@ from typing import Any
 import torch
 
 from ..errors import UserError
+from ..seeds import EPOCH_STRIDE, derive_seed
 from ..world import SceneSpec, canonical_prompt, paraphrase, split_specs
 from ..world.spec import SpecError
-from ..seeds import EPOCH_STRIDE, derive_seed
 
 __all__ = ["PREPARED_PROMPTS", "PromptDataset", "PromptSource", "file_prompts", "load_prompts", "shapes_prompts",
            "write_prompts"]

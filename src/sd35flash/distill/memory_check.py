@@ -22,9 +22,9 @@ from typing import Any
 
 import torch
 
+from ..errors import UserError
 from ..plan.architecture import Architecture, load_architecture
 from ..plan.train import TrainSetup, plan_training
-from ..errors import UserError
 
 __all__ = ["available_gib", "check_distill_fits", "check_training_fits", "cheapest_fit", "setup_for_distill"]
 

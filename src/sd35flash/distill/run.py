@@ -28,6 +28,8 @@ from ..config import fingerprint, from_dict, to_dict
 from ..errors import ConfigError, NonFiniteError, TrainingAlarm, UserError
 from ..io import atomic_write_json, check_model_output, clean_stale, copy_dir, read_text
 from ..models.branches import PRESPLIT_SUBFOLDER, branch_infos
+from ..models.merge import merged_transformer
+from ..models.student_folder import export_student, student_info
 from ..models.student_info import SplitInfo
 from ..paths import cache_root
 from ..train.checkpoint import CheckpointManager, read_meta
@@ -35,14 +37,12 @@ from ..train.runtime import make_accelerator
 from ..train.sharding import make_sharding
 from .adversarial import resolve_blocks
 from .config import DistillConfig, MemoryConfig
-from ..models.student_folder import export_student, student_info
 from .memory_check import check_distill_fits
-from ..models.merge import merged_transformer
 from .models import DistillModels
 from .prompts import PromptSource, load_prompts
 from .real import RealBank, RenderBank, from_renders, from_teacher
-from .trajectory import TrajectoryBank, build_bank, cache_key, load_or_build, teacher_identity
 from .trainer import DistillTrainer
+from .trajectory import TrajectoryBank, build_bank, cache_key, load_or_build, teacher_identity
 
 #: Written in the work folder when training finished (before the export), so a rerun only exports.
 TRAINED = "trained.json"

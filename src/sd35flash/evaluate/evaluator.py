@@ -16,14 +16,14 @@ from .. import flow
 from ..errors import UserError
 from ..imaging import make_grid, save_png
 from ..io import atomic_write_json, atomic_write_text, to_json
-from ..models.pipeline_io import load_pipeline
 from ..models.branches import param_bytes, resolve_variant, sampling_transformer
+from ..models.pipeline_io import load_pipeline
 from ..models.sampling_settings import resolve_sampling
 from ..sampling import generate, scheduler_schedule
+from ..seeds import derive_seed
 from ..world import canonical_prompt, render, split_specs
 from ..world.spec import SceneSpec, read_jsonl
 from .alignment import alignment_scores, judge_all
-from ..seeds import derive_seed
 
 #: Render seeds for FD reference images (fixed, so every model is compared to the same set).
 REFERENCE_SEED = 5_000_000

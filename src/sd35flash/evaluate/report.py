@@ -10,9 +10,8 @@ import json
 import shutil
 from pathlib import Path
 
-from PIL import Image
-
 import matplotlib
+from PIL import Image
 
 matplotlib.use("Agg")
 import matplotlib.pyplot as plt  # noqa: E402

@@ -21,9 +21,9 @@ from typing import Any
 import torch
 from diffusers import StableDiffusion3Pipeline
 
+from ..paths import git_commit
 from .pipeline_io import save_pipeline
 from .student_info import FILENAME, SplitInfo, StudentInfo, info_to_json
-from ..paths import git_commit
 
 
 def student_info(schedule: list[float], teacher: str, recipe: str, needs_t5: bool,

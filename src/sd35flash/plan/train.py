@@ -64,6 +64,7 @@ from typing import Any, Literal
 
 import torch
 
+from sd35flash.errors import UserError
 from sd35flash.plan.architecture import (
     GIB,
     Architecture,
@@ -73,7 +74,6 @@ from sd35flash.plan.architecture import (
     transformer_activation_elements,
     vae_decode_activation_elements,
 )
-from sd35flash.errors import UserError
 
 __all__ = [
     "LORA_TARGETS",

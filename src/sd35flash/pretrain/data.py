@@ -14,8 +14,8 @@ import numpy as np
 from tqdm.auto import tqdm
 
 from ..io import atomic_torch_save
-from ..world import SceneSpec, paraphrase, render, split_specs
 from ..seeds import derive_seed
+from ..world import SceneSpec, paraphrase, render, split_specs
 
 
 @dataclass

@@ -29,9 +29,8 @@ from ..config import to_dict
 from ..errors import UserError
 from ..models.pipeline_io import save_pipeline
 from ..paths import git_commit
+from ..toy_teacher import INFO_FILE, PretrainConfig, is_finished, teacher_dir
 from ..train.checkpoint import CheckpointManager, read_meta
-from ..toy_teacher import PretrainConfig
-from ..toy_teacher import INFO_FILE, is_finished, teacher_dir
 from .run import copy_pipeline
 
 #: Logs copied beside the weights: ``training/<name>`` <- ``work/<source>``.

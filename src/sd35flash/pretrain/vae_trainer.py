@@ -13,16 +13,16 @@ from diffusers import AutoencoderKL
 
 from ..errors import TrainingAlarm
 from ..io import atomic_write_text, staged_dir
+from ..models.latents import images_to_tensor
 from ..models.toy import build_vae
+from ..seeds import derive_seed
+from ..toy_teacher import PretrainConfig
 from ..train.alarms import check_finite
 from ..train.checkpoint import CheckpointManager
 from ..train.data import EpochSampler
 from ..train.logger import RunLogger
 from ..train.schedules import warmup_cosine
 from ..world import BACKGROUND, judge, render, split_specs
-from ..toy_teacher import PretrainConfig
-from ..models.latents import images_to_tensor
-from ..seeds import derive_seed
 from .data import WorldImages
 
 

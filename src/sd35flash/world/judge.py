@@ -38,7 +38,7 @@ from PIL import Image
 from scipy import ndimage
 
 from sd35flash.world.spec import SceneSpec
-from sd35flash.world.vocab import BACKGROUND, COLORS, IMAGE_SIZE, PALETTE, SHAPES
+from sd35flash.world.vocab import BACKGROUND, COLORS, IMAGE_SIZE, PALETTE
 
 MIN_ALPHA = 0.5
 MAX_ALPHA = 1.6

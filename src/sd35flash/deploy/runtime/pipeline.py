@@ -24,11 +24,11 @@ from pathlib import Path
 import torch
 
 from ...errors import UserError
+from ...fingerprints import hash_module_sampled
 from ...paths import cache_root
+from ...text.encoder import PromptEncoder, check_writable, default_cache_dir
 from .presets import Preset, check_runnable
 from .quantize import get_method, load_quantized, quantize_module, read_quant_info
-from ...fingerprints import hash_module_sampled
-from ...text.encoder import PromptEncoder, check_writable, default_cache_dir
 from .text_encoders import quantize_t5
 
 __all__ = ["DeployedPipeline", "CALIBRATION_PROMPTS", "load_deployed", "resolve_device"]

@@ -67,7 +67,12 @@ def tiny_architecture() -> Architecture:
 
 def build_random_pipeline(arch: Architecture, device: torch.device, dtype: torch.dtype, seed: int = 0):
     """A ``StableDiffusion3Pipeline`` of ``arch`` with random weights, built on ``device`` in ``dtype``."""
-    from diffusers import AutoencoderKL, FlowMatchEulerDiscreteScheduler, SD3Transformer2DModel, StableDiffusion3Pipeline
+    from diffusers import (
+        AutoencoderKL,
+        FlowMatchEulerDiscreteScheduler,
+        SD3Transformer2DModel,
+        StableDiffusion3Pipeline,
+    )
     from transformers import CLIPTextConfig, CLIPTextModelWithProjection, T5Config, T5EncoderModel
 
     from sd35flash.models.tokenizers import build_clip_tokenizer, build_t5_tokenizer
@@ -175,7 +180,14 @@ def run_bench(out: str | Path, arch: Architecture, device: torch.device, dtype: 
     """Run every section (see the module docstring) and write the JSON to ``out`` after each."""
     from sd35flash import flow
     from sd35flash.io import atomic_write_json
-    from sd35flash.sampling import encode_prompts, generate, latent_shape, make_noise, sample_latents, scheduler_schedule
+    from sd35flash.sampling import (
+        encode_prompts,
+        generate,
+        latent_shape,
+        make_noise,
+        sample_latents,
+        scheduler_schedule,
+    )
 
     t_start = time.perf_counter()
     result: dict[str, Any] = {

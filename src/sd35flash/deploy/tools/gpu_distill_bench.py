@@ -121,6 +121,17 @@ class _Models:
 
 def run_setting(setting: str, arch: Architecture, device: torch.device, resolution: int, batch: int, steps: int,
                 rank: int, compute: torch.dtype, log: Callable[[str], None] = print) -> dict[str, Any]:
+    """Build, run ``steps`` timed steps (after one warm-up) and measure one setting, then free its memory (the
+    models, optimisers and EMA are locals of :func:`_measure_setting`, gone once it returns)."""
+    row = _measure_setting(setting, arch, device, resolution, batch, steps, rank, compute, log)
+    gc.collect()
+    if device.type == "cuda":
+        torch.cuda.empty_cache()
+    return row
+
+
+def _measure_setting(setting: str, arch: Architecture, device: torch.device, resolution: int, batch: int, steps: int,
+                     rank: int, compute: torch.dtype, log: Callable[[str], None]) -> dict[str, Any]:
     """Build, run ``steps`` timed steps (after one warm-up) and measure one setting."""
     from sd35flash.distill.adversarial import Discriminator, FeatureTap, hinge_d_loss, hinge_g_loss
 
@@ -241,10 +252,6 @@ def run_setting(setting: str, arch: Architecture, device: torch.device, resoluti
         + f" (planned {row['planned_peak_gib']:.3f}), resident {resident * 1024:.1f} MiB (planned "
         f"{row['planned_resident_gib'] * 1024:.1f})")
     tap.remove()
-    del m, teacher, disc, opt_s, opt_c, ema
-    gc.collect()
-    if device.type == "cuda":
-        torch.cuda.empty_cache()
     return row
 
 
