@@ -274,8 +274,8 @@ def _prepare_trajectories(req: PrepareRequest, settings: dict, prompts: list[str
 
     def build(first: int, ps: list[str]) -> torch.Tensor:
         noise = make_noise(shape, [seed + first + m for m in range(len(ps))], device=dev)
-        return teacher_trajectories(held["teacher"], noise, sched, record, cond.full(ps, dev), cond.uncond(len(ps), dev),
-                                    settings["guidance"])
+        return teacher_trajectories(held["teacher"], noise, sched, record, cond.full(ps, dev),
+                                    cond.uncond(len(ps), dev), settings["guidance"])
 
     folder = req.out / "trajectories"
     dtype = DTYPES[req.dtype]
@@ -309,7 +309,8 @@ def register(sub) -> dict[str, Callable]:
                    help="image size in pixels (default: the model's; 512 or 1024 for SD3.5)")
     p.add_argument("--dtype", default="bf16", choices=("bf16", "fp16", "fp32"), help="stored precision (default bf16)")
     p.add_argument("--batch", type=A.integer("--batch", 1, A.MAX_BATCH), default=32, help="prompts per encoder batch")
-    p.add_argument("--shard-size", type=A.integer("--shard-size", 1, A.MAX_COUNT), default=256, help="prompts per shard file")
+    p.add_argument("--shard-size", type=A.integer("--shard-size", 1, A.MAX_COUNT), default=256,
+                   help="prompts per shard file")
     p.add_argument("--no-t5", action="store_true", help="never load T5 (zeros in its slots)")
     p.add_argument("--trajectories", action="store_true",
                    help="also write the recipe's teacher trajectories (trajectory guidance)")

@@ -233,7 +233,8 @@ def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(prog="python -m sd35flash.ship", description=__doc__.splitlines()[0])
     p.add_argument("src", help="SD3 pipeline folder (e.g. from `sd35flash pretrain --snapshot`)")
     p.add_argument("--name", required=True, help="versioned asset name, e.g. shapes-v1")
-    p.add_argument("--eval-dir", type=Path, help="folder of `sd35flash eval` JSONs for the card (bench/eval_teacher.sh)")
+    p.add_argument("--eval-dir", type=Path,
+                   help="folder of `sd35flash eval` JSONs for the card (bench/eval_teacher.sh)")
     p.add_argument("--dtype", default="float16", choices=tuple(DTYPES))
     p.add_argument("--steps", type=int, default=28, help="recommended sampling steps")
     p.add_argument("--guidance", type=float, help="recommended guidance (default: the best on val at --steps)")

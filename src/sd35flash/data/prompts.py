@@ -216,7 +216,8 @@ class PromptDataset:
         e = self.epoch if epoch is None else int(epoch)
         n = len(self.prompts)
         if self.shuffle:
-            order = torch.randperm(n, generator=torch.Generator().manual_seed(derive_seed(self.seed, e, EPOCH_STRIDE))).tolist()
+            g = torch.Generator().manual_seed(derive_seed(self.seed, e, EPOCH_STRIDE))
+            order = torch.randperm(n, generator=g).tolist()
         else:
             order = list(range(n))
         return order[self.rank :: self.world_size]

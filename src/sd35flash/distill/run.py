@@ -243,7 +243,8 @@ def open_prepared_for(folder: str | Path, teacher: str, revision: str | None):
     mine = str(Path(teacher).expanduser().resolve()) if local else teacher
     if theirs != mine or (not local and prep.settings.get("revision") != revision):
         raise UserError(f"--prepared {folder} was prepared for teacher {theirs} (encoder fingerprint "
-                        f"{prep.settings.get('fingerprint')}), not {mine}; run `sd35flash prepare --teacher {teacher}` first")
+                        f"{prep.settings.get('fingerprint')}), not {mine}; "
+                        f"run `sd35flash prepare --teacher {teacher}` first")
     return prep
 
 
@@ -301,10 +302,10 @@ def split_outputs(cfg: DistillConfig, presplit, branches) -> tuple[SplitInfo, to
     return split, merged_transformer(branches, weights), extras
 
 
-def distill(cfg: DistillConfig, teacher: str | None, out: Path, prompts: str | None = "shapes", revision: str | None = None,
-            recipe: str = "", resume: bool = False, progress: bool = True, stop_at: int | None = None,
-            init: str | Path | None = None, from_work: str | Path | None = None, force: bool = False,
-            prepared: str | Path | None = None) -> Path:
+def distill(cfg: DistillConfig, teacher: str | None, out: Path, prompts: str | None = "shapes",
+            revision: str | None = None, recipe: str = "", resume: bool = False, progress: bool = True,
+            stop_at: int | None = None, init: str | Path | None = None, from_work: str | Path | None = None,
+            force: bool = False, prepared: str | Path | None = None) -> Path:
     """Distil ``teacher`` into a ``cfg.student_steps``-step student saved at ``out``; returns ``out``.
 
     With stage 2 (``split.steps > 0``) the folder's ``transformer/`` is the merge of the branches at

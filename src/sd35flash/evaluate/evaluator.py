@@ -96,7 +96,8 @@ def apply_schedule(pipe, spec: str, steps: int | None, default_steps: int) -> tu
 
 
 def evaluate(req: EvalRequest, json_out: str | Path, save_images: str | Path | None = None,
-             pipe=None, progress: bool = True, encoder=None, size: int | None = None, extra: dict | None = None) -> dict:
+             pipe=None, progress: bool = True, encoder=None, size: int | None = None,
+             extra: dict | None = None) -> dict:
     """Run one evaluation and write ``json_out`` (and a grid PNG beside it) atomically.
 
     ``encoder`` (a ``text.encoder.PromptEncoder``) and ``size`` come from a device preset;

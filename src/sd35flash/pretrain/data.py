@@ -37,7 +37,8 @@ class WorldImages:
         with ExitStack() as stack:
             if workers > 1 and n >= 2000:
                 # spawn, not fork: the parent may already hold CUDA and torch threads
-                pool = stack.enter_context(ProcessPoolExecutor(workers, mp_context=multiprocessing.get_context("spawn")))
+                pool = stack.enter_context(ProcessPoolExecutor(workers,
+                                                               mp_context=multiprocessing.get_context("spawn")))
                 images = pool.map(_render_job, jobs, chunksize=256)
             else:
                 images = map(_render_job, jobs)

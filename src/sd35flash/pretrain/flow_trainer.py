@@ -168,7 +168,8 @@ class FlowTrainer:
         update = Update(loss, opt, pmodel, fc.grad_clip, "flow/grad_norm", "flow/loss", scheduler=sched,
                         lr_key="flow/lr")
         hooks = [EMAHook(ema, model.parameters),
-                 PeriodicHook(fc.sample_every, lambda s, lg: self.with_ema(ema, model, lambda: self.sample_grid(pipe, s, lg))),
+                 PeriodicHook(fc.sample_every,
+                              lambda s, lg: self.with_ema(ema, model, lambda: self.sample_grid(pipe, s, lg))),
                  PeriodicHook(fc.probe_every, lambda s, lg: self.with_ema(ema, model, lambda: self.probe(pipe, s, lg))),
                  CheckpointHook(acc, ckpt, fc.checkpoint_every, self.stop_at)]
         loop = TrainLoop(acc, [Stage("flow", fc.steps, lambda s: [update])], hooks, log_every=25)

@@ -110,7 +110,8 @@ def snapshot(cfg: PretrainConfig, name: str, out: Path) -> Path:
                 shutil.copyfile(work / src, tmp_dir / dest)
                 logs[f"training/{dest}"] = (tmp_dir / dest).read_bytes()
         vae = AutoencoderKL.from_pretrained(tmp_dir / "vae")
-        vae_metrics = json.loads((work / "vae" / "metrics.json").read_text()) if (work / "vae" / "metrics.json").is_file() else {}
+        vae_metrics_file = work / "vae" / "metrics.json"
+        vae_metrics = json.loads(vae_metrics_file.read_text()) if vae_metrics_file.is_file() else {}
         pipe = build_teacher_pipeline(cfg, vae)
         params = list(FlowModel(pipe, cfg.flow.train_text_encoders).parameters())
         shadow = state["shadow_params"]

@@ -76,7 +76,8 @@ class VAETrainer:
             return self.load_final()
         cfg, acc = self.cfg, self.acc
         vcfg = cfg.vae
-        data = WorldImages.build(vcfg.num_images, seed=cfg.data_seed + 1, size=cfg.model.image_size, progress=self.progress and acc.is_main_process)
+        data = WorldImages.build(vcfg.num_images, seed=cfg.data_seed + 1, size=cfg.model.image_size,
+                                 progress=self.progress and acc.is_main_process)
         vae = VAEWithLoss(build_vae(cfg.model), vcfg.kl_weight, vcfg.fg_weight)
         opt = torch.optim.AdamW(vae.parameters(), lr=vcfg.lr, weight_decay=0.0)
         sched = warmup_cosine(opt, vcfg.warmup, vcfg.steps, 0.05)

@@ -101,7 +101,8 @@ def _scan_cache(transformer, method: str, budget: float) -> Path:
     return cache_root() / "deploy" / "sensitivity" / f"{transformer_fingerprint(transformer)}-{method}-{budget:g}.json"
 
 
-def _mixed_precision(pipe, model: str, preset: Preset, encoder: PromptEncoder, progress: bool) -> tuple[list[str], dict]:
+def _mixed_precision(pipe, model: str, preset: Preset, encoder: PromptEncoder,
+                     progress: bool) -> tuple[list[str], dict]:
     """Run (or reuse) the sensitivity scan and leave ``pipe.transformer`` quantized; returns
     (kept layers, report)."""
     from ...io import atomic_write_json
