@@ -153,7 +153,8 @@ def test_damaged_asset_is_a_one_line_error_naming_the_file(assets, tmp_path, mon
         weights.unlink()
     else:
         shutil.rmtree(folder)
-    rc = main(["eval", "--model", "smoke-v1", "--split", "test", "--num-images", "2", "--json", str(tmp_path / "e.json")])
+    rc = main(["eval", "--model", "smoke-v1", "--split", "test", "--num-images", "2",
+               "--json", str(tmp_path / "e.json")])
     err = _one_line(capsys)
     assert rc == 2 and not (tmp_path / "e.json").exists()
     named = str(folder) if damage == "folder" else str(weights)

@@ -35,8 +35,8 @@ from sd35flash.distill.trajectory import teacher_identity
 
 SUBS = ("transformer", "transformer_branch0", "transformer_branch1")
 CFG = {"batch_size": 4, "trajectory": {"steps": 1, "batch_size": 4, "num_trajectories": 4, "teacher_steps": 4},
-       "student": {"steps": 1}, "split": {"steps": 1}, "gan": {"reinit_prob": 1.0}, "probe_images": 0, "sample_every": 0, "checkpoint_every": 1,
-       "runtime": {"device": "cpu", "num_threads": 1}}
+       "student": {"steps": 1}, "split": {"steps": 1}, "gan": {"reinit_prob": 1.0}, "probe_images": 0,
+       "sample_every": 0, "checkpoint_every": 1, "runtime": {"device": "cpu", "num_threads": 1}}
 
 
 
@@ -172,8 +172,9 @@ def test_fsdp_two_processes_killed_and_resumed_match_one(tiny, tmp_path, monkeyp
 
     # probes and the sample grid ran on the sharded weights: the numbers of one process
     assert (work / "samples" / "step0000003.png").is_file()
+    works = (work, work_dir(cfg, teacher_identity(str(tiny), None), "shapes", one))
     probes = [{r["step"]: r["probe/pixel_std"] for r in map(json.loads, (w / "metrics.jsonl").read_text().splitlines())
-               if "probe/pixel_std" in r} for w in (work, work_dir(cfg, teacher_identity(str(tiny), None), "shapes", one))]
+               if "probe/pixel_std" in r} for w in works]
     assert sorted(probes[0]) == [0, 1, 2, 3]
     assert [probes[0][k] for k in range(4)] == pytest.approx([probes[1][k] for k in range(4)], rel=1e-5)
 

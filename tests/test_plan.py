@@ -95,7 +95,8 @@ def test_plan_of_a_pipeline_folder_counts_its_modules(tiny_pipeline, tmp_path):
     save_pipeline(pipe, tmp_path / "toy")
     plan = plan_memory(str(tmp_path / "toy"), "cpu-onnx-int8", 32)
     comps = plan["components"]
-    for name, attr in (("transformer", "transformer"), ("clip_l", "text_encoder"), ("t5", "text_encoder_3"), ("vae", "vae")):
+    for name, attr in (("transformer", "transformer"), ("clip_l", "text_encoder"), ("t5", "text_encoder_3"),
+                       ("vae", "vae")):
         module = getattr(pipe, attr)
         assert comps[name]["params"] == sum(p.numel() for p in module.parameters()), name
     assert plan["tokens"] == {"image": 16, "text": 24}  # (32/4/2)^2; 12 CLIP + 12 T5 tokens

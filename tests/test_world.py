@@ -73,13 +73,17 @@ def test_jsonl_round_trip(tmp_path) -> None:
         ('{"category": "single_object", "objects": [{"shape": "circle", "color": "red", "size": "huge"}]}', "size"),
         ('{"category": "single_object", "objects": [], "count": null}', "exactly 1"),
         ('{"category": "two_objects", "objects": [{"shape": "circle", "color": "red"}]}', "exactly 2"),
-        ('{"category": "relation", "objects": [{"shape": "circle", "color": "red"}, {"shape": "square", "color": "blue"}]}', "relation"),
-        ('{"category": "position", "objects": [{"shape": "circle", "color": "red"}], "position": "middle"}', "position"),
+        ('{"category": "relation", "objects": [{"shape": "circle", "color": "red"}, '
+         '{"shape": "square", "color": "blue"}]}', "relation"),
+        ('{"category": "position", "objects": [{"shape": "circle", "color": "red"}], "position": "middle"}',
+         "position"),
         ('{"category": "counting", "objects": [{"shape": "circle", "color": "red"}], "count": 4}', "count"),
         ('{"category": "counting", "objects": [{"shape": "circle", "color": "red"}], "count": 0}', "count"),
         ('{"category": "single_object", "objects": [{"shape": "circle", "color": "red"}], "count": 2}', "count"),
-        ('{"category": "single_object", "objects": [{"shape": "circle", "color": "red"}], "colour": "red"}', "unknown key"),
-        ('{"category": "single_object", "objects": [{"shape": "circle", "color": "red", "hue": 3}]}', "unknown object key"),
+        ('{"category": "single_object", "objects": [{"shape": "circle", "color": "red"}], "colour": "red"}',
+         "unknown key"),
+        ('{"category": "single_object", "objects": [{"shape": "circle", "color": "red", "hue": 3}]}',
+         "unknown object key"),
         ('[1, 2]', "JSON object"),
     ],
 )
@@ -148,7 +152,8 @@ def test_two_object_specs_use_distinct_pairs() -> None:
 def test_canonical_prompts() -> None:
     assert canonical_prompt(SceneSpec("single_object", (Obj("circle", "red", "large"),))) == "a large red circle"
     assert canonical_prompt(SceneSpec("single_object", (Obj("circle", "orange"),))) == "an orange circle"
-    assert canonical_prompt(SceneSpec("position", (Obj("square", "blue"),), position="left")) == "a blue square on the left"
+    assert (canonical_prompt(SceneSpec("position", (Obj("square", "blue"),), position="left"))
+            == "a blue square on the left")
     assert (
         canonical_prompt(SceneSpec("two_objects", (Obj("triangle", "yellow"), Obj("circle", "green"))))
         == "a yellow triangle and a green circle"
@@ -206,7 +211,8 @@ def test_layout_obeys_rules() -> None:
                 assert gap >= 3.0
         if spec.category == "position":
             cx, cy = placed[0].center
-            assert {"left": cx < 0.4 * 64, "right": cx > 0.6 * 64, "top": cy < 0.4 * 64, "bottom": cy > 0.6 * 64}[spec.position]
+            assert {"left": cx < 0.4 * 64, "right": cx > 0.6 * 64,
+                    "top": cy < 0.4 * 64, "bottom": cy > 0.6 * 64}[spec.position]
         if spec.category == "relation":
             (x0, y0), (x1, y1) = placed[0].center, placed[1].center
             main, off = {"left_of": (x1 - x0, y1 - y0), "right_of": (x0 - x1, y1 - y0),
