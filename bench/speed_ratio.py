@@ -69,7 +69,7 @@ def main() -> None:
                       + " ".join(f"--{k.replace('_', '-')} {v}" for k, v in vars(a).items()),
            "commit": git_commit(), "machine": f"{platform.machine()}, {torch.get_num_threads()} torch threads",
            "rounds": a.rounds}
-    for n, (_, schedule, k, g) in models.items():
+    for n, (_, _, k, g) in models.items():
         out[n] = {"steps": k, "guidance": g, "nfe": k * (2 if g > 1.0 else 1),
                   **{f"seconds_per_image_{key}": statistics.median(v) for key, v in times[n].items()}}
     for key in ("batch1", f"batch{a.batch}"):
