@@ -90,7 +90,7 @@ def _worker(rank: int, port: int, kill: str | None, cfg, teacher: str, out: Path
         _record_weight_reads(Path(teacher) / "transformer", reads / f"rank{rank}.txt")
     try:
         distill(cfg, teacher, out, progress=False, resume=resume)
-    except BaseException:  # noqa: BLE001 -- the exit code is what the parent reads
+    except BaseException:  # the exit code is what the parent reads
         traceback.print_exc()
         os._exit(1)
     os._exit(0)
@@ -252,7 +252,7 @@ def _adamw8bit_worker(rank: int, port: int, folder: Path) -> None:
         if rank == 0:
             torch.save({"straight": straight, "resumed": resumed, "kinds": eight_bit}, folder / "result.pt")
         torch.distributed.barrier()
-    except BaseException:  # noqa: BLE001 -- the exit code is what the parent reads
+    except BaseException:  # the exit code is what the parent reads
         traceback.print_exc()
         os._exit(1)
     os._exit(0)

@@ -85,7 +85,11 @@ def setup_for_distill(cfg: Any, arch: Architecture, world: int, device: str | to
     vae_scale = 2 ** (len(arch.configs["vae"]["block_out_channels"]) - 1)
     gan = getattr(cfg, "gan", None)
     split = getattr(cfg, "split", None)
-    per = lambda n: max(1, -(-int(n) // world))  # noqa: E731 -- ceil(global batch / processes)
+
+    def per(n) -> int:
+        """ceil(global batch / processes)"""
+        return max(1, -(-int(n) // world))
+
     return TrainSetup(
         config=arch.name, mode=_option(cfg, "mode", "full"), gpus=world, sharding=_option(cfg, "sharding", "ddp"),
         resolution=int(getattr(cfg, "resolution", 0) or 0) or int(tr["sample_size"]) * vae_scale,

@@ -14,11 +14,11 @@ import matplotlib
 from PIL import Image
 
 matplotlib.use("Agg")
-import matplotlib.pyplot as plt  # noqa: E402
+import matplotlib.pyplot as plt
 
-from ..io import atomic_write_text  # noqa: E402
-from ..train.logger import read_metrics  # noqa: E402
-from ..world import CATEGORIES  # noqa: E402
+from ..io import atomic_write_text
+from ..train.logger import read_metrics
+from ..world import CATEGORIES
 
 
 def _save(fig, path: Path) -> str:

@@ -226,7 +226,9 @@ def run_bench(out: str | Path, arch: Architecture, device: torch.device, dtype: 
         row: dict[str, Any] = {}
         result["resolutions"][str(res)] = row
         for name, (schedule, g) in runs.items():
-            one = lambda s=schedule, g=g: generate(pipe, [PROMPT], [0], s, guidance=g, height=res, width=res)  # noqa: E731
+            def one(s=schedule, g=g, res=res):
+                return generate(pipe, [PROMPT], [0], s, guidance=g, height=res, width=res)
+
             e2e = _timed(one, device, warmup, repeats if name == "student" else max(1, repeats // 2 + 1))
             cond = encode_prompts(pipe, [PROMPT]).to(dtype=dtype)
             uncond = encode_prompts(pipe, [""]).to(dtype=dtype) if g > 1 else None
@@ -271,7 +273,9 @@ def run_bench(out: str | Path, arch: Architecture, device: torch.device, dtype: 
         row = result["resolutions"][str(res)]
         row["no_t5"] = {}
         for name, (schedule, g) in runs.items():
-            one = lambda s=schedule, g=g: generate(pipe, [PROMPT], [0], s, guidance=g, height=res, width=res)  # noqa: E731
+            def one(s=schedule, g=g, res=res):
+                return generate(pipe, [PROMPT], [0], s, guidance=g, height=res, width=res)
+
             peak = _peak(one, device, resident())
             planned = plan_memory(no_t5_arch, desktop, res, cfg=g > 1)["peak_gib"]
             row["no_t5"][name] = {"peak_memory_gib": peak, "planned_peak_gib": planned,
@@ -290,7 +294,9 @@ def run_bench(out: str | Path, arch: Architecture, device: torch.device, dtype: 
             pipe.transformer = int8
             schedule = runs["student"][0]
             for res in resolutions:
-                one = lambda: generate(pipe, [PROMPT], [0], schedule, height=res, width=res)  # noqa: E731
+                def one(res=res):
+                    return generate(pipe, [PROMPT], [0], schedule, height=res, width=res)
+
                 peak = _peak(one, device, resident())
                 planned = plan_memory(arch, "laptop-8bit-no-t5", res, free_encoders=False)["peak_gib"]  # CLIPs stay
                 row = result["resolutions"][str(res)]
