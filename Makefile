@@ -7,7 +7,7 @@ TORCH_PIN := torch==2.13.0
 # a local folder of wheels (the CPU torch build) where the machine has one
 FIND_LINKS := $(if $(wildcard /opt/wheels),--find-links /opt/wheels,)
 
-.PHONY: venv demo test clean-venv
+.PHONY: venv demo test lint clean-venv
 
 $(STAMP): pyproject.toml
 	test -x $(BIN)/python || $(PY) -m venv $(VENV)
@@ -20,6 +20,9 @@ venv: $(STAMP)
 
 demo: $(STAMP)
 	$(BIN)/sd35flash demo --preset quick
+
+lint: $(STAMP)
+	$(BIN)/ruff check src tests bench
 
 test: $(STAMP)
 	$(BIN)/python -m pytest tests

@@ -21,9 +21,9 @@ from pathlib import Path
 
 import torch
 
-from sd35flash.models.sampling_settings import resolve_sampling
 from sd35flash.io import atomic_write_text
 from sd35flash.models.pipeline_io import load_pipeline
+from sd35flash.models.sampling_settings import resolve_sampling
 from sd35flash.paths import git_commit
 from sd35flash.sampling import generate
 from sd35flash.world import canonical_prompt, split_specs
@@ -48,7 +48,8 @@ def main() -> None:
     a = ap.parse_args()
     torch.set_grad_enabled(False)
     models = {}
-    for name, folder, steps, g in (("teacher", a.teacher, a.teacher_steps, a.guidance), ("student", a.student, None, None)):
+    for name, folder, steps, g in (("teacher", a.teacher, a.teacher_steps, a.guidance),
+                                   ("student", a.student, None, None)):
         pipe = load_pipeline(folder)
         schedule, k, guidance = resolve_sampling(pipe, folder, steps, g)
         models[name] = (pipe, schedule, k, guidance)
@@ -62,11 +63,13 @@ def main() -> None:
             if r > 0:
                 times[n]["batch1"].append(b1)
                 times[n][f"batch{a.batch}"].append(bb)
-            print(f"round {r}{' (warm-up)' if r == 0 else ''} {n}: {b1:.4f} s/img at batch 1, {bb:.4f} at batch {a.batch}")
-    out = {"command": "python bench/speed_ratio.py " + " ".join(f"--{k.replace('_', '-')} {v}" for k, v in vars(a).items()),
+            print(f"round {r}{' (warm-up)' if r == 0 else ''} {n}: {b1:.4f} s/img at batch 1, "
+                  f"{bb:.4f} at batch {a.batch}")
+    out = {"command": "python bench/speed_ratio.py "
+                      + " ".join(f"--{k.replace('_', '-')} {v}" for k, v in vars(a).items()),
            "commit": git_commit(), "machine": f"{platform.machine()}, {torch.get_num_threads()} torch threads",
            "rounds": a.rounds}
-    for n, (_, schedule, k, g) in models.items():
+    for n, (_, _, k, g) in models.items():
         out[n] = {"steps": k, "guidance": g, "nfe": k * (2 if g > 1.0 else 1),
                   **{f"seconds_per_image_{key}": statistics.median(v) for key, v in times[n].items()}}
     for key in ("batch1", f"batch{a.batch}"):

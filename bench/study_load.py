@@ -82,7 +82,8 @@ def main(argv: list[str] | None = None) -> int:
         "vote": res.percentiles("vote"), "next": res.percentiles("next"), "seconds": res.seconds,
         "votes_per_second": len(res.vote_ids) / res.seconds if res.seconds else None,
         # CPU seconds the server process used (it is reaped above), and this process (the clients)
-        "server_cpu_seconds": (after.children_user + after.children_system) - (before.children_user + before.children_system),
+        "server_cpu_seconds": (after.children_user + after.children_system)
+                              - (before.children_user + before.children_system),
         "client_cpu_seconds": (after.user + after.system) - (before.user + before.system),
         "commit": git_commit(), "cpu": platform.processor() or platform.machine(), "cpus": os.cpu_count(),
     }

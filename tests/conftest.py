@@ -50,8 +50,8 @@ def cache_dir(tmp_path_factory) -> Path:
 @pytest.fixture(scope="session")
 def smoke_teacher(cache_dir, tmp_path_factory) -> Path:
     """The smoke-preset teacher (VAE + flow), trained once per test session through the real CLI path."""
-    from sd35flash.toy_teacher import load_pretrain_config
     from sd35flash.pretrain.run import pretrain
+    from sd35flash.toy_teacher import load_pretrain_config
 
     out = tmp_path_factory.mktemp("teacher") / "smoke"
     return pretrain(load_pretrain_config("smoke"), out, "smoke", resume=False, progress=False)

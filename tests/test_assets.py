@@ -17,9 +17,9 @@ from safetensors import safe_open
 from sd35flash.cli import main
 from sd35flash.errors import UserError
 from sd35flash.evaluate.evaluator import EvalRequest, evaluate
-from sd35flash.models.sampling_settings import resolve_sampling
 from sd35flash.models.pipeline_io import load_pipeline
 from sd35flash.models.registry import CHECKSUM_FILE, REGISTRY_FILE, list_models, resolve_model
+from sd35flash.models.sampling_settings import resolve_sampling
 from sd35flash.sampling import generate, scheduler_schedule
 from sd35flash.ship import ship
 
@@ -153,7 +153,8 @@ def test_damaged_asset_is_a_one_line_error_naming_the_file(assets, tmp_path, mon
         weights.unlink()
     else:
         shutil.rmtree(folder)
-    rc = main(["eval", "--model", "smoke-v1", "--split", "test", "--num-images", "2", "--json", str(tmp_path / "e.json")])
+    rc = main(["eval", "--model", "smoke-v1", "--split", "test", "--num-images", "2",
+               "--json", str(tmp_path / "e.json")])
     err = _one_line(capsys)
     assert rc == 2 and not (tmp_path / "e.json").exists()
     named = str(folder) if damage == "folder" else str(weights)
@@ -196,6 +197,7 @@ def test_package_data_covers_every_asset_file():
     """Every file under src/sd35flash/assets (the registry, and each shipped folder, at any depth)
     matches a package-data pattern of pyproject.toml, so a wheel or `pip install .` carries it."""
     import glob
+
     import tomllib
 
     root = Path(__file__).resolve().parents[1]

@@ -61,7 +61,8 @@ def test_bad_inputs_get_one_line(tmp_path, smoke_teacher, cli_in_process):
 
 def test_generate_and_eval_smoke(tmp_path, smoke_teacher):
     out = tmp_path / "one.png"
-    assert main(["generate", "--model", str(smoke_teacher), "--steps", "3", "a large red circle", "--out", str(out)]) == 0
+    assert main(["generate", "--model", str(smoke_teacher), "--steps", "3", "a large red circle",
+                 "--out", str(out)]) == 0
     assert np.asarray(Image.open(out)).shape == (64, 64, 3)
     prompts = tmp_path / "p.txt"
     prompts.write_text("a red circle\n\ntwo blue squares\n")
@@ -97,14 +98,16 @@ def test_report_lists_every_model(tmp_path, smoke_teacher):
     html = page.read_text()
     for name in results:
         assert name in html and (tmp_path / "report" / f"grid-{name}.png").is_file()
-    assert (tmp_path / "report" / "categories.png").is_file() and (tmp_path / "report" / "alignment_vs_nfe.png").is_file()
+    assert (tmp_path / "report" / "categories.png").is_file()
+    assert (tmp_path / "report" / "alignment_vs_nfe.png").is_file()
 
 
 def test_set_overrides_parse_to_a_nested_mapping():
     from sd35flash.config import parse_overrides
     from sd35flash.errors import ConfigError
 
-    assert parse_overrides(["dmd.timestep_sharing=false", "student.lr=1.0e-4", "gan.blocks=[0, -1]", "student_steps=2"]) == {
+    overrides = ["dmd.timestep_sharing=false", "student.lr=1.0e-4", "gan.blocks=[0, -1]", "student_steps=2"]
+    assert parse_overrides(overrides) == {
         "dmd": {"timestep_sharing": False}, "student": {"lr": 1e-4}, "gan": {"blocks": [0, -1]}, "student_steps": 2}
     for bad in ("nokey", "=3", "a..b=1", "a=[1,"):
         with pytest.raises(ConfigError):

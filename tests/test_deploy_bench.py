@@ -5,8 +5,8 @@ from __future__ import annotations
 import json
 
 from sd35flash.cli import main
-from sd35flash.deploy.tools.bench import ROW_KEYS
 from sd35flash.deploy.runtime.quantize import WEIGHTS_FILE
+from sd35flash.deploy.tools.bench import ROW_KEYS
 
 
 def test_bench_writes_every_key(tiny_dir, tmp_path, monkeypatch):

@@ -123,7 +123,8 @@ def test_sensitivity_scan_tight_budget_keeps_layers(pipe, calib):
     assert rep.error_all_quantized == pytest.approx(err_all, rel=1e-5)
     assert 0 < len(rep.kept) < rep.num_linear
     assert rep.error_final <= err_all / 3
-    assert relative_error(calib.outputs(model), calib.outputs(pipe.transformer)) == pytest.approx(rep.error_final, rel=1e-5)
+    assert relative_error(calib.outputs(model), calib.outputs(pipe.transformer)) == pytest.approx(rep.error_final,
+                                                                                                   rel=1e-5)
     # kept layers are the most sensitive ones and stay in full precision; the rest are quantized
     ranked = sorted(rep.layer_error, key=rep.layer_error.get, reverse=True)
     assert rep.kept == ranked[: len(rep.kept)]

@@ -136,7 +136,8 @@ def test_cli_preset_errors_are_one_line(tiny_dir, tmp_path, monkeypatch, cli_in_
     _one_line_error(cli_in_process("generate", "--model", str(tiny_dir), "--preset", "phone", "a red circle", "--out",
                                    out), "unknown preset 'phone'", "mobile-6bit-no-t5")
     _one_line_error(cli_in_process("generate", "--model", str(tiny_dir), "--preset", "gpu-fp8-no-t5", "--device",
-                                   "cpu", "a red circle", "--out", out), "cannot run on cpu", "presets that can run here")
+                                   "cpu", "a red circle", "--out", out),
+                    "cannot run on cpu", "presets that can run here")
     blocker = tmp_path / "a-file"
     blocker.write_text("x")
     monkeypatch.setenv("SD35FLASH_CACHE", str(blocker / "cache"))

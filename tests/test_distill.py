@@ -153,8 +153,9 @@ def test_trajectory_bank_and_tg_loss(models, tmp_path):
 
     def build():
         return build_bank(models.teacher, lambda ps: models.conditioner.full(ps, "cpu"),
-                          lambda b: models.conditioner.uncond(b, "cpu"), PROMPTS, flow.sampling_schedule(4, 3.0).step_times,
-                          8, models.shift, 4.0, models.latent_shape(), seed=5, batch_size=4, device="cpu")
+                          lambda b: models.conditioner.uncond(b, "cpu"), PROMPTS,
+                          flow.sampling_schedule(4, 3.0).step_times, 8, models.shift, 4.0, models.latent_shape(),
+                          seed=5, batch_size=4, device="cpu")
 
     bank, reused = load_or_build(tmp_path / "b.pt", build)
     again, reused2 = load_or_build(tmp_path / "b.pt", build)
@@ -234,7 +235,8 @@ def test_bad_inputs_get_one_line(smoke_teacher, tmp_path, capsys, monkeypatch):
     _one_line(capsys, "not an SD3 pipeline")
     empty = tmp_path / "empty.txt"
     empty.write_text("\n\n")
-    assert main(["distill", "--teacher", str(smoke_teacher), "--out", str(tmp_path / "o"), "--prompts", str(empty)]) == 2
+    assert main(["distill", "--teacher", str(smoke_teacher), "--out", str(tmp_path / "o"),
+                 "--prompts", str(empty)]) == 2
     _one_line(capsys, "holds no prompts")
     monkeypatch.setenv("SD35FLASH_CACHE", str(tmp_path / "nocache"))
     assert main(["distill", "--out", str(tmp_path / "o")]) == 2

@@ -15,7 +15,8 @@ import torch
 from diffusers import StableDiffusion3Pipeline
 from safetensors.torch import load_file
 
-SETTINGS = {"batch_size": 4, "trajectory": {"steps": 1, "batch_size": 4}, "runtime": {"device": "cpu", "num_threads": 1}}
+SETTINGS = {"batch_size": 4, "trajectory": {"steps": 1, "batch_size": 4},
+            "runtime": {"device": "cpu", "num_threads": 1}}
 FULL = {**SETTINGS, "student": {"steps": 2}}
 LORA = {**SETTINGS, "student": {"steps": 1}, "split": {"steps": 1}, "mode": "lora", "lora": {"rank": 4, "alpha": 4.0}}
 

@@ -35,8 +35,8 @@ from sd35flash.distill.trajectory import teacher_identity
 
 SUBS = ("transformer", "transformer_branch0", "transformer_branch1")
 CFG = {"batch_size": 4, "trajectory": {"steps": 1, "batch_size": 4, "num_trajectories": 4, "teacher_steps": 4},
-       "student": {"steps": 1}, "split": {"steps": 1}, "gan": {"reinit_prob": 1.0}, "probe_images": 0, "sample_every": 0, "checkpoint_every": 1,
-       "runtime": {"device": "cpu", "num_threads": 1}}
+       "student": {"steps": 1}, "split": {"steps": 1}, "gan": {"reinit_prob": 1.0}, "probe_images": 0,
+       "sample_every": 0, "checkpoint_every": 1, "runtime": {"device": "cpu", "num_threads": 1}}
 
 
 
@@ -90,7 +90,7 @@ def _worker(rank: int, port: int, kill: str | None, cfg, teacher: str, out: Path
         _record_weight_reads(Path(teacher) / "transformer", reads / f"rank{rank}.txt")
     try:
         distill(cfg, teacher, out, progress=False, resume=resume)
-    except BaseException:  # noqa: BLE001 -- the exit code is what the parent reads
+    except BaseException:  # the exit code is what the parent reads
         traceback.print_exc()
         os._exit(1)
     os._exit(0)
@@ -172,8 +172,9 @@ def test_fsdp_two_processes_killed_and_resumed_match_one(tiny, tmp_path, monkeyp
 
     # probes and the sample grid ran on the sharded weights: the numbers of one process
     assert (work / "samples" / "step0000003.png").is_file()
+    works = (work, work_dir(cfg, teacher_identity(str(tiny), None), "shapes", one))
     probes = [{r["step"]: r["probe/pixel_std"] for r in map(json.loads, (w / "metrics.jsonl").read_text().splitlines())
-               if "probe/pixel_std" in r} for w in (work, work_dir(cfg, teacher_identity(str(tiny), None), "shapes", one))]
+               if "probe/pixel_std" in r} for w in works]
     assert sorted(probes[0]) == [0, 1, 2, 3]
     assert [probes[0][k] for k in range(4)] == pytest.approx([probes[1][k] for k in range(4)], rel=1e-5)
 
@@ -251,7 +252,7 @@ def _adamw8bit_worker(rank: int, port: int, folder: Path) -> None:
         if rank == 0:
             torch.save({"straight": straight, "resumed": resumed, "kinds": eight_bit}, folder / "result.pt")
         torch.distributed.barrier()
-    except BaseException:  # noqa: BLE001 -- the exit code is what the parent reads
+    except BaseException:  # the exit code is what the parent reads
         traceback.print_exc()
         os._exit(1)
     os._exit(0)
@@ -456,10 +457,10 @@ def test_bad_input_is_one_line(tiny, tmp_path, capsys, monkeypatch, args, match)
 def test_memory_check_plans_fsdp_and_suggests_it():
     """``sharding: fsdp`` is planned as FSDP2 (each GPU holds 1/N of student, fake and teacher); a DDP
     run on several GPUs that does not fit is told that ``--sharding fsdp`` would."""
-    from sd35flash.plan.architecture import load_architecture
-    from sd35flash.plan.train import plan_training
     from sd35flash.distill.memory_check import check_training_fits, setup_for_distill
     from sd35flash.errors import UserError
+    from sd35flash.plan.architecture import load_architecture
+    from sd35flash.plan.train import plan_training
 
     arch = load_architecture("sd35-large")
     cfg = merge(load_distill_config("smoke"), {"sharding": "fsdp", "memory": {"gradient_checkpointing": True}})

@@ -5,8 +5,6 @@ into the teacher with ``load_lora_weights`` reproduces it."""
 
 from __future__ import annotations
 
-import copy
-
 import pytest
 import torch
 from diffusers import SD3Transformer2DModel, StableDiffusion3Pipeline
@@ -51,7 +49,10 @@ def test_lora_models_share_one_frozen_base_and_train_only_adapters(smoke_teacher
     with torch.no_grad():
         assert torch.equal(predict_velocity(models.teacher, x, t, cond), predict_velocity(plain, x, t, cond))
     frozen = {n: p.detach().clone() for n, p in base.named_parameters() if ".lora_" not in n}
-    names = lambda m: {id(p) for p in m.parameters()}  # noqa: E731
+
+    def names(m):
+        return {id(p) for p in m.parameters()}
+
     assert not list(models.teacher.parameters()) and names(models.student).isdisjoint(names(models.fake))
     assert all(p.requires_grad for p in models.student.parameters())
     start = {n: p.detach().clone() for n, p in base.named_parameters() if ".lora_" in n}

@@ -5,15 +5,13 @@ from __future__ import annotations
 import numpy as np
 import pytest
 import torch
-import torch.nn.functional as F
 from accelerate import Accelerator
 from diffusers import SD3Transformer2DModel
 
 from sd35flash import flow
 from sd35flash.config import merge
 from sd35flash.data.prompts import PromptSource, shapes_prompts
-from sd35flash.distill.adversarial import (Discriminator, d_loss, g_loss, reinit_draws, softplus_d_loss,
-                                           softplus_g_loss)
+from sd35flash.distill.adversarial import Discriminator, d_loss, g_loss, reinit_draws, softplus_d_loss, softplus_g_loss
 from sd35flash.distill.config import DMDConfig, GANConfig, load_distill_config
 from sd35flash.distill.critic import Critic
 from sd35flash.distill.dmd import evaluation_times
@@ -180,7 +178,10 @@ def test_fake_warmup_is_a_critic_only_stage(models, source):
 def test_softplus_losses_match_their_formulas():
     real = [torch.tensor([[2.0, -1.0]]), torch.tensor([[0.5]])]
     fake = [torch.tensor([[-3.0, 0.0]]), torch.tensor([[1.0]])]
-    sp = lambda x: float(np.log1p(np.exp(x)))  # noqa: E731
+
+    def sp(x):
+        return float(np.log1p(np.exp(x)))
+
     want_d = ((sp(-2) + sp(1)) / 2 + (sp(-3) + sp(0)) / 2 + sp(-0.5) + sp(1)) / 2
     want_g = ((sp(3) + sp(0)) / 2 + sp(-1)) / 2
     assert float(softplus_d_loss(real, fake)) == pytest.approx(want_d, rel=1e-6)
@@ -245,7 +246,10 @@ def test_gan_tau_uniform_draws_the_discriminators_noise_over_the_range(models, s
 
 def test_reinit_one_head_at_a_time():
     g = torch.Generator().manual_seed(0)
-    draw = lambda: float(torch.rand((), generator=g))  # noqa: E731
+
+    def draw():
+        return float(torch.rand((), generator=g))
+
     for _ in range(50):
         d = reinit_draws(3, "one", draw)
         assert len(d) == 3 and sum(x < 1.0 for x in d) <= 1

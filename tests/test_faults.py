@@ -124,7 +124,8 @@ def test_pretrain_survives_kills_and_damaged_checkpoints(pretrain_ref, tmp_path)
 
 def test_distill_survives_kills_and_damaged_checkpoints(pretrain_ref, tmp_path):
     _, teacher = pretrain_ref
-    _in_process(["distill", "--teacher", str(teacher), "--out", str(tmp_path / "ref"), *DISTILL], tmp_path / "ref-cache")
+    _in_process(["distill", "--teacher", str(teacher), "--out", str(tmp_path / "ref"), *DISTILL],
+                tmp_path / "ref-cache")
     cache, out = tmp_path / "cache", tmp_path / "student"
     run = ["distill", "--teacher", str(teacher), "--out", str(out), *DISTILL]
     _killed(_cli(run, cache, kill="distill:3"))  # DMD stage; checkpoints 1, 2

@@ -70,7 +70,8 @@ def test_export_folder_and_fp32_parity(tiny_model, fp32_export, tiny_config):
             assert got.shape == want.shape
             assert torch.allclose(got, want, atol=1e-4, rtol=1e-4), (got - want).abs().max()
         z = torch.randn(2, tiny_config.latent_channels, 8, 8)
-        assert torch.allclose(ort["vae"].decode(z, return_dict=False)[0], ref.vae.decode(z, return_dict=False)[0], atol=1e-4)
+        assert torch.allclose(ort["vae"].decode(z, return_dict=False)[0], ref.vae.decode(z, return_dict=False)[0],
+                              atol=1e-4)
     with pytest.raises(Exception, match="exported with hidden_states"):
         ort["transformer"](**_transformer_inputs(ref, 1) | {"hidden_states": torch.randn(1, 4, 4, 4)})
 

@@ -11,6 +11,8 @@ from sd35flash.cli import main
 from sd35flash.deploy.runtime.presets import PRESETS
 from sd35flash.deploy.tools.plan import PRESET_MEMORY, plan_memory
 from sd35flash.deploy.tools.plan_check import check_transformer, check_vae
+from sd35flash.errors import UserError
+from sd35flash.models import ToyConfig, build_transformer, build_vae, save_pipeline
 from sd35flash.plan.architecture import (
     build_on_meta,
     load_architecture,
@@ -18,8 +20,6 @@ from sd35flash.plan.architecture import (
     transformer_activation_elements,
     vae_decode_activation_elements,
 )
-from sd35flash.errors import UserError
-from sd35flash.models import ToyConfig, build_transformer, build_vae, save_pipeline
 
 
 @pytest.fixture(scope="module")
@@ -95,7 +95,8 @@ def test_plan_of_a_pipeline_folder_counts_its_modules(tiny_pipeline, tmp_path):
     save_pipeline(pipe, tmp_path / "toy")
     plan = plan_memory(str(tmp_path / "toy"), "cpu-onnx-int8", 32)
     comps = plan["components"]
-    for name, attr in (("transformer", "transformer"), ("clip_l", "text_encoder"), ("t5", "text_encoder_3"), ("vae", "vae")):
+    for name, attr in (("transformer", "transformer"), ("clip_l", "text_encoder"), ("t5", "text_encoder_3"),
+                       ("vae", "vae")):
         module = getattr(pipe, attr)
         assert comps[name]["params"] == sum(p.numel() for p in module.parameters()), name
     assert plan["tokens"] == {"image": 16, "text": 24}  # (32/4/2)^2; 12 CLIP + 12 T5 tokens

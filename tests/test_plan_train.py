@@ -7,11 +7,11 @@ import json
 import pytest
 
 from sd35flash.cli import main
-from sd35flash.plan.train import TrainSetup, plan_training
 from sd35flash.deploy.tools.plan_train_check import check_train_pass
-from sd35flash.distill.memory_check import MEMORY_ENV, check_training_fits, cheapest_fit
+from sd35flash.distill.memory_check import MEMORY_ENV, cheapest_fit, check_training_fits
 from sd35flash.errors import UserError
 from sd35flash.models import save_pipeline
+from sd35flash.plan.train import TrainSetup, plan_training
 
 SMALL = dict(sample_size=32, patch_size=2, in_channels=4, out_channels=4, num_layers=4, attention_head_dim=32,
              num_attention_heads=4, joint_attention_dim=64, caption_projection_dim=128, pooled_projection_dim=32,
@@ -95,9 +95,9 @@ def test_distill_refuses_before_loading_and_force_skips_the_check(tiny_pipeline,
 
 
 def test_distill_reads_its_memory_options_and_suggests_its_own_overrides():
-    from sd35flash.plan.architecture import load_architecture
     from sd35flash.distill.config import load_distill_config
     from sd35flash.distill.memory_check import setup_for_distill
+    from sd35flash.plan.architecture import load_architecture
 
     cfg = load_distill_config("smoke")
     cfg.memory.ema_device, cfg.memory.conditioning, cfg.memory.optimizer = "cpu", "precompute", "adamw8bit"

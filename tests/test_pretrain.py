@@ -8,9 +8,8 @@ from diffusers import StableDiffusion3Pipeline
 
 from sd35flash.config import merge
 from sd35flash.errors import UserError
-from sd35flash.toy_teacher import load_pretrain_config
 from sd35flash.pretrain.run import pretrain
-from sd35flash.toy_teacher import teacher_dir
+from sd35flash.toy_teacher import load_pretrain_config, teacher_dir
 from sd35flash.train.checkpoint import StopTraining
 
 

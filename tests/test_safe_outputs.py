@@ -29,7 +29,6 @@ from sd35flash.io import (
 from sd35flash.models.pipeline_io import save_pipeline
 
 
-
 def _listing(folder: Path) -> list[str]:
     return sorted(str(p.relative_to(folder)) for p in folder.rglob("*"))
 

@@ -4,8 +4,16 @@ import numpy as np
 import torch
 from diffusers import StableDiffusion3Pipeline
 
-from sd35flash import flow
-from sd35flash.sampling import PromptEmbeds, scheduler_schedule, decode_latents, encode_prompts, generate, latent_shape, make_noise, sample_latents
+from sd35flash.sampling import (
+    PromptEmbeds,
+    decode_latents,
+    encode_prompts,
+    generate,
+    latent_shape,
+    make_noise,
+    sample_latents,
+    scheduler_schedule,
+)
 
 
 def test_sampler_matches_stock_pipeline(smoke_teacher):

@@ -13,7 +13,6 @@ import pytest
 from sd35flash.study import db
 from sd35flash.study.app import create_app
 from sd35flash.study.folder import StudyFolder
-
 from study_server import thread_server
 
 pytest.importorskip("playwright.sync_api")
@@ -66,7 +65,8 @@ def test_annotator_page(browser, smoke_study, smoke_teacher, tmp_path, width, he
         for i in range(10):
             text, _ = _progress(page)
             assert text == f"{i} of 10 done"
-            assert float(page.eval_on_selector("#progress-fill", "e => parseFloat(e.style.width)")) == pytest.approx(10 * i)
+            fill = page.eval_on_selector("#progress-fill", "e => parseFloat(e.style.width)")
+            assert float(fill) == pytest.approx(10 * i)
             html = page.content()
             assert not any(n in html for n in MODEL_NAMES) and str(smoke_teacher) not in html
             assert page.locator("#prompt").inner_text().strip()
@@ -125,7 +125,8 @@ def test_admin_page(browser, smoke_study, tmp_path):
         import httpx  # two annotators vote; the page shows them at its next refresh
 
         for _ in range(2):
-            ann = httpx.post(url + "/api/session", json={"invite": StudyFolder(study).invite_code()}).json()["annotator"]
+            invite = StudyFolder(study).invite_code()
+            ann = httpx.post(url + "/api/session", json={"invite": invite}).json()["annotator"]
             for _ in range(3):
                 pair = httpx.get(url + "/api/next", params={"annotator": ann}).json()
                 httpx.post(url + "/api/vote", json={"annotator": ann, "pair_id": pair["pair_id"], "choice": "left"})

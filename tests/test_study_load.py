@@ -9,11 +9,11 @@ import threading
 import time
 
 import pytest
-from study_server import free_port, start_process, wait_up
 
 from sd35flash.study import db
 from sd35flash.study.folder import StudyFolder
 from sd35flash.study.loadgen import LoadResult, run_load
+from study_server import free_port, start_process, wait_up
 
 ANNOTATORS = 12
 VOTES = 10

@@ -13,11 +13,11 @@ from sd35flash.cli import main
 from sd35flash.errors import UserError
 from sd35flash.evaluate.evaluator import parse_schedule
 from sd35flash.evaluate.teacher_table import teacher_table
-from sd35flash.evaluate.training_curve import curves, main as curve_main
+from sd35flash.evaluate.training_curve import curves
+from sd35flash.evaluate.training_curve import main as curve_main
 from sd35flash.models.pipeline_io import load_pipeline
-from sd35flash.toy_teacher import load_pretrain_config
-from sd35flash.toy_teacher import teacher_dir
 from sd35flash.sampling import generate, scheduler_schedule
+from sd35flash.toy_teacher import load_pretrain_config, teacher_dir
 from sd35flash.world import canonical_prompt, split_specs
 
 

@@ -30,11 +30,11 @@ from sd35flash.world import (
     write_jsonl,
 )
 
-O = ObjectSpec
+Obj = ObjectSpec
 
 
 def _relation_spec(relation: str = "left_of") -> SceneSpec:
-    return SceneSpec("relation", (O("circle", "red", "large"), O("square", "blue", None)), relation=relation)
+    return SceneSpec("relation", (Obj("circle", "red", "large"), Obj("square", "blue", None)), relation=relation)
 
 
 # ----------------------------------------------------------------------------- specs
@@ -73,13 +73,17 @@ def test_jsonl_round_trip(tmp_path) -> None:
         ('{"category": "single_object", "objects": [{"shape": "circle", "color": "red", "size": "huge"}]}', "size"),
         ('{"category": "single_object", "objects": [], "count": null}', "exactly 1"),
         ('{"category": "two_objects", "objects": [{"shape": "circle", "color": "red"}]}', "exactly 2"),
-        ('{"category": "relation", "objects": [{"shape": "circle", "color": "red"}, {"shape": "square", "color": "blue"}]}', "relation"),
-        ('{"category": "position", "objects": [{"shape": "circle", "color": "red"}], "position": "middle"}', "position"),
+        ('{"category": "relation", "objects": [{"shape": "circle", "color": "red"}, '
+         '{"shape": "square", "color": "blue"}]}', "relation"),
+        ('{"category": "position", "objects": [{"shape": "circle", "color": "red"}], "position": "middle"}',
+         "position"),
         ('{"category": "counting", "objects": [{"shape": "circle", "color": "red"}], "count": 4}', "count"),
         ('{"category": "counting", "objects": [{"shape": "circle", "color": "red"}], "count": 0}', "count"),
         ('{"category": "single_object", "objects": [{"shape": "circle", "color": "red"}], "count": 2}', "count"),
-        ('{"category": "single_object", "objects": [{"shape": "circle", "color": "red"}], "colour": "red"}', "unknown key"),
-        ('{"category": "single_object", "objects": [{"shape": "circle", "color": "red", "hue": 3}]}', "unknown object key"),
+        ('{"category": "single_object", "objects": [{"shape": "circle", "color": "red"}], "colour": "red"}',
+         "unknown key"),
+        ('{"category": "single_object", "objects": [{"shape": "circle", "color": "red", "hue": 3}]}',
+         "unknown object key"),
         ('[1, 2]', "JSON object"),
     ],
 )
@@ -106,11 +110,11 @@ def test_missing_and_empty_files_raise_spec_error(tmp_path) -> None:
 
 def test_direct_construction_is_validated() -> None:
     with pytest.raises(SpecError):
-        O("circle", "red", "medium")
+        Obj("circle", "red", "medium")
     with pytest.raises(SpecError):
-        SceneSpec("counting", (O("circle", "red"),), count=None)
+        SceneSpec("counting", (Obj("circle", "red"),), count=None)
     with pytest.raises(SpecError):
-        SceneSpec("position", (O("circle", "red"),))
+        SceneSpec("position", (Obj("circle", "red"),))
 
 
 # ----------------------------------------------------------------------------- splits
@@ -146,20 +150,21 @@ def test_two_object_specs_use_distinct_pairs() -> None:
 
 
 def test_canonical_prompts() -> None:
-    assert canonical_prompt(SceneSpec("single_object", (O("circle", "red", "large"),))) == "a large red circle"
-    assert canonical_prompt(SceneSpec("single_object", (O("circle", "orange"),))) == "an orange circle"
-    assert canonical_prompt(SceneSpec("position", (O("square", "blue"),), position="left")) == "a blue square on the left"
+    assert canonical_prompt(SceneSpec("single_object", (Obj("circle", "red", "large"),))) == "a large red circle"
+    assert canonical_prompt(SceneSpec("single_object", (Obj("circle", "orange"),))) == "an orange circle"
+    assert (canonical_prompt(SceneSpec("position", (Obj("square", "blue"),), position="left"))
+            == "a blue square on the left")
     assert (
-        canonical_prompt(SceneSpec("two_objects", (O("triangle", "yellow"), O("circle", "green"))))
+        canonical_prompt(SceneSpec("two_objects", (Obj("triangle", "yellow"), Obj("circle", "green"))))
         == "a yellow triangle and a green circle"
     )
     assert (
-        canonical_prompt(SceneSpec("relation", (O("circle", "red"), O("square", "blue")), relation="left_of"))
+        canonical_prompt(SceneSpec("relation", (Obj("circle", "red"), Obj("square", "blue")), relation="left_of"))
         == "a red circle left of a blue square"
     )
-    assert canonical_prompt(SceneSpec("counting", (O("diamond", "white"),), count=3)) == "three white diamonds"
-    assert canonical_prompt(SceneSpec("counting", (O("diamond", "white"),), count=1)) == "one white diamond"
-    assert canonical_prompt(SceneSpec("counting", (O("square", "red", "small"),), count=2)) == "two small red squares"
+    assert canonical_prompt(SceneSpec("counting", (Obj("diamond", "white"),), count=3)) == "three white diamonds"
+    assert canonical_prompt(SceneSpec("counting", (Obj("diamond", "white"),), count=1)) == "one white diamond"
+    assert canonical_prompt(SceneSpec("counting", (Obj("square", "red", "small"),), count=2)) == "two small red squares"
 
 
 def test_paraphrases_use_only_vocabulary_words_and_include_canonical() -> None:
@@ -206,7 +211,8 @@ def test_layout_obeys_rules() -> None:
                 assert gap >= 3.0
         if spec.category == "position":
             cx, cy = placed[0].center
-            assert {"left": cx < 0.4 * 64, "right": cx > 0.6 * 64, "top": cy < 0.4 * 64, "bottom": cy > 0.6 * 64}[spec.position]
+            assert {"left": cx < 0.4 * 64, "right": cx > 0.6 * 64,
+                    "top": cy < 0.4 * 64, "bottom": cy > 0.6 * 64}[spec.position]
         if spec.category == "relation":
             (x0, y0), (x1, y1) = placed[0].center, placed[1].center
             main, off = {"left_of": (x1 - x0, y1 - y0), "right_of": (x0 - x1, y1 - y0),
@@ -224,7 +230,7 @@ def test_judge_accepts_render_and_rejects_obvious_mismatches() -> None:
     assert v.correct and set(v.checks) == {"colors", "count", "presence", "relation", "size"}
     assert not judge(img, _relation_spec("right_of")).correct
     assert not judge(img, _relation_spec("above")).correct
-    assert not judge(img, SceneSpec("single_object", (O("circle", "red"),))).correct
+    assert not judge(img, SceneSpec("single_object", (Obj("circle", "red"),))).correct
     blank = np.zeros_like(img)
     assert not judge(blank, spec).correct and not judge(blank, spec).checks["colors"]
     # float images in [0, 1] are accepted too

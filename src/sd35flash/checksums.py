@@ -128,7 +128,8 @@ def check_safetensors(path: str | Path, label: str | None = None) -> None:
             header = json.loads(f.read(n))
         end = max((int(v["data_offsets"][1]) for k, v in header.items() if k != "__metadata__"), default=0)
     except (ValueError, KeyError, TypeError, IndexError, UnicodeDecodeError) as exc:
-        raise DamagedFileError(f"{where} is not a readable safetensors file ({exc}); re-create or re-download it") from exc
+        raise DamagedFileError(f"{where} is not a readable safetensors file ({exc}); "
+                               "re-create or re-download it") from exc
     if 8 + n + end != size:
         raise DamagedFileError(f"{where} is truncated or padded ({size} bytes, its header says {8 + n + end}); "
                                "re-create or re-download it")

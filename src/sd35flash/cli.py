@@ -95,7 +95,8 @@ def build_parser() -> argparse.ArgumentParser:
     e.add_argument("--no-t5", action="store_true")
     e.add_argument("--no-fd", action="store_true", help="skip the FD computation")
     e.add_argument("--variant", default="auto", help=VARIANT_HELP)
-    e.add_argument("--schedule", type=_schedule, help="sampling times: scheduler | uniform | a list such as 1,0.9,0.75,0.5,0 "
+    e.add_argument("--schedule", type=_schedule,
+                   help="sampling times: scheduler | uniform | a list such as 1,0.9,0.75,0.5,0 "
                    "(default: the model's own)")
     e.add_argument("--json", dest="json_out", required=True)
     e.add_argument("--save-images", help="also write every image and a manifest.jsonl here")
@@ -115,7 +116,8 @@ def build_parser() -> argparse.ArgumentParser:
                     "adapters on one shared frozen base (config `mode`, `lora.rank/alpha/targets`)")
     ds.add_argument("--sharding", choices=("ddp", "fsdp"), help="ddp: whole models on every process (default); "
                     "fsdp: FSDP2 shards student, critic and teacher per block (full mode, under torchrun)")
-    ds.add_argument("--resolution", type=A.resolution, help="training images in pixels (default: the teacher's own size)")
+    ds.add_argument("--resolution", type=A.resolution,
+                    help="training images in pixels (default: the teacher's own size)")
     ds.add_argument("--prepared", metavar="DIR", help="a `sd35flash prepare` folder: its prompts, embeddings (the "
                     "text encoders are not loaded for training) and trajectories")
     ds.add_argument("--resume", action="store_true", help="continue an unfinished run of the same config")
@@ -207,7 +209,8 @@ def _add_train_plan_arguments(pl) -> None:
     t.add_argument("--encoders", choices=("freed", "resident"), default="freed",
                    help="freed: prompt embeddings precomputed; resident: text encoders stay loaded")
     t.add_argument("--no-gan", action="store_true", help="without the discriminator (critic batch b, not 2b)")
-    t.add_argument("--split-branches", type=A.integer("--split-branches", 0, 64), default=0, help="stage-2 branches (0: no stage 2)")
+    t.add_argument("--split-branches", type=A.integer("--split-branches", 0, 64), default=0,
+                   help="stage-2 branches (0: no stage 2)")
     t.add_argument("--probe-batch", type=A.integer("--probe-batch", 1, A.MAX_BATCH), default=1)
 
 
@@ -291,8 +294,8 @@ def _cmd_world(args) -> int:
 
 
 def _cmd_pretrain(args) -> int:
-    from .toy_teacher import load_pretrain_config
     from .pretrain.run import pretrain
+    from .toy_teacher import load_pretrain_config
 
     cfg = load_pretrain_config(args.preset, args.config)
     name = Path(args.config).stem if args.config else args.preset
@@ -320,10 +323,10 @@ def _read_prompts(path: str) -> list[str]:
 
 
 def _cmd_generate(args) -> int:
-    from .models.sampling_settings import resolve_sampling
     from .imaging import make_grid, save_png
     from .models.branches import sampling_transformer
     from .models.pipeline_io import load_pipeline
+    from .models.sampling_settings import resolve_sampling
     from .sampling import generate
 
     if args.prompts and args.prompt:
@@ -362,8 +365,8 @@ def _cmd_eval(args) -> int:
     dp = _deploy.deployed_from_args(args)
     req.use_t5 = dp.use_t5 if dp else req.use_t5
     res = evaluate(req, args.json_out, save_images=args.save_images,
-                   **({"pipe": dp.pipe, "encoder": dp.encoder, "size": dp.size, "extra": {"preset": dp.preset.to_dict()}}
-                      if dp else {}))
+                   **({"pipe": dp.pipe, "encoder": dp.encoder, "size": dp.size,
+                       "extra": {"preset": dp.preset.to_dict()}} if dp else {}))
     a = res["alignment"]
     print(json.dumps({"alignment": a, "fd_effnet": res.get("fd_effnet"), "seconds_per_image": res["seconds_per_image"],
                       "variant": res["variant"], "transformer_bytes": res["transformer_bytes"],
@@ -396,8 +399,8 @@ def _cmd_distill(args) -> int:
 
 
 def _cmd_merge(args) -> int:
-    from .models.merge import ratio_weights, write_merged
     from .models.branches import memory_report
+    from .models.merge import ratio_weights, write_merged
 
     if args.ratio is not None:
         weights = ratio_weights(args.ratio)

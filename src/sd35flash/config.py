@@ -301,7 +301,8 @@ def parse_overrides(items: list[str]) -> dict:
     for item in items:
         key, sep, text = item.partition("=")
         if not sep or not key or any(not part for part in key.split(".")):
-            raise ConfigError(f"--set expects KEY=VALUE with a dotted key (e.g. dmd.timestep_sharing=false), got {item!r}")
+            raise ConfigError("--set expects KEY=VALUE with a dotted key (e.g. dmd.timestep_sharing=false), "
+                              f"got {item!r}")
         try:
             value = yaml.safe_load(text)
         except yaml.YAMLError:

@@ -24,16 +24,16 @@ from pathlib import Path
 from .config import merge
 from .distill.config import load_distill_config
 from .distill.run import distill
+from .errors import UserError
 from .evaluate.evaluator import EvalRequest, evaluate
 from .evaluate.merge_sweep import SweepRequest, merge_sweep, parse_ratios
 from .evaluate.report import write_report
-from .errors import UserError
 from .io import atomic_write_json
 from .models.registry import default_teacher as shipped_teacher
 from .models.registry import verify_asset
 from .models.student_info import read_student_info
-from .toy_teacher import load_pretrain_config, teacher_dir
 from .pretrain.run import pretrain
+from .toy_teacher import load_pretrain_config, teacher_dir
 
 
 @dataclass(frozen=True)

@@ -263,7 +263,9 @@ def _prepare_trajectories(req: PrepareRequest, settings: dict, prompts: list[str
     bank_prompts = [prompts[m % len(prompts)] for m in range(n)]
     cond = StoredConditioner(EmbeddingStore(store_dir, fingerprint=fp), dtype=torch.float32)
     teacher = SD3Transformer2DModel.from_pretrained(req.teacher, subfolder="transformer", revision=req.revision)
-    teacher = teacher.to(ranks.device).eval().requires_grad_(False)
+    # held in a dict that is cleared once the shards are written, so the teacher is freed before the barrier
+    held = {"teacher": teacher.to(ranks.device).eval().requires_grad_(False)}
+    del teacher
     student = flow.Schedule.from_step_times(settings["schedule"])
     sched, record = teacher_schedule(student, settings["teacher_steps"], settings["shift"])
     seed = derive_seed(settings["seed"], 17)
@@ -272,8 +274,8 @@ def _prepare_trajectories(req: PrepareRequest, settings: dict, prompts: list[str
 
     def build(first: int, ps: list[str]) -> torch.Tensor:
         noise = make_noise(shape, [seed + first + m for m in range(len(ps))], device=dev)
-        return teacher_trajectories(teacher, noise, sched, record, cond.full(ps, dev), cond.uncond(len(ps), dev),
-                                    settings["guidance"])
+        return teacher_trajectories(held["teacher"], noise, sched, record, cond.full(ps, dev),
+                                    cond.uncond(len(ps), dev), settings["guidance"])
 
     folder = req.out / "trajectories"
     dtype = DTYPES[req.dtype]
@@ -283,7 +285,7 @@ def _prepare_trajectories(req: PrepareRequest, settings: dict, prompts: list[str
     write_trajectory_shards(build, bank_prompts, folder, settings, req.shard_size, dtype, req.batch, ranks.rank,
                             ranks.world, bar.update)
     bar.close()
-    del teacher
+    held.clear()
     ranks.barrier()
     if _write_index(lambda: write_trajectory_index(folder, bank_prompts, settings, student, req.shard_size, dtype),
                     ranks):
@@ -307,7 +309,8 @@ def register(sub) -> dict[str, Callable]:
                    help="image size in pixels (default: the model's; 512 or 1024 for SD3.5)")
     p.add_argument("--dtype", default="bf16", choices=("bf16", "fp16", "fp32"), help="stored precision (default bf16)")
     p.add_argument("--batch", type=A.integer("--batch", 1, A.MAX_BATCH), default=32, help="prompts per encoder batch")
-    p.add_argument("--shard-size", type=A.integer("--shard-size", 1, A.MAX_COUNT), default=256, help="prompts per shard file")
+    p.add_argument("--shard-size", type=A.integer("--shard-size", 1, A.MAX_COUNT), default=256,
+                   help="prompts per shard file")
     p.add_argument("--no-t5", action="store_true", help="never load T5 (zeros in its slots)")
     p.add_argument("--trajectories", action="store_true",
                    help="also write the recipe's teacher trajectories (trajectory guidance)")

@@ -51,7 +51,8 @@ def clip_length(pipe) -> int:
     return int(pipe.tokenizer.model_max_length)
 
 
-def encode_prompts(pipe, prompts: Sequence[str], use_t5: bool = True, device: torch.device | str | None = None) -> PromptEmbeds:
+def encode_prompts(pipe, prompts: Sequence[str], use_t5: bool = True,
+                   device: torch.device | str | None = None) -> PromptEmbeds:
     """Encode prompts exactly as ``StableDiffusion3Pipeline.encode_prompt`` does (no CFG batch).
 
     Layout (SD3): ``[CLIP-L ++ CLIP-G penultimate hidden states, zero-padded to the T5 width]``
@@ -105,7 +106,8 @@ def predict_velocity(transformer, x: torch.Tensor, t: torch.Tensor | float, cond
     )[0]
 
 
-def guided_velocity(transformer, x: torch.Tensor, t: torch.Tensor | float, cond: PromptEmbeds, uncond: PromptEmbeds | None, guidance: float) -> torch.Tensor:
+def guided_velocity(transformer, x: torch.Tensor, t: torch.Tensor | float, cond: PromptEmbeds,
+                    uncond: PromptEmbeds | None, guidance: float) -> torch.Tensor:
     """Velocity with classifier-free guidance (one batched pass of [uncond, cond] when ``guidance > 1``).
 
     ``t`` is a float or a per-sample (B,) tensor."""
@@ -166,7 +168,8 @@ def latent_shape(pipe, height: int, width: int) -> tuple[int, int, int]:
 def make_noise(shape: tuple[int, int, int], seeds: Sequence[int], dtype=torch.float32, device="cpu") -> torch.Tensor:
     """Per-image noise: image ``i`` uses ``torch.Generator().manual_seed(seeds[i])`` on the CPU, so an
     image depends only on its own seed (the same noise the stock pipeline draws for that generator)."""
-    out = [torch.randn((1, *shape), generator=torch.Generator("cpu").manual_seed(int(s)), dtype=torch.float32) for s in seeds]
+    out = [torch.randn((1, *shape), generator=torch.Generator("cpu").manual_seed(int(s)), dtype=torch.float32)
+           for s in seeds]
     return torch.cat(out).to(device=device, dtype=dtype)
 
 
@@ -244,7 +247,8 @@ def generate(
             if uncond_cache is None:
                 uncond_cache = encode([""]).to(device=device, dtype=dtype)
             uncond = PromptEmbeds(uncond_cache.embeds.expand(len(ps), -1, -1), uncond_cache.pooled.expand(len(ps), -1))
-        noise = make_noise(latent_shape(pipe, height, width), seeds[start : start + batch_size], dtype=dtype, device=device)
+        noise = make_noise(latent_shape(pipe, height, width), seeds[start : start + batch_size], dtype=dtype,
+                           device=device)
         lat = sample_latents(model, noise, schedule, cond, uncond, guidance)
         out.append(decode_latents(pipe.vae, lat, label, ps))
         if progress is not None:

@@ -32,12 +32,12 @@ import torch
 import yaml
 
 from .errors import UserError
+from .evaluate.teacher_table import metrics_table, read_evals
 from .io import atomic_write_text, replace_dir
 from .models.pipeline_io import load_pipeline, save_pipeline
 from .models.registry import REGISTRY_FILE, ShippedModel, assets_root, list_models, write_checksums
 from .sampling import generate, scheduler_schedule
 from .sizes import folder_bytes
-from .evaluate.teacher_table import metrics_table, read_evals
 from .world import canonical_prompt, judge, split_specs
 
 DTYPES = {"float16": torch.float16, "bfloat16": torch.bfloat16, "float32": torch.float32}
@@ -233,7 +233,8 @@ def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(prog="python -m sd35flash.ship", description=__doc__.splitlines()[0])
     p.add_argument("src", help="SD3 pipeline folder (e.g. from `sd35flash pretrain --snapshot`)")
     p.add_argument("--name", required=True, help="versioned asset name, e.g. shapes-v1")
-    p.add_argument("--eval-dir", type=Path, help="folder of `sd35flash eval` JSONs for the card (bench/eval_teacher.sh)")
+    p.add_argument("--eval-dir", type=Path,
+                   help="folder of `sd35flash eval` JSONs for the card (bench/eval_teacher.sh)")
     p.add_argument("--dtype", default="float16", choices=tuple(DTYPES))
     p.add_argument("--steps", type=int, default=28, help="recommended sampling steps")
     p.add_argument("--guidance", type=float, help="recommended guidance (default: the best on val at --steps)")

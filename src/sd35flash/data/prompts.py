@@ -30,9 +30,9 @@ from typing import Any
 import torch
 
 from ..errors import UserError
+from ..seeds import EPOCH_STRIDE, derive_seed
 from ..world import SceneSpec, canonical_prompt, paraphrase, split_specs
 from ..world.spec import SpecError
-from ..seeds import EPOCH_STRIDE, derive_seed
 
 __all__ = ["PREPARED_PROMPTS", "PromptDataset", "PromptSource", "file_prompts", "load_prompts", "shapes_prompts",
            "write_prompts"]
@@ -216,7 +216,8 @@ class PromptDataset:
         e = self.epoch if epoch is None else int(epoch)
         n = len(self.prompts)
         if self.shuffle:
-            order = torch.randperm(n, generator=torch.Generator().manual_seed(derive_seed(self.seed, e, EPOCH_STRIDE))).tolist()
+            g = torch.Generator().manual_seed(derive_seed(self.seed, e, EPOCH_STRIDE))
+            order = torch.randperm(n, generator=g).tolist()
         else:
             order = list(range(n))
         return order[self.rank :: self.world_size]

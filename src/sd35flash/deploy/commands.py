@@ -11,11 +11,14 @@ from collections.abc import Callable
 
 def _add_runtime_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--preset", help="a device preset (precision, quantization, T5, ...); see `sd35flash presets`")
-    p.add_argument("--device", default="auto", help="auto (CUDA if present with --preset, else CPU) | cpu | cuda | cuda:N")
-    p.add_argument("--no-embed-cache", action="store_true", help="with --preset: do not cache prompt embeddings on disk")
+    p.add_argument("--device", default="auto",
+                   help="auto (CUDA if present with --preset, else CPU) | cpu | cuda | cuda:N")
+    p.add_argument("--no-embed-cache", action="store_true",
+                   help="with --preset: do not cache prompt embeddings on disk")
 
 
-def register(sub, generate_parser: argparse.ArgumentParser, eval_parser: argparse.ArgumentParser) -> dict[str, Callable]:
+def register(sub, generate_parser: argparse.ArgumentParser,
+             eval_parser: argparse.ArgumentParser) -> dict[str, Callable]:
     """Add the runtime options and subcommands; returns ``{command: handler}`` for ``cli.COMMANDS``."""
     from .. import args as A
 
@@ -25,7 +28,8 @@ def register(sub, generate_parser: argparse.ArgumentParser, eval_parser: argpars
     ps.add_argument("--device", default="auto", help="mark which presets run on this device")
     ps.add_argument("--json", dest="json_out", help="also write the presets as JSON here")
 
-    b = sub.add_parser("bench", help="per preset: seconds/image, transformer s/step, peak memory, weights, alignment, FD")
+    b = sub.add_parser("bench",
+                       help="per preset: seconds/image, transformer s/step, peak memory, weights, alignment, FD")
     b.add_argument("--model", required=True, help="SD3 pipeline folder (student or teacher)")
     b.add_argument("--presets", required=True, help="comma-separated preset names")
     b.add_argument("--json", dest="json_out", required=True)
@@ -34,7 +38,8 @@ def register(sub, generate_parser: argparse.ArgumentParser, eval_parser: argpars
     b.add_argument("--teacher-preset", default="reference-fp32", help="preset for the teacher row")
     b.add_argument("--steps", type=A.steps, help="model steps (default: its sd35flash.json)")
     b.add_argument("--guidance", type=A.guidance, help="model guidance (default: its sd35flash.json)")
-    b.add_argument("--num-images", type=A.integer("--num-images", 1, A.MAX_BATCH), default=4, help="images per timed run (one batch)")
+    b.add_argument("--num-images", type=A.integer("--num-images", 1, A.MAX_BATCH), default=4,
+                   help="images per timed run (one batch)")
     b.add_argument("--runs", type=A.integer("--runs", 1, 1000), default=3, help="timed runs after one warm-up (median)")
     b.add_argument("--eval-images", type=A.integer("--eval-images", 1, 100_000), default=100,
                    help="test-split specs for alignment and FD")
@@ -87,6 +92,7 @@ def cmd_bench(args) -> int:
     rows = dict(res["presets"])
     if "teacher" in res:
         rows["teacher"] = res["teacher"]
-    keys = ("seconds_per_image", "transformer_seconds_per_step", "peak_memory_gib", "weights_gib", "alignment", "fd_effnet")
+    keys = ("seconds_per_image", "transformer_seconds_per_step", "peak_memory_gib", "weights_gib", "alignment",
+            "fd_effnet")
     print(json.dumps({n: {k: r.get(k) for k in keys} for n, r in rows.items()}, indent=1))
     return 0

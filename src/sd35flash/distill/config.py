@@ -291,11 +291,12 @@ class DistillConfig:
             s = self.schedule
             if len(s) != self.student_steps or abs(s[0] - 1.0) > 1e-9 or any(b >= a for a, b in zip(s, s[1:])) \
                     or s[-1] <= 0:
-                raise ConfigError(f"schedule must hold {self.student_steps} descending times in (0, 1] starting at 1.0, "
-                                  f"got {s}")
+                raise ConfigError(f"schedule must hold {self.student_steps} descending times in (0, 1] "
+                                  f"starting at 1.0, got {s}")
         for name, v in (("batch_size", self.batch_size), ("trajectory.batch_size", self.trajectory.batch_size),
                         ("memory.probe_batch", self.memory.probe_batch),
-                        ("fake.updates", self.fake.updates), ("trajectory.teacher_steps", self.trajectory.teacher_steps)):
+                        ("fake.updates", self.fake.updates),
+                        ("trajectory.teacher_steps", self.trajectory.teacher_steps)):
             if v < 1:
                 raise ConfigError(f"{name} must be >= 1, got {v}")
         if self.trajectory.teacher_steps % self.student_steps:

@@ -26,7 +26,8 @@ def fake_flow_loss(v_fake: torch.Tensor, x0_s: torch.Tensor, eps: torch.Tensor) 
     return F.mse_loss(v_fake.float(), flow.target_velocity(x0_s.detach(), eps).float())
 
 
-def fake_tau(mixture: str, dmd_tau: torch.Tensor, u: torch.Tensor | None, tau_range: tuple[float, float]) -> torch.Tensor:
+def fake_tau(mixture: str, dmd_tau: torch.Tensor, u: torch.Tensor | None,
+             tau_range: tuple[float, float]) -> torch.Tensor:
     """The fake's training times: ``dmd_tau`` (``shared``) or ``lo + (hi - lo) u`` (``uniform_steps``)."""
     if mixture == "shared":
         return dmd_tau

@@ -131,8 +131,8 @@ def load_trainer(work: Path, checkpoint: int | None = None):
     from .models import DistillModels
     from .prompts import load_prompts
     from .run import real_bank, trajectory_bank
-    from .trajectory import teacher_identity
     from .trainer import DistillTrainer
+    from .trajectory import teacher_identity
 
     meta_file = work / "config.json"
     if not meta_file.is_file():

@@ -10,7 +10,8 @@ more than one process), ``--mode lora`` (each alone, then together) and more GPU
 
 ``SD35FLASH_DEVICE_MEMORY_GIB`` overrides the device memory (tests; a GPU shared with another job).
 Options the config does not have are taken at what ``distill/trainer.py`` does without them: full
-fine-tuning, DDP (``sharding: fsdp`` is planned as FSDP2), an fp32 teacher, text encoders resident, EMA on the device, every optimiser kept.
+fine-tuning, DDP (``sharding: fsdp`` is planned as FSDP2), an fp32 teacher, text encoders resident,
+EMA on the device, every optimiser kept.
 """
 
 from __future__ import annotations
@@ -22,9 +23,9 @@ from typing import Any
 
 import torch
 
+from ..errors import UserError
 from ..plan.architecture import Architecture, load_architecture
 from ..plan.train import TrainSetup, plan_training
-from ..errors import UserError
 
 __all__ = ["available_gib", "check_distill_fits", "check_training_fits", "cheapest_fit", "setup_for_distill"]
 
@@ -84,10 +85,15 @@ def setup_for_distill(cfg: Any, arch: Architecture, world: int, device: str | to
     vae_scale = 2 ** (len(arch.configs["vae"]["block_out_channels"]) - 1)
     gan = getattr(cfg, "gan", None)
     split = getattr(cfg, "split", None)
-    per = lambda n: max(1, -(-int(n) // world))  # noqa: E731 -- ceil(global batch / processes)
+
+    def per(n) -> int:
+        """ceil(global batch / processes)"""
+        return max(1, -(-int(n) // world))
+
     return TrainSetup(
         config=arch.name, mode=_option(cfg, "mode", "full"), gpus=world, sharding=_option(cfg, "sharding", "ddp"),
-        resolution=int(getattr(cfg, "resolution", 0) or 0) or int(tr["sample_size"]) * vae_scale, batch=per(cfg.batch_size),
+        resolution=int(getattr(cfg, "resolution", 0) or 0) or int(tr["sample_size"]) * vae_scale,
+        batch=per(cfg.batch_size),
         tg_batch=per(cfg.trajectory.batch_size) if cfg.trajectory.steps > 0 else None,
         gradient_checkpointing=bool(_option(cfg, "gradient_checkpointing", False)),
         optimizer=_option(cfg, "optimizer", "adamw"),

@@ -156,9 +156,10 @@ class FlowDMD:
         return [self.ema, self.sched_s, self.prompt_sampler, self.tg_sampler, self.real_sampler]
 
     def allocate_branches(self) -> list[EMA]:
-        """K branch copies of the student (LoRA mode: K branch adapters on the shared base) with their optimisers and anchored EMAs, prepared with
-        accelerate; returns the EMAs (to register for checkpointing). Their weights are replaced by
-        the stage-1 EMA student when stage 2 starts (:meth:`start_branches`)."""
+        """K branch copies of the student (LoRA mode: K branch adapters on the shared base) with their
+        optimisers and anchored EMAs, prepared with accelerate; returns the EMAs (to register for
+        checkpointing). Their weights are replaced by the stage-1 EMA student when stage 2 starts
+        (:meth:`start_branches`)."""
         sp = self.cfg.split
         self.branches = [self.sharding.shard(self.m.branch_model(b, copy=self.sharding.copy))
                          for b in range(len(self.ranges))]

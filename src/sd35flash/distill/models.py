@@ -22,8 +22,8 @@ trajectory bank is built there) until :meth:`DistillModels.shard_teacher` shards
 from __future__ import annotations
 
 import copy
-from contextlib import contextmanager
 from collections.abc import Iterator
+from contextlib import contextmanager
 
 import torch
 from diffusers import SD3Transformer2DModel, StableDiffusion3Pipeline

@@ -21,7 +21,6 @@ import torch
 from .. import flow
 from ..sampling import PromptEmbeds, predict_velocity
 
-
 Student = torch.nn.Module | Callable[[int, float], torch.nn.Module]
 
 

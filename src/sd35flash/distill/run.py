@@ -28,6 +28,8 @@ from ..config import fingerprint, from_dict, to_dict
 from ..errors import ConfigError, NonFiniteError, TrainingAlarm, UserError
 from ..io import atomic_write_json, check_model_output, clean_stale, copy_dir, read_text
 from ..models.branches import PRESPLIT_SUBFOLDER, branch_infos
+from ..models.merge import merged_transformer
+from ..models.student_folder import export_student, student_info
 from ..models.student_info import SplitInfo
 from ..paths import cache_root
 from ..train.checkpoint import CheckpointManager, read_meta
@@ -35,14 +37,12 @@ from ..train.runtime import make_accelerator
 from ..train.sharding import make_sharding
 from .adversarial import resolve_blocks
 from .config import DistillConfig, MemoryConfig
-from ..models.student_folder import export_student, student_info
 from .memory_check import check_distill_fits
-from ..models.merge import merged_transformer
 from .models import DistillModels
 from .prompts import PromptSource, load_prompts
 from .real import RealBank, RenderBank, from_renders, from_teacher
-from .trajectory import TrajectoryBank, build_bank, cache_key, load_or_build, teacher_identity
 from .trainer import DistillTrainer
+from .trajectory import TrajectoryBank, build_bank, cache_key, load_or_build, teacher_identity
 
 #: Written in the work folder when training finished (before the export), so a rerun only exports.
 TRAINED = "trained.json"
@@ -243,7 +243,8 @@ def open_prepared_for(folder: str | Path, teacher: str, revision: str | None):
     mine = str(Path(teacher).expanduser().resolve()) if local else teacher
     if theirs != mine or (not local and prep.settings.get("revision") != revision):
         raise UserError(f"--prepared {folder} was prepared for teacher {theirs} (encoder fingerprint "
-                        f"{prep.settings.get('fingerprint')}), not {mine}; run `sd35flash prepare --teacher {teacher}` first")
+                        f"{prep.settings.get('fingerprint')}), not {mine}; "
+                        f"run `sd35flash prepare --teacher {teacher}` first")
     return prep
 
 
@@ -301,10 +302,10 @@ def split_outputs(cfg: DistillConfig, presplit, branches) -> tuple[SplitInfo, to
     return split, merged_transformer(branches, weights), extras
 
 
-def distill(cfg: DistillConfig, teacher: str | None, out: Path, prompts: str | None = "shapes", revision: str | None = None,
-            recipe: str = "", resume: bool = False, progress: bool = True, stop_at: int | None = None,
-            init: str | Path | None = None, from_work: str | Path | None = None, force: bool = False,
-            prepared: str | Path | None = None) -> Path:
+def distill(cfg: DistillConfig, teacher: str | None, out: Path, prompts: str | None = "shapes",
+            revision: str | None = None, recipe: str = "", resume: bool = False, progress: bool = True,
+            stop_at: int | None = None, init: str | Path | None = None, from_work: str | Path | None = None,
+            force: bool = False, prepared: str | Path | None = None) -> Path:
     """Distil ``teacher`` into a ``cfg.student_steps``-step student saved at ``out``; returns ``out``.
 
     With stage 2 (``split.steps > 0``) the folder's ``transformer/`` is the merge of the branches at

@@ -16,14 +16,14 @@ from .. import flow
 from ..errors import UserError
 from ..imaging import make_grid, save_png
 from ..io import atomic_write_json, atomic_write_text, to_json
-from ..models.pipeline_io import load_pipeline
 from ..models.branches import param_bytes, resolve_variant, sampling_transformer
+from ..models.pipeline_io import load_pipeline
 from ..models.sampling_settings import resolve_sampling
 from ..sampling import generate, scheduler_schedule
+from ..seeds import derive_seed
 from ..world import canonical_prompt, render, split_specs
 from ..world.spec import SceneSpec, read_jsonl
 from .alignment import alignment_scores, judge_all
-from ..seeds import derive_seed
 
 #: Render seeds for FD reference images (fixed, so every model is compared to the same set).
 REFERENCE_SEED = 5_000_000
@@ -96,7 +96,8 @@ def apply_schedule(pipe, spec: str, steps: int | None, default_steps: int) -> tu
 
 
 def evaluate(req: EvalRequest, json_out: str | Path, save_images: str | Path | None = None,
-             pipe=None, progress: bool = True, encoder=None, size: int | None = None, extra: dict | None = None) -> dict:
+             pipe=None, progress: bool = True, encoder=None, size: int | None = None,
+             extra: dict | None = None) -> dict:
     """Run one evaluation and write ``json_out`` (and a grid PNG beside it) atomically.
 
     ``encoder`` (a ``text.encoder.PromptEncoder``) and ``size`` come from a device preset;

@@ -24,6 +24,7 @@ from __future__ import annotations
 
 from collections.abc import Iterator
 from contextlib import contextmanager
+
 import numpy as np
 import torch
 import torch.nn.functional as F
@@ -199,7 +200,8 @@ def _image_batches(images: np.ndarray, name: str, batch_size: int) -> list[torch
     """``(N, H, W, 3)`` uint8 RGB images (what the shapes world renders and the sampler decodes) as
     ``(B, 3, H, W)`` uint8 batches; a :class:`UserError` for any other input or fewer than 2 images."""
     if not isinstance(images, np.ndarray) or images.dtype != np.uint8 or images.ndim != 4 or images.shape[-1] != 3:
-        got = f"{images.dtype} array of shape {images.shape}" if isinstance(images, np.ndarray) else type(images).__name__
+        got = (f"{images.dtype} array of shape {images.shape}" if isinstance(images, np.ndarray)
+               else type(images).__name__)
         raise UserError(f"{name} images: expected an (N, H, W, 3) uint8 RGB array, got {got}")
     if len(images) < 2:
         raise UserError(f"{name} images: the Frechet distance needs at least 2 images per set, got {len(images)}")

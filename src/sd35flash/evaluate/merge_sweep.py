@@ -20,15 +20,15 @@ from pathlib import Path
 import matplotlib
 
 matplotlib.use("Agg")
-import matplotlib.pyplot as plt  # noqa: E402
-from tqdm.auto import tqdm  # noqa: E402
+import matplotlib.pyplot as plt
+from tqdm.auto import tqdm
 
-from ..models.merge import load_branches, merge_state_dicts, ratio_weights, write_merged  # noqa: E402
-from ..errors import UserError  # noqa: E402
-from ..io import atomic_write_json, check_model_output, check_writable_output  # noqa: E402
-from ..models.pipeline_io import load_pipeline  # noqa: E402
-from ..models.student_info import read_student_info  # noqa: E402
-from .evaluator import EvalRequest, evaluate  # noqa: E402
+from ..errors import UserError
+from ..io import atomic_write_json, check_model_output, check_writable_output
+from ..models.merge import load_branches, merge_state_dicts, ratio_weights, write_merged
+from ..models.pipeline_io import load_pipeline
+from ..models.student_info import read_student_info
+from .evaluator import EvalRequest, evaluate
 
 SELECTION_SPLIT = "val"
 #: At most this many ratios per sweep (each one is a full evaluation).

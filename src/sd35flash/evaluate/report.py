@@ -10,16 +10,15 @@ import json
 import shutil
 from pathlib import Path
 
+import matplotlib
 from PIL import Image
 
-import matplotlib
-
 matplotlib.use("Agg")
-import matplotlib.pyplot as plt  # noqa: E402
+import matplotlib.pyplot as plt
 
-from ..io import atomic_write_text  # noqa: E402
-from ..train.logger import read_metrics  # noqa: E402
-from ..world import CATEGORIES  # noqa: E402
+from ..io import atomic_write_text
+from ..train.logger import read_metrics
+from ..world import CATEGORIES
 
 
 def _save(fig, path: Path) -> str:
@@ -138,6 +137,9 @@ def write_report(out_dir: Path, title: str, results: dict[str, dict], metric_fil
                       for k, v in timings.items())
         timing = f"<h2>Wall time per stage (s)</h2><table>{trs}</table>"
     compare = comparison_table(results)
+    if compare:
+        compare = ("<h2>Side by side: the same prompts and seeds for every model</h2>"
+                   f"<p>green: the judge accepts the image; red: it does not.</p>{compare}")
     cols = ["model", "split", "steps", "guidance", "NFE", "overall", *CATEGORIES, "colors", "fd_effnet", "s/image",
             "transformer MB"]
     rows = []
@@ -172,7 +174,7 @@ fd_effnet: Frechet distance of EfficientNet-Lite0 features to renders of the sam
 <h2>Alignment against compute</h2><img src='{nfe}' alt='alignment vs NFE'>
 {f"<h2>Training curves</h2><img src='{curves}' alt='loss curves'>" if curves else ''}
 {''.join(extra)}
-{f"<h2>Side by side: the same prompts and seeds for every model</h2><p>green: the judge accepts the image; red: it does not.</p>{compare}" if compare else ''}
+{compare}
 <h2>Samples per model (X = judged wrong)</h2>{''.join(grids)}
 {timing}
 <h2>Raw results</h2><pre>{html.escape(json.dumps(results, indent=1))}</pre>

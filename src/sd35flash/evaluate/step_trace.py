@@ -26,6 +26,7 @@ from ..imaging import make_grid, save_png
 from ..io import atomic_write_text
 from ..models.branches import resolve_variant, sampling_transformer
 from ..models.pipeline_io import load_pipeline
+from ..models.sampling_settings import resolve_sampling
 from ..sampling import (
     PromptEmbeds,
     decode_latents,
@@ -34,10 +35,9 @@ from ..sampling import (
     latent_shape,
     make_noise,
 )
+from ..seeds import derive_seed
 from ..world import canonical_prompt, split_specs
 from ..world.judge import detect, judge
-from ..models.sampling_settings import resolve_sampling
-from ..seeds import derive_seed
 
 
 def parse_schedule(text: str) -> list[float]:

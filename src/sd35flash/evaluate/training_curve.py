@@ -17,11 +17,11 @@ from pathlib import Path
 import matplotlib
 
 matplotlib.use("Agg")
-import matplotlib.pyplot as plt  # noqa: E402
+import matplotlib.pyplot as plt
 
-from ..errors import UserError  # noqa: E402
-from ..io import atomic_write, atomic_write_text  # noqa: E402
-from ..train.logger import read_metrics  # noqa: E402
+from ..errors import UserError
+from ..io import atomic_write, atomic_write_text
+from ..train.logger import read_metrics
 
 CANDIDATES = ("flow/metrics.jsonl", "training/flow-metrics.jsonl", "metrics.jsonl")
 

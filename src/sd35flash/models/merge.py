@@ -39,7 +39,8 @@ def check_weights(weights: Sequence[float], k: int) -> list[float]:
     return w
 
 
-def merge_state_dicts(states: Sequence[Mapping[str, torch.Tensor]], weights: Sequence[float]) -> dict[str, torch.Tensor]:
+def merge_state_dicts(states: Sequence[Mapping[str, torch.Tensor]],
+                      weights: Sequence[float]) -> dict[str, torch.Tensor]:
     """``W = sum_b w_b W_b`` per floating tensor (accumulated in float32 or wider, then cast back)."""
     w = check_weights(weights, len(states))
     keys = list(states[0])

@@ -21,9 +21,9 @@ from typing import Any
 import torch
 from diffusers import StableDiffusion3Pipeline
 
+from ..paths import git_commit
 from .pipeline_io import save_pipeline
 from .student_info import FILENAME, SplitInfo, StudentInfo, info_to_json
-from ..paths import git_commit
 
 
 def student_info(schedule: list[float], teacher: str, recipe: str, needs_t5: bool,
@@ -52,4 +52,5 @@ def export_student(pipe: StableDiffusion3Pipeline, transformer: torch.nn.Module,
     components["transformer"] = _cpu_copy(transformer)
     folder = StableDiffusion3Pipeline(**components)
     extras = {name: _cpu_copy(m) for name, m in (extra_transformers or {}).items()}
-    return save_pipeline(folder, out, extra_files={FILENAME: info_to_json(info), **(extra_files or {})}, extra_models=extras)
+    return save_pipeline(folder, out, extra_files={FILENAME: info_to_json(info), **(extra_files or {})},
+                         extra_models=extras)

@@ -211,7 +211,8 @@ class ParamStats:
         quant_elems, rows, tensors = self.linear, self.linear_rows, self.linear_tensors
         other = self.other_float
         if fmt.embeddings:
-            quant_elems, rows, tensors = quant_elems + self.embedding, rows + self.embedding_rows, tensors + self.embedding_tensors
+            quant_elems, rows = quant_elems + self.embedding, rows + self.embedding_rows
+            tensors = tensors + self.embedding_tensors
         else:
             other += self.embedding
         if fmt.linear_bits >= 16:  # unquantised: linear weights stored like everything else
@@ -331,7 +332,8 @@ def text_encoder_activation_elements(kind: str, cfg: dict[str, Any], tokens: int
     hidden state to the pipeline, which takes the penultimate one: ``(layers + 1) L d`` more.
     """
     if kind == "clip":
-        d, f, h, layers = cfg["hidden_size"], cfg["intermediate_size"], cfg["num_attention_heads"], cfg["num_hidden_layers"]
+        d, f = cfg["hidden_size"], cfg["intermediate_size"]
+        h, layers = cfg["num_attention_heads"], cfg["num_hidden_layers"]
         per = 6 * tokens * d + 2 * h * tokens**2 + 2 * tokens * f
         return batch * (per + (layers + 1) * tokens * d)
     d, f, h = cfg["d_model"], cfg["d_ff"], cfg["num_heads"]

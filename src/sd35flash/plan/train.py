@@ -64,6 +64,7 @@ from typing import Any, Literal
 
 import torch
 
+from sd35flash.errors import UserError
 from sd35flash.plan.architecture import (
     GIB,
     Architecture,
@@ -73,7 +74,6 @@ from sd35flash.plan.architecture import (
     transformer_activation_elements,
     vae_decode_activation_elements,
 )
-from sd35flash.errors import UserError
 
 __all__ = [
     "LORA_TARGETS",
@@ -135,7 +135,8 @@ class TrainSetup:
     def validate(self) -> None:
         checks = [("mode", self.mode, ("full", "lora")), ("optimizer", self.optimizer, tuple(OPTIMIZER_BYTES)),
                   ("teacher dtype", self.teacher_dtype, tuple(DTYPE_BYTES)),
-                  ("compute dtype", self.compute_dtype, tuple(DTYPE_BYTES)), ("ema", self.ema, ("device", "cpu", "off")),
+                  ("compute dtype", self.compute_dtype, tuple(DTYPE_BYTES)),
+                  ("ema", self.ema, ("device", "cpu", "off")),
                   ("encoders", self.encoders, ("freed", "resident")), ("sharding", self.sharding_used, ("ddp", "fsdp"))]
         for name, value, allowed in checks:
             if value not in allowed:
@@ -383,11 +384,13 @@ def plan_training(setup: TrainSetup, arch: Architecture | None = None) -> dict[s
     tg_act, critic_act, gen_act = (with_grads[k] for k in ("trajectory", "critic_update", "generator_update"))
     enc_act = 0.0
     if setup.encoders == "resident":
-        kinds = {"clip_l": ("clip", "text_encoder", arch.clip_tokens), "clip_g": ("clip", "text_encoder_2", arch.clip_tokens),
+        kinds = {"clip_l": ("clip", "text_encoder", arch.clip_tokens),
+                 "clip_g": ("clip", "text_encoder_2", arch.clip_tokens),
                  "t5": ("t5", "text_encoder_3", arch.t5_tokens)}
         enc_act = max(text_encoder_activation_elements(kinds[c][0], arch.configs[kinds[c][1]], kinds[c][2], b) * ab
                       for c in enc_names)
-    probe_act = max(infer(setup.probe_batch), vae_decode_activation_elements(vae_cfg, setup.resolution, setup.probe_batch) * ab)
+    probe_act = max(infer(setup.probe_batch),
+                    vae_decode_activation_elements(vae_cfg, setup.resolution, setup.probe_batch) * ab)
 
     resident_common = weights["teacher"] + weights["critic_heads"] + weights["vae"] + weights["text_encoders"] + ema
     models = weights["student"] + weights["fake"] + weights["student_adapter"] + weights["fake_adapter"]
@@ -409,7 +412,8 @@ def plan_training(setup: TrainSetup, arch: Architecture | None = None) -> dict[s
     if setup.split_branches > 0:
         k = setup.split_branches
         branch_w = 4 * trained * shard
-        split_static = (resident_common + models + opt["fake"] + (0.0 if setup.free_finished_optimizers else opt["student"])
+        split_static = (resident_common + models + opt["fake"]
+                        + (0.0 if setup.free_finished_optimizers else opt["student"])
                         + k * (branch_w + ob * trained * shard + (ema_bytes if setup.ema == "device" else 0.0))
                         + buckets["critic"] + (k * buckets["student"]))
         host["branch_emas"] = k * ema_bytes if setup.ema == "cpu" else 0.0

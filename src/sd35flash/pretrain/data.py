@@ -14,8 +14,8 @@ import numpy as np
 from tqdm.auto import tqdm
 
 from ..io import atomic_torch_save
-from ..world import SceneSpec, paraphrase, render, split_specs
 from ..seeds import derive_seed
+from ..world import SceneSpec, paraphrase, render, split_specs
 
 
 @dataclass
@@ -37,7 +37,8 @@ class WorldImages:
         with ExitStack() as stack:
             if workers > 1 and n >= 2000:
                 # spawn, not fork: the parent may already hold CUDA and torch threads
-                pool = stack.enter_context(ProcessPoolExecutor(workers, mp_context=multiprocessing.get_context("spawn")))
+                pool = stack.enter_context(ProcessPoolExecutor(workers,
+                                                               mp_context=multiprocessing.get_context("spawn")))
                 images = pool.map(_render_job, jobs, chunksize=256)
             else:
                 images = map(_render_job, jobs)

@@ -13,8 +13,18 @@ from diffusers.training_utils import EMAModel
 
 from .. import flow
 from ..imaging import make_grid, save_png
+from ..models.latents import encode_latents
 from ..models.toy import build_scheduler, build_text_encoders, build_transformer
-from ..sampling import PromptEmbeds, clip_length, drop_encoders, encode_prompts, generate, predict_velocity, scheduler_schedule
+from ..sampling import (
+    PromptEmbeds,
+    clip_length,
+    drop_encoders,
+    encode_prompts,
+    generate,
+    predict_velocity,
+    scheduler_schedule,
+)
+from ..toy_teacher import PretrainConfig
 from ..train.checkpoint import CheckpointManager
 from ..train.data import EpochSampler
 from ..train.ema import EMAHook
@@ -23,8 +33,6 @@ from ..train.loop import CheckpointHook, PeriodicHook, Stage, TrainLoop, Update
 from ..train.schedules import warmup_cosine
 from ..world import CATEGORIES, all_words, canonical_prompt, judge, split_specs
 from ..world.spec import SceneSpec
-from ..toy_teacher import PretrainConfig
-from ..models.latents import encode_latents
 from .data import WorldImages, prompt_for, save_tensor_atomic
 
 SAMPLE_PROMPTS = (
@@ -160,7 +168,8 @@ class FlowTrainer:
         update = Update(loss, opt, pmodel, fc.grad_clip, "flow/grad_norm", "flow/loss", scheduler=sched,
                         lr_key="flow/lr")
         hooks = [EMAHook(ema, model.parameters),
-                 PeriodicHook(fc.sample_every, lambda s, lg: self.with_ema(ema, model, lambda: self.sample_grid(pipe, s, lg))),
+                 PeriodicHook(fc.sample_every,
+                              lambda s, lg: self.with_ema(ema, model, lambda: self.sample_grid(pipe, s, lg))),
                  PeriodicHook(fc.probe_every, lambda s, lg: self.with_ema(ema, model, lambda: self.probe(pipe, s, lg))),
                  CheckpointHook(acc, ckpt, fc.checkpoint_every, self.stop_at)]
         loop = TrainLoop(acc, [Stage("flow", fc.steps, lambda s: [update])], hooks, log_every=25)

@@ -17,11 +17,12 @@ from ..errors import NonFiniteError, TrainingAlarm, UserError
 from ..io import atomic_write_json, check_model_output, copy_dir, to_json
 from ..models.pipeline_io import save_pipeline
 from ..paths import git_commit
+from ..toy_teacher import INFO_FILE, PretrainConfig, is_finished, teacher_dir
 from ..train.checkpoint import CheckpointManager
 from ..train.runtime import make_accelerator
-from ..toy_teacher import INFO_FILE, PretrainConfig, is_finished, teacher_dir
 from .flow_trainer import FlowTrainer
 from .vae_trainer import VAETrainer
+
 
 def has_progress(work: Path) -> bool:
     return any(work.glob("vae/ckpt-*")) or any(work.glob("flow/ckpt-*")) or (work / "vae" / "final").is_dir()

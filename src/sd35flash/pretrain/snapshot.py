@@ -29,9 +29,8 @@ from ..config import to_dict
 from ..errors import UserError
 from ..models.pipeline_io import save_pipeline
 from ..paths import git_commit
+from ..toy_teacher import INFO_FILE, PretrainConfig, is_finished, teacher_dir
 from ..train.checkpoint import CheckpointManager, read_meta
-from ..toy_teacher import PretrainConfig
-from ..toy_teacher import INFO_FILE, is_finished, teacher_dir
 from .run import copy_pipeline
 
 #: Logs copied beside the weights: ``training/<name>`` <- ``work/<source>``.
@@ -111,7 +110,8 @@ def snapshot(cfg: PretrainConfig, name: str, out: Path) -> Path:
                 shutil.copyfile(work / src, tmp_dir / dest)
                 logs[f"training/{dest}"] = (tmp_dir / dest).read_bytes()
         vae = AutoencoderKL.from_pretrained(tmp_dir / "vae")
-        vae_metrics = json.loads((work / "vae" / "metrics.json").read_text()) if (work / "vae" / "metrics.json").is_file() else {}
+        vae_metrics_file = work / "vae" / "metrics.json"
+        vae_metrics = json.loads(vae_metrics_file.read_text()) if vae_metrics_file.is_file() else {}
         pipe = build_teacher_pipeline(cfg, vae)
         params = list(FlowModel(pipe, cfg.flow.train_text_encoders).parameters())
         shadow = state["shadow_params"]

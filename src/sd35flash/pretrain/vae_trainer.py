@@ -13,16 +13,16 @@ from diffusers import AutoencoderKL
 
 from ..errors import TrainingAlarm
 from ..io import atomic_write_text, staged_dir
+from ..models.latents import images_to_tensor
 from ..models.toy import build_vae
+from ..seeds import derive_seed
+from ..toy_teacher import PretrainConfig
 from ..train.alarms import check_finite
 from ..train.checkpoint import CheckpointManager
 from ..train.data import EpochSampler
 from ..train.logger import RunLogger
 from ..train.schedules import warmup_cosine
 from ..world import BACKGROUND, judge, render, split_specs
-from ..toy_teacher import PretrainConfig
-from ..models.latents import images_to_tensor
-from ..seeds import derive_seed
 from .data import WorldImages
 
 
@@ -76,7 +76,8 @@ class VAETrainer:
             return self.load_final()
         cfg, acc = self.cfg, self.acc
         vcfg = cfg.vae
-        data = WorldImages.build(vcfg.num_images, seed=cfg.data_seed + 1, size=cfg.model.image_size, progress=self.progress and acc.is_main_process)
+        data = WorldImages.build(vcfg.num_images, seed=cfg.data_seed + 1, size=cfg.model.image_size,
+                                 progress=self.progress and acc.is_main_process)
         vae = VAEWithLoss(build_vae(cfg.model), vcfg.kl_weight, vcfg.fg_weight)
         opt = torch.optim.AdamW(vae.parameters(), lr=vcfg.lr, weight_decay=0.0)
         sched = warmup_cosine(opt, vcfg.warmup, vcfg.steps, 0.05)

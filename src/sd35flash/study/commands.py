@@ -9,9 +9,12 @@ from .. import args as A
 
 
 def _protocol_args(p: argparse.ArgumentParser) -> None:
-    p.add_argument("--votes-per-annotator", type=A.integer("--votes-per-annotator", 1, 100_000), default=20, help="pairs in each annotator's queue (default 20)")
-    p.add_argument("--gold-share", type=A.number("--gold-share", 0.0, 0.5), default=0.1, help="share of gold pairs per annotator (default 0.1)")
-    p.add_argument("--repeat-share", type=A.number("--repeat-share", 0.0, 0.5), default=0.1, help="share of repeated pairs per annotator (default 0.1)")
+    p.add_argument("--votes-per-annotator", type=A.integer("--votes-per-annotator", 1, 100_000), default=20,
+                   help="pairs in each annotator's queue (default 20)")
+    p.add_argument("--gold-share", type=A.number("--gold-share", 0.0, 0.5), default=0.1,
+                   help="share of gold pairs per annotator (default 0.1)")
+    p.add_argument("--repeat-share", type=A.number("--repeat-share", 0.0, 0.5), default=0.1,
+                   help="share of repeated pairs per annotator (default 0.1)")
 
 
 def register(sub) -> None:
@@ -23,7 +26,8 @@ def register(sub) -> None:
                    help="a model to compare (repeat); MODEL is a pipeline folder or hub id")
     c.add_argument("--prompts", required=True, help="'shapes' (the shapes world's test split), a .jsonl spec file, "
                                                     "or a text file with one prompt per line")
-    c.add_argument("--num-prompts", type=A.integer("--num-prompts", 1, 100_000), default=32, help="with --prompts shapes")
+    c.add_argument("--num-prompts", type=A.integer("--num-prompts", 1, 100_000), default=32,
+                   help="with --prompts shapes")
     c.add_argument("--seeds", type=A.integer("--seeds", 1, 10_000), default=4, help="images per prompt and model")
     c.add_argument("--seed", type=A.seed, default=0, help="base seed")
     c.add_argument("--preset", help="a device preset for every model, as in `generate`")
@@ -40,7 +44,8 @@ def register(sub) -> None:
     r.add_argument("dir", help="the study folder")
     r.add_argument("--json", dest="json_out", help="write the results JSON here")
     r.add_argument("--html", dest="html_out", help="write the HTML report (with the plot) here")
-    r.add_argument("--resamples", type=A.integer("--resamples", 1, 10**6), default=1000, help="bootstrap resamples over prompts (>= 1000)")
+    r.add_argument("--resamples", type=A.integer("--resamples", 1, 10**6), default=1000,
+                   help="bootstrap resamples over prompts (>= 1000)")
     r.add_argument("--max-gold-failure", type=A.number("--max-gold-failure", 0.0, 1.0), default=0.25,
                    help="exclude annotators who fail more than this share of gold pairs (default 0.25)")
     r.add_argument("--seed", type=A.seed, default=0)

@@ -24,9 +24,8 @@ from pathlib import Path
 from typing import Any
 
 from ..errors import UserError
-from ..io import check_model_output
 from ..imaging import save_png
-from ..io import atomic_write_text
+from ..io import atomic_write_text, check_model_output
 from .folder import FORMAT_VERSION, IMAGES, PLAN, TIMING, StudyFolder, image_name, read_json
 
 _NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,39}$")
@@ -143,9 +142,9 @@ def _load(m: ModelArg, preset: str | None, device: str, prompts: list[str]):
     """Load one model through the project's loaders; returns (pipe, schedule, steps, guidance, sampler
     kwargs). Under a preset every prompt of the job is encoded up front (the preset may free the text
     encoders after that)."""
-    from ..models.sampling_settings import resolve_sampling
     from ..models.branches import sampling_transformer
     from ..models.pipeline_io import load_pipeline
+    from ..models.sampling_settings import resolve_sampling
 
     try:
         if preset:

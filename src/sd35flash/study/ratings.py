@@ -26,7 +26,8 @@ def win_counts(a: Sequence[int], b: Sequence[int], winner: Sequence[str], n_mode
     g = np.zeros(len(a), dtype=int) if groups is None else np.asarray(groups, dtype=int)
     a, b = np.asarray(a, dtype=int), np.asarray(b, dtype=int)
     win = np.asarray(winner)
-    for side, other, weight in ((a, b, (win == "a") + 0.5 * (win == "tie")), (b, a, (win == "b") + 0.5 * (win == "tie"))):
+    for side, other, weight in ((a, b, (win == "a") + 0.5 * (win == "tie")),
+                                (b, a, (win == "b") + 0.5 * (win == "tie"))):
         np.add.at(w, (g, side, other), weight)
     return w
 

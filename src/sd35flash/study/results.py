@@ -218,13 +218,16 @@ def render_html(res: dict[str, Any], plot: bytes | None) -> str:
         f"<td>{_fmt(m['bt'], 3)}</td><td>{_fmt(m['nfe'])}</td><td>{_fmt(m['seconds_per_image'], 4)}</td></tr>"
         for n, m in sorted(res["models"].items(), key=lambda kv: res["ranking"].index(kv[0])))
     parts = [f"<h1>Study results: {e(res['study'])}</h1>",
-             f"<p>{res['votes']} model-pair votes used ({res['votes_total']} in all) from {res['annotators']} annotators; "
-             f"{res['excluded_annotators']} excluded for failing more than {res['max_gold_failure']:.0%} of gold pairs. "
+             f"<p>{res['votes']} model-pair votes used ({res['votes_total']} in all) "
+             f"from {res['annotators']} annotators; "
+             f"{res['excluded_annotators']} excluded for failing more than {res['max_gold_failure']:.0%} "
+             "of gold pairs. "
              f"95% intervals from {res['resamples']} bootstrap resamples over prompts.</p>",
              "<table><tr><th>model</th><th>ELO</th><th>95% CI</th><th>BT strength</th><th>NFE</th>"
              f"<th>s / image</th></tr>{rows}</table>"]
     if plot:
-        parts.append(f'<p><img alt="score against compute" src="data:image/png;base64,{base64.b64encode(plot).decode()}"></p>')
+        src = "data:image/png;base64," + base64.b64encode(plot).decode()
+        parts.append(f'<p><img alt="score against compute" src="{src}"></p>')
     if "win_rate" in res:
         head = "".join(f"<th>{e(n)}</th>" for n in names)
         body = "".join(f"<tr><th>{e(a)}</th>" + "".join(f"<td>{_fmt(res['win_rate'][a][b], 2)}</td>" for b in names)
@@ -237,13 +240,15 @@ def render_html(res: dict[str, Any], plot: bytes | None) -> str:
                      f"<th>CIs separate</th><th>more votes needed</th></tr>{sep}</table>")
     if res.get("categories"):
         head = "".join(f"<th>{e(n)}</th>" for n in names)
-        body = "".join(f"<tr><td>{e(c)}</td><td>{r['votes']}</td>" + "".join(f"<td>{_fmt(r['elo'][n])}</td>" for n in names)
+        body = "".join(f"<tr><td>{e(c)}</td><td>{r['votes']}</td>"
+                       + "".join(f"<td>{_fmt(r['elo'][n])}</td>" for n in names)
                        + "</tr>" for c, r in res["categories"].items())
         parts.append(f"<h2>Per category (ELO)</h2><table><tr><th>category</th><th>votes</th>{head}</tr>{body}</table>")
     ag, sc = res["agreement"], res["self_consistency"]
     parts.append(f"<h2>Annotators</h2><p>Krippendorff's alpha ({ag['level']}): {_fmt(ag['krippendorff_alpha'], 3)} "
                  f"on {ag['shared_pairs']} shared pairs. Self-consistency on {sc['repeats']} repeats: "
-                 f"{_fmt(sc['agreement'], 3)}. Gold pairs failed: {res['gold']['failed']} of {res['gold']['seen']}.</p>")
+                 f"{_fmt(sc['agreement'], 3)}. "
+                 f"Gold pairs failed: {res['gold']['failed']} of {res['gold']['seen']}.</p>")
     style = ("body{font:15px system-ui,sans-serif;max-width:960px;margin:24px auto;padding:0 12px}"
              "table{border-collapse:collapse;margin:8px 0}td,th{border:1px solid #ccc;padding:4px 8px;text-align:right}"
              "img{max-width:100%}")

@@ -146,7 +146,8 @@ class PromptEncoder:
             return
         from safetensors.torch import save_file
 
-        tensors = {"embeds": pe.embeds[0].detach().cpu().contiguous(), "pooled": pe.pooled[0].detach().cpu().contiguous()}
+        tensors = {"embeds": pe.embeds[0].detach().cpu().contiguous(),
+                   "pooled": pe.pooled[0].detach().cpu().contiguous()}
         atomic_write(self._path(prompt), lambda tmp: save_file(tensors, str(tmp), metadata={
             "prompt": prompt, "fingerprint": self.fingerprint}), "prompt-embedding cache entry")
 

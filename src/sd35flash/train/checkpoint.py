@@ -226,7 +226,8 @@ class CheckpointManager:
         else:
             newest = ckpts[-1]
             raise UserError(f"no usable checkpoint in {self.root}: the newest, {newest.name}, is damaged "
-                            f"({self.problem(newest)}) and so {'is every older one' if len(ckpts) > 1 else 'there is no older one'}; "
+                            f"({self.problem(newest)}) and so "
+                            f"{'is every older one' if len(ckpts) > 1 else 'there is no older one'}; "
                             f"delete {self.root} to start over")
         if path != self._chosen and not quiet:
             self._chosen = path

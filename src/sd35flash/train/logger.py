@@ -29,8 +29,8 @@ class RunLogger:
         flat = {k: v for k, v in (config or {}).items() if isinstance(v, (int, float, str, bool))}
         accelerator.init_trackers(name, config=flat)
         self.path = self.dir / "metrics.jsonl"
-        self.bar = tqdm(total=total, initial=start, desc=desc or name, disable=not (self.main and progress), dynamic_ncols=True,
-                        smoothing=0.05)
+        self.bar = tqdm(total=total, initial=start, desc=desc or name, disable=not (self.main and progress),
+                        dynamic_ncols=True, smoothing=0.05)
         self._t0 = time.time()
         self.step = start
 

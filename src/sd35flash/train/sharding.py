@@ -219,7 +219,8 @@ class Sharded(Replicated):
 
         buffers = {name: b.detach().clone() for name, b in module.named_buffers()}
         if any(b.is_meta for b in buffers.values()):
-            raise ValueError("materialise needs real buffers: build the module with init_empty_weights(include_buffers=False)")
+            raise ValueError("materialise needs real buffers: build the module with "
+                             "init_empty_weights(include_buffers=False)")
         self.shard(module, trainable=trainable, broadcast=False, root=root)
         module.to_empty(device=self.acc.device)
         with torch.no_grad():

@@ -38,7 +38,7 @@ from PIL import Image
 from scipy import ndimage
 
 from sd35flash.world.spec import SceneSpec
-from sd35flash.world.vocab import BACKGROUND, COLORS, IMAGE_SIZE, PALETTE, SHAPES
+from sd35flash.world.vocab import BACKGROUND, COLORS, IMAGE_SIZE, PALETTE
 
 MIN_ALPHA = 0.5
 MAX_ALPHA = 1.6
@@ -268,8 +268,9 @@ def judge(image: np.ndarray, spec: SceneSpec) -> Verdict:
             checks["size"] = bool(dets) and all(d.size == o.size for d in dets)
     else:
         checks["count"] = len(dets) == len(objs)
-        # Best one-to-one assignment of spec objects to detections. Only detections of a wanted colour can match; with more than MAX_CANDIDATES of them the
-        # count check fails anyway, so the search stays small on garbage images.
+        # Best one-to-one assignment of spec objects to detections. Only detections of a wanted colour can
+        # match; with more than MAX_CANDIDATES of them the count check fails anyway, so the search stays
+        # small on garbage images.
         wanted = {o.color for o in objs}
         cand = [j for j, d in enumerate(dets) if d.color in wanted][:MAX_CANDIDATES]
         best: tuple[int, ...] | None = None

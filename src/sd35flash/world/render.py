@@ -63,7 +63,8 @@ def _shrink(extents: list[float], classes: list[str], scale: float) -> list[floa
     return [EXTENT_RANGES[c][0] * scale + 0.7 * (s - EXTENT_RANGES[c][0] * scale) for s, c in zip(extents, classes)]
 
 
-def _place_random(extents: list[float], classes: list[str], side: int, rng: np.random.Generator) -> list[tuple[float, float, float]]:
+def _place_random(extents: list[float], classes: list[str], side: int,
+                  rng: np.random.Generator) -> list[tuple[float, float, float]]:
     """Uniform non-overlapping placement, one object at a time on a 0.5 px grid of centres."""
     scale = side / IMAGE_SIZE
     margin, gap = MARGIN * scale, GAP * scale

@@ -66,7 +66,8 @@ def _ellipse_polygon(cx: float, cy: float, ax: float, ay: float, rot: float) -> 
     return [(float(cx + c * a - s * b), float(cy + s * a + c * b)) for a, b in zip(x, y)]
 
 
-def _draw_blob(pen: ImageDraw.ImageDraw, rng: np.random.Generator, cx: float, cy: float, extent: float, fill: tuple[int, int, int]) -> None:
+def _draw_blob(pen: ImageDraw.ImageDraw, rng: np.random.Generator, cx: float, cy: float, extent: float,
+               fill: tuple[int, int, int]) -> None:
     """One irregular blob of about ``extent`` pixels (already in supersampled units)."""
     r = extent / 2
     kind = int(rng.integers(3))
@@ -161,7 +162,8 @@ def perturb(spec: SceneSpec, placed: list[Placed], rng: random.Random) -> tuple[
     if n_drawn != 2:
         options.append(SceneSpec(category="two_objects", objects=(a, extra)))
         options.append(SceneSpec(category="relation", objects=(a, extra), relation=rng.choice(RELATIONS)))
-    options.append(SceneSpec(category="counting", objects=(a,), count=rng.choice([c for c in range(1, MAX_COUNT + 1) if c != n_drawn])))
+    options.append(SceneSpec(category="counting", objects=(a,),
+                             count=rng.choice([c for c in range(1, MAX_COUNT + 1) if c != n_drawn])))
     return kind, rng.choice([o for o in options if o.category != spec.category])
 
 
@@ -173,7 +175,8 @@ def _rates(results: dict[str, list[bool]]) -> dict[str, float]:
     }
 
 
-def run_selftest(num: int, seed: int = 0, progress: bool = False, degraded: bool = False, size: int = IMAGE_SIZE) -> dict:
+def run_selftest(num: int, seed: int = 0, progress: bool = False, degraded: bool = False,
+                 size: int = IMAGE_SIZE) -> dict:
     """Measure the judge; see the module docstring. ``num`` scenes per category."""
     if num < 1:
         raise ValueError(f"num must be >= 1, got {num}")

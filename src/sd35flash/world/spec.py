@@ -75,7 +75,8 @@ class ObjectSpec:
             raise SpecError(f"each object must be a JSON object with keys {', '.join(_OBJECT_KEYS)}; got {d!r}")
         unknown = sorted(set(d) - set(_OBJECT_KEYS))
         if unknown:
-            raise SpecError(f"unknown object key(s) {', '.join(map(repr, unknown))}; allowed: {', '.join(_OBJECT_KEYS)}")
+            raise SpecError(f"unknown object key(s) {', '.join(map(repr, unknown))}; "
+                            f"allowed: {', '.join(_OBJECT_KEYS)}")
         for key in ("shape", "color"):
             if key not in d:
                 raise SpecError(f"object is missing key {key!r}; each object needs shape, color and size")
@@ -145,7 +146,8 @@ class SceneSpec:
     def from_dict(cls, d: Any) -> "SceneSpec":
         """Build and validate a spec from its JSON dict. Raises SpecError naming the problem."""
         if not isinstance(d, dict):
-            raise SpecError(f"a scene spec must be a JSON object with keys {', '.join(_SCENE_KEYS)}; got {type(d).__name__}")
+            raise SpecError(f"a scene spec must be a JSON object with keys {', '.join(_SCENE_KEYS)}; "
+                            f"got {type(d).__name__}")
         unknown = sorted(set(d) - set(_SCENE_KEYS))
         if unknown:
             raise SpecError(f"unknown key(s) {', '.join(map(repr, unknown))}; allowed: {', '.join(_SCENE_KEYS)}")

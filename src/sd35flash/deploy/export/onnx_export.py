@@ -147,7 +147,8 @@ def pipeline_fingerprint(pipe, settings: dict[str, Any] | None = None, length: i
             h.update(f"{graph}:absent".encode())
             continue
         if not isinstance(module, torch.nn.Module) or getattr(module, "is_onnx", False):
-            raise UserError(f"the pipeline's {attr} is not a PyTorch module (already ONNX-backed?); load the model again")
+            raise UserError(f"the pipeline's {attr} is not a PyTorch module (already ONNX-backed?); "
+                            "load the model again")
         h.update(graph.encode())
         hash_module_exact(h, module)
     return h.hexdigest()[:length]
@@ -162,8 +163,9 @@ class _TransformerGraph(torch.nn.Module):
         self.transformer = transformer
 
     def forward(self, hidden_states, timestep, encoder_hidden_states, pooled_projections):
-        return self.transformer(hidden_states=hidden_states, timestep=timestep, encoder_hidden_states=encoder_hidden_states,
-                                pooled_projections=pooled_projections, return_dict=False)[0]
+        return self.transformer(hidden_states=hidden_states, timestep=timestep,
+                                encoder_hidden_states=encoder_hidden_states, pooled_projections=pooled_projections,
+                                return_dict=False)[0]
 
 
 class _VaeDecoderGraph(torch.nn.Module):
@@ -225,7 +227,8 @@ def _graph_specs(pipe, resolution: int | None) -> dict[str, _GraphSpec]:
     scale = _vae_scale(pipe)
     side = (resolution // scale) if resolution else int(tr.config.sample_size)
     if resolution and resolution % (scale * tr.config.patch_size):
-        raise UserError(f"--resolution {resolution} must be a multiple of {scale * tr.config.patch_size} for this model")
+        raise UserError(f"--resolution {resolution} must be a multiple of {scale * tr.config.patch_size} "
+                        "for this model")
     clip_len, t5_len = clip_length(pipe), t5_length(pipe)
     text_len = clip_len + t5_len
     gen = torch.Generator().manual_seed(0)

@@ -82,7 +82,8 @@ class OrtModel(torch.nn.Module):
         opts.inter_op_num_threads = 1
         opts.log_severity_level = 3
         self.path = Path(path)
-        self.session = ort.InferenceSession(str(self.path), sess_options=opts, providers=providers or default_providers())
+        self.session = ort.InferenceSession(str(self.path), sess_options=opts,
+                                            providers=providers or default_providers())
         self.config = FrozenDict(info.get("config", {}))
         self.int8 = bool(info.get("int8", False))
         self.file_bytes = int(info.get("bytes", 0))  # the graph's files (.onnx + external data) on disk

@@ -24,11 +24,11 @@ from pathlib import Path
 import torch
 
 from ...errors import UserError
+from ...fingerprints import hash_module_sampled
 from ...paths import cache_root
+from ...text.encoder import PromptEncoder, check_writable, default_cache_dir
 from .presets import Preset, check_runnable
 from .quantize import get_method, load_quantized, quantize_module, read_quant_info
-from ...fingerprints import hash_module_sampled
-from ...text.encoder import PromptEncoder, check_writable, default_cache_dir
 from .text_encoders import quantize_t5
 
 __all__ = ["DeployedPipeline", "CALIBRATION_PROMPTS", "load_deployed", "resolve_device"]
@@ -101,7 +101,8 @@ def _scan_cache(transformer, method: str, budget: float) -> Path:
     return cache_root() / "deploy" / "sensitivity" / f"{transformer_fingerprint(transformer)}-{method}-{budget:g}.json"
 
 
-def _mixed_precision(pipe, model: str, preset: Preset, encoder: PromptEncoder, progress: bool) -> tuple[list[str], dict]:
+def _mixed_precision(pipe, model: str, preset: Preset, encoder: PromptEncoder,
+                     progress: bool) -> tuple[list[str], dict]:
     """Run (or reuse) the sensitivity scan and leave ``pipe.transformer`` quantized; returns
     (kept layers, report)."""
     from ...io import atomic_write_json

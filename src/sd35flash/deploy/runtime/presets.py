@@ -22,7 +22,8 @@ from typing import Literal
 import torch
 
 from ...errors import UserError
-from .quantize import METHODS, unsupported_reason as quant_unsupported_reason
+from .quantize import METHODS
+from .quantize import unsupported_reason as quant_unsupported_reason
 
 __all__ = ["PRESETS", "Preset", "check_runnable", "get_preset", "presets_table", "runnable_presets"]
 

@@ -164,7 +164,8 @@ def _torchao_config(method: str, in_features: int, group_size: int):
     raise ValueError(f"{method} is not a torchao method")
 
 
-def quantize_linear(linear: nn.Linear, method: str, group_size: int = GROUP_SIZE, copy_first: bool = False) -> nn.Module:
+def quantize_linear(linear: nn.Linear, method: str, group_size: int = GROUP_SIZE,
+                    copy_first: bool = False) -> nn.Module:
     """Quantize one ``nn.Linear``; returns the module to put in its place (the same module for
     torchao, whose weight becomes a tensor subclass; a ``QLinear`` for quanto). With
     ``copy_first`` the original is left untouched."""

@@ -145,7 +145,8 @@ def _prepare(model: str, preset_name: str, folder: Path, device, progress: bool)
         save_quantized(dp.pipe.text_encoder_3, path, "int8-weight", extra={"preset": preset.name})
         ckpts["text_encoder_3"] = str(path)
     info = {"kept_layers": dp.kept_layers, "quantized_layers": len(dp.quantized_layers),
-            "sensitivity": ({k: v for k, v in dp.sensitivity.items() if k != "layer_error"} if dp.sensitivity else None),
+            "sensitivity": ({k: v for k, v in dp.sensitivity.items() if k != "layer_error"}
+                            if dp.sensitivity else None),
             "save_seconds": time.perf_counter() - t0}
     del dp
     gc.collect()
@@ -187,7 +188,8 @@ def run_bench(req: BenchRequest) -> dict:
     for m in {req.model, req.teacher} - {None}:
         if not Path(m).is_dir():
             raise UserError(f"model folder {m} does not exist; bench needs local SD3 pipeline folders")
-    work = Path(req.work) if req.work else Path(req.json_out).with_suffix("").with_name(Path(req.json_out).stem + ".work")
+    json_out = Path(req.json_out)
+    work = Path(req.work) if req.work else json_out.with_suffix("").with_name(json_out.stem + ".work")
     result: dict = {"model": req.model, "device": str(device), "split": SPLIT, "num_images": req.num_images,
                     "runs": req.runs, "eval_images": req.eval_images, "work": str(work),
                     "method": "one subprocess per row; see sd35flash/deploy/bench.py", "presets": {}}

@@ -61,13 +61,19 @@ def tiny_architecture() -> Architecture:
     configs = {"transformer": dict(build_transformer(cfg).config), "vae": dict(build_vae(cfg).config)}
     for attr in ("text_encoder", "text_encoder_2", "text_encoder_3"):
         d = enc[attr].config.to_dict()
-        configs[attr] = {k: v for k, v in d.items() if not k.startswith("_") and k not in ("architectures", "transformers_version")}
+        configs[attr] = {k: v for k, v in d.items()
+                         if not k.startswith("_") and k not in ("architectures", "transformers_version")}
     return Architecture("tiny", configs, clip_tokens=cfg.text_max_length, t5_tokens=cfg.text_max_length)
 
 
 def build_random_pipeline(arch: Architecture, device: torch.device, dtype: torch.dtype, seed: int = 0):
     """A ``StableDiffusion3Pipeline`` of ``arch`` with random weights, built on ``device`` in ``dtype``."""
-    from diffusers import AutoencoderKL, FlowMatchEulerDiscreteScheduler, SD3Transformer2DModel, StableDiffusion3Pipeline
+    from diffusers import (
+        AutoencoderKL,
+        FlowMatchEulerDiscreteScheduler,
+        SD3Transformer2DModel,
+        StableDiffusion3Pipeline,
+    )
     from transformers import CLIPTextConfig, CLIPTextModelWithProjection, T5Config, T5EncoderModel
 
     from sd35flash.models.tokenizers import build_clip_tokenizer, build_t5_tokenizer
@@ -94,7 +100,8 @@ def build_random_pipeline(arch: Architecture, device: torch.device, dtype: torch
             m.to(device=device, dtype=dtype).eval().requires_grad_(False)
     pipe = StableDiffusion3Pipeline(
         scheduler=FlowMatchEulerDiscreteScheduler(num_train_timesteps=1000, shift=3.0),
-        tokenizer=build_clip_tokenizer(words, arch.clip_tokens), tokenizer_2=build_clip_tokenizer(words, arch.clip_tokens),
+        tokenizer=build_clip_tokenizer(words, arch.clip_tokens),
+        tokenizer_2=build_clip_tokenizer(words, arch.clip_tokens),
         tokenizer_3=build_t5_tokenizer(words, arch.t5_tokens), **parts)
     pipe.set_progress_bar_config(disable=True)
     return pipe
@@ -171,11 +178,19 @@ def _stored_gib(module: torch.nn.Module) -> float | None:
 
 def run_bench(out: str | Path, arch: Architecture, device: torch.device, dtype: torch.dtype, resolutions: list[int],
               student_steps: int = 4, teacher_steps: int = 40, guidance: float = 4.0, warmup: int = 1, repeats: int = 3,
-              precisions: tuple[str, ...] = ("bf16", "int8", "fp8"), log: Callable[[str], None] = print) -> dict[str, Any]:
+              precisions: tuple[str, ...] = ("bf16", "int8", "fp8"),
+              log: Callable[[str], None] = print) -> dict[str, Any]:
     """Run every section (see the module docstring) and write the JSON to ``out`` after each."""
     from sd35flash import flow
     from sd35flash.io import atomic_write_json
-    from sd35flash.sampling import encode_prompts, generate, latent_shape, make_noise, sample_latents, scheduler_schedule
+    from sd35flash.sampling import (
+        encode_prompts,
+        generate,
+        latent_shape,
+        make_noise,
+        sample_latents,
+        scheduler_schedule,
+    )
 
     t_start = time.perf_counter()
     result: dict[str, Any] = {
@@ -211,7 +226,9 @@ def run_bench(out: str | Path, arch: Architecture, device: torch.device, dtype: 
         row: dict[str, Any] = {}
         result["resolutions"][str(res)] = row
         for name, (schedule, g) in runs.items():
-            one = lambda s=schedule, g=g: generate(pipe, [PROMPT], [0], s, guidance=g, height=res, width=res)  # noqa: E731
+            def one(s=schedule, g=g, res=res):
+                return generate(pipe, [PROMPT], [0], s, guidance=g, height=res, width=res)
+
             e2e = _timed(one, device, warmup, repeats if name == "student" else max(1, repeats // 2 + 1))
             cond = encode_prompts(pipe, [PROMPT]).to(dtype=dtype)
             uncond = encode_prompts(pipe, [""]).to(dtype=dtype) if g > 1 else None
@@ -223,14 +240,15 @@ def run_bench(out: str | Path, arch: Architecture, device: torch.device, dtype: 
             row[name] = {"steps": len(schedule) - 1, "guidance": g, "seconds_per_image": e2e,
                          "transformer_seconds_per_step": loop / (len(schedule) - 1), "peak_memory_gib": peak,
                          "planned_peak_gib": planned, "resident_weights_gib": resident() / GIB}
-            log(f"{res}px {name}: {e2e:.3f} s/image, {loop / (len(schedule) - 1) * 1e3:.1f} ms/step, peak {peak:.2f} GiB"
-                + f" (planned {planned:.2f})")
+            log(f"{res}px {name}: {e2e:.3f} s/image, {loop / (len(schedule) - 1) * 1e3:.1f} ms/step, "
+                f"peak {peak:.2f} GiB (planned {planned:.2f})")
             save()
         row["teacher_over_student"] = row["teacher"]["seconds_per_image"] / row["student"]["seconds_per_image"]
         row["precisions"] = {}
         for prec in precisions:
             try:
-                model = pipe.transformer if prec in ("bf16", "fp32") else _quantized_copy(pipe.transformer, prec, device)
+                model = (pipe.transformer if prec in ("bf16", "fp32")
+                         else _quantized_copy(pipe.transformer, prec, device))
                 schedule = runs["student"][0]
                 sec = _timed(lambda m=model: generate(pipe, [PROMPT], [0], schedule, height=res, width=res,
                                                       transformer=m), device, warmup, repeats)
@@ -240,7 +258,8 @@ def run_bench(out: str | Path, arch: Architecture, device: torch.device, dtype: 
                     del model
                 gc.collect()
             except Exception as exc:  # record why a precision cannot run here, keep going
-                row["precisions"][prec] = {"error": f"{type(exc).__name__}: {str(exc).splitlines()[0] if str(exc) else ''}"}
+                first = str(exc).splitlines()[0] if str(exc) else ""
+                row["precisions"][prec] = {"error": f"{type(exc).__name__}: {first}"}
                 log(f"{res}px student {prec}: skipped ({row['precisions'][prec]['error']})")
             if device.type == "cuda":
                 torch.cuda.empty_cache()
@@ -254,7 +273,9 @@ def run_bench(out: str | Path, arch: Architecture, device: torch.device, dtype: 
         row = result["resolutions"][str(res)]
         row["no_t5"] = {}
         for name, (schedule, g) in runs.items():
-            one = lambda s=schedule, g=g: generate(pipe, [PROMPT], [0], s, guidance=g, height=res, width=res)  # noqa: E731
+            def one(s=schedule, g=g, res=res):
+                return generate(pipe, [PROMPT], [0], s, guidance=g, height=res, width=res)
+
             peak = _peak(one, device, resident())
             planned = plan_memory(no_t5_arch, desktop, res, cfg=g > 1)["peak_gib"]
             row["no_t5"][name] = {"peak_memory_gib": peak, "planned_peak_gib": planned,
@@ -273,7 +294,9 @@ def run_bench(out: str | Path, arch: Architecture, device: torch.device, dtype: 
             pipe.transformer = int8
             schedule = runs["student"][0]
             for res in resolutions:
-                one = lambda: generate(pipe, [PROMPT], [0], schedule, height=res, width=res)  # noqa: E731
+                def one(res=res):
+                    return generate(pipe, [PROMPT], [0], schedule, height=res, width=res)
+
                 peak = _peak(one, device, resident())
                 planned = plan_memory(arch, "laptop-8bit-no-t5", res, free_encoders=False)["peak_gib"]  # CLIPs stay
                 row = result["resolutions"][str(res)]
@@ -314,8 +337,8 @@ def main(argv: list[str] | None = None) -> int:
     arch = tiny_architecture() if args.tiny else load_architecture("sd35-medium")
     res = [int(r) for r in (args.resolutions or ("32,64" if args.tiny else "512,1024")).split(",")]
     precisions = tuple(p for p in args.precisions.split(",") if p)
-    run_bench(args.json_out, arch, device, dtype, res, student_steps=args.student_steps, teacher_steps=args.teacher_steps,
-              warmup=args.warmup, repeats=args.repeats, precisions=precisions)
+    run_bench(args.json_out, arch, device, dtype, res, student_steps=args.student_steps,
+              teacher_steps=args.teacher_steps, warmup=args.warmup, repeats=args.repeats, precisions=precisions)
     return 0
 
 

@@ -121,6 +121,17 @@ class _Models:
 
 def run_setting(setting: str, arch: Architecture, device: torch.device, resolution: int, batch: int, steps: int,
                 rank: int, compute: torch.dtype, log: Callable[[str], None] = print) -> dict[str, Any]:
+    """Build, run ``steps`` timed steps (after one warm-up) and measure one setting, then free its memory (the
+    models, optimisers and EMA are locals of :func:`_measure_setting`, gone once it returns)."""
+    row = _measure_setting(setting, arch, device, resolution, batch, steps, rank, compute, log)
+    gc.collect()
+    if device.type == "cuda":
+        torch.cuda.empty_cache()
+    return row
+
+
+def _measure_setting(setting: str, arch: Architecture, device: torch.device, resolution: int, batch: int, steps: int,
+                     rank: int, compute: torch.dtype, log: Callable[[str], None]) -> dict[str, Any]:
     """Build, run ``steps`` timed steps (after one warm-up) and measure one setting."""
     from sd35flash.distill.adversarial import Discriminator, FeatureTap, hinge_d_loss, hinge_g_loss
 
@@ -150,7 +161,8 @@ def run_setting(setting: str, arch: Architecture, device: torch.device, resoluti
         return torch.randn(*shape, generator=g).to(device=device, dtype=dtype)
 
     emb, pooled = rnd(batch, text_tokens, tr_cfg["joint_attention_dim"]), rnd(batch, tr_cfg["pooled_projection_dim"])
-    uncond_emb, uncond_pooled = rnd(batch, text_tokens, tr_cfg["joint_attention_dim"]), rnd(batch, tr_cfg["pooled_projection_dim"])
+    uncond_emb = rnd(batch, text_tokens, tr_cfg["joint_attention_dim"])
+    uncond_pooled = rnd(batch, tr_cfg["pooled_projection_dim"])
     ctx = (lambda: torch.autocast(device.type, dtype=compute)) if m.autocast else torch.enable_grad
 
     def features(model, x, t, e, p):
@@ -204,7 +216,8 @@ def run_setting(setting: str, arch: Architecture, device: torch.device, resoluti
         with torch.no_grad():
             for e, p in zip(ema, m.params["student"]):
                 e.mul_(0.99).add_(p.detach().float(), alpha=0.01)
-        return {k: float(v.detach()) for k, v in (("fake_loss", fm), ("d_loss", d_loss), ("dmd_loss", dmd), ("g_loss", g_loss))}
+        return {k: float(v.detach())
+                for k, v in (("fake_loss", fm), ("d_loss", d_loss), ("dmd_loss", dmd), ("g_loss", g_loss))}
 
     losses = step()  # warm-up (optimiser states appear here)
     gc.collect()
@@ -220,8 +233,9 @@ def run_setting(setting: str, arch: Architecture, device: torch.device, resoluti
     peak = torch.cuda.max_memory_allocated(device) / GIB if device.type == "cuda" else None
     opt_tensors = [v for o in (opt_s, opt_c) for st in o.state.values() for v in st.values() if torch.is_tensor(v)]
     models = [teacher, disc] + ([] if setting == "lora" else [m.student, m.fake])
-    resident = tensor_bytes(unique_storage=True, tensors=[t for mod in models for t in list(mod.parameters()) + list(mod.buffers())]
-                             + opt_tensors + ema) / GIB
+    resident = tensor_bytes(unique_storage=True,
+                            tensors=[t for mod in models for t in list(mod.parameters()) + list(mod.buffers())]
+                            + opt_tensors + ema) / GIB
     setup = TrainSetup(config=arch.name, mode="lora" if setting == "lora" else "full", resolution=resolution,
                        batch=batch, gradient_checkpointing=setting == "full", lora_rank=rank,
                        teacher_dtype="bf16" if frozen_dtype == torch.bfloat16 else "fp32",
@@ -232,7 +246,8 @@ def run_setting(setting: str, arch: Architecture, device: torch.device, resoluti
            "steps": steps, "batch": batch, "resolution": resolution, "lora_rank": rank if setting == "lora" else None,
            "gradient_checkpointing": setting == "full", "peak_memory_gib": peak,
            "planned_peak_gib": max(stage.values()), "planned_phases_gib": stage,
-           "resident_gib": resident, "planned_resident_gib": plan["phase_parts"]["critic_update"]["weights+optimizer+ema"]
+           "resident_gib": resident,
+           "planned_resident_gib": plan["phase_parts"]["critic_update"]["weights+optimizer+ema"]
            - plan["parts"]["weights"]["vae"],
            "peak_error": (max(stage.values()) - peak) / peak if peak else None, "losses": losses,
            "plan_setup": plan["setup"]}
@@ -241,10 +256,6 @@ def run_setting(setting: str, arch: Architecture, device: torch.device, resoluti
         + f" (planned {row['planned_peak_gib']:.3f}), resident {resident * 1024:.1f} MiB (planned "
         f"{row['planned_resident_gib'] * 1024:.1f})")
     tap.remove()
-    del m, teacher, disc, opt_s, opt_c, ema
-    gc.collect()
-    if device.type == "cuda":
-        torch.cuda.empty_cache()
     return row
 
 
@@ -266,7 +277,8 @@ def run_distill_bench(out: str | Path, arch: Architecture, device: torch.device,
 
     for setting in settings:
         try:
-            result["settings"][setting] = run_setting(setting, arch, device, resolution, batch, steps, rank, compute, log)
+            result["settings"][setting] = run_setting(setting, arch, device, resolution, batch, steps, rank, compute,
+                                                      log)
         except torch.cuda.OutOfMemoryError as exc:  # record it and go on with the next setting
             result["settings"][setting] = {"error": f"OutOfMemoryError: {str(exc).splitlines()[0]}"}
             log(f"{setting}: out of memory")

@@ -123,7 +123,8 @@ def plan_memory(config: str | os.PathLike[str] | Architecture, preset: str, reso
     acts = {
         "transformer": transformer_activation_elements(tr_cfg, resolution, text_tokens, per_forward, vae_scale) * ab,
         "clip_l": text_encoder_activation_elements("clip", arch.configs["text_encoder"], arch.clip_tokens, batch) * ab,
-        "clip_g": text_encoder_activation_elements("clip", arch.configs["text_encoder_2"], arch.clip_tokens, batch) * ab,
+        "clip_g": text_encoder_activation_elements("clip", arch.configs["text_encoder_2"], arch.clip_tokens,
+                                                   batch) * ab,
         "t5": text_encoder_activation_elements("t5", arch.configs["text_encoder_3"], arch.t5_tokens, batch) * ab
         if arch.configs.get("text_encoder_3") else 0,
         "vae": vae_decode_activation_elements(vae_cfg, resolution, batch) * ab,
@@ -174,7 +175,8 @@ def plan_to_text(plan: dict[str, Any]) -> str:
     for name, c in plan["components"].items():
         total = (c["params"] + c["buffers"]) / 1e9
         state = c["format"] if c["loaded"] else "not loaded"
-        lines.append(f"  {name:<12} {total:6.3f} B params  {c['gib']:7.3f} GiB  act {c['activation_bytes'] / GIB:6.3f} GiB  {state}")
+        lines.append(f"  {name:<12} {total:6.3f} B params  {c['gib']:7.3f} GiB  "
+                     f"act {c['activation_bytes'] / GIB:6.3f} GiB  {state}")
     return "\n".join(lines)
 
 

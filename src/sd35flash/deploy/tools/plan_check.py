@@ -10,10 +10,10 @@ settings:
 * ``toy``: the default toy teacher's transformer and VAE decoder (``ToyConfig()``), float32, run for
   real on the CPU;
 * ``mid``: a mid-size random SD3 transformer (12 layers x 768 wide, dual attention in 4 layers,
-  ~330M parameters; again without dual attention) at 512 px and the real SD3 VAE decoder at 256 px, float32, run for real; its
-  peak RSS growth during a first forward (sampled every millisecond from ``/proc/self/statm``) is
-  reported beside it as a second opinion -- allocator-dependent (freed blocks are reused, so later
-  forwards and earlier temporaries blur it);
+  ~330M parameters; again without dual attention) at 512 px and the real SD3 VAE decoder at 256 px,
+  float32, run for real; its peak RSS growth during a first forward (sampled every millisecond from
+  ``/proc/self/statm``) is reported beside it as a second opinion -- allocator-dependent (freed
+  blocks are reused, so later forwards and earlier temporaries blur it);
 * ``--full`` adds the SD3.5 Medium and Large transformers (bf16, 1024 px) and the SD3 VAE at
   1024 px, run under ``FakeTensorMode`` -- shapes and storages without memory or
   compute, so the peak of an 8B model can be traced on a laptop.
@@ -103,7 +103,8 @@ def _call_decoder(m, z):
 
 def _row(setting: str, part: str, resolution: int, batch: int, dtype: torch.dtype, predicted: int, measured: int,
          **extra: Any) -> dict[str, Any]:
-    return {"setting": setting, "part": part, "resolution": resolution, "batch": batch, "dtype": str(dtype).split(".")[-1],
+    return {"setting": setting, "part": part, "resolution": resolution, "batch": batch,
+            "dtype": str(dtype).split(".")[-1],
             "predicted_gib": predicted / GIB, "measured_gib": measured / GIB,
             "error": (predicted - measured) / measured if measured else None, **extra}
 
@@ -169,10 +170,10 @@ class _nullcontext:
         return False
 
 
-MID_TRANSFORMER = dict(sample_size=64, patch_size=2, in_channels=16, out_channels=16, num_layers=12, attention_head_dim=64,
-                       num_attention_heads=12, joint_attention_dim=4096, caption_projection_dim=768,
-                       pooled_projection_dim=2048, pos_embed_max_size=96, dual_attention_layers=[0, 1, 2, 3],
-                       qk_norm="rms_norm")
+MID_TRANSFORMER = dict(sample_size=64, patch_size=2, in_channels=16, out_channels=16, num_layers=12,
+                       attention_head_dim=64, num_attention_heads=12, joint_attention_dim=4096,
+                       caption_projection_dim=768, pooled_projection_dim=2048, pos_embed_max_size=96,
+                       dual_attention_layers=[0, 1, 2, 3], qk_norm="rms_norm")
 
 
 def run_checks(full: bool = False, progress: bool = True) -> list[dict[str, Any]]:
@@ -187,7 +188,8 @@ def run_checks(full: bool = False, progress: bool = True) -> list[dict[str, Any]
             err = row["error"]
             print(f"{row['setting']:<11} {row['part']:<11} {row['resolution']:>5} px b{row['batch']} {row['dtype']:<8} "
                   f"predicted {row['predicted_gib'] * 1024:9.2f} MiB  measured {row['measured_gib'] * 1024:9.2f} MiB  "
-                  f"error {err:+.1%}" + (f"  rss {row['rss_growth_gib'] * 1024:.1f} MiB" if "rss_growth_gib" in row else ""),
+                  f"error {err:+.1%}"
+                  + (f"  rss {row['rss_growth_gib'] * 1024:.1f} MiB" if "rss_growth_gib" in row else ""),
                   flush=True)
 
     toy = ToyConfig()

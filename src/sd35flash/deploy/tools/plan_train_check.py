@@ -20,8 +20,8 @@ from typing import Any
 
 import torch
 
-from sd35flash.plan.architecture import GIB, load_architecture
 from sd35flash.deploy.tools.plan_check import _build, _fake_mode, _nullcontext, _transformer_inputs
+from sd35flash.plan.architecture import GIB, load_architecture
 from sd35flash.plan.train import LORA_TARGETS, train_pass_bytes
 
 __all__ = ["MID_TRAIN", "check_train_pass", "measure_train_peak", "run_checks"]
