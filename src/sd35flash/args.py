@@ -69,14 +69,3 @@ steps = integer("--steps", 1, MAX_STEPS)
 batch_size = integer("--batch-size", 1, MAX_BATCH)
 resolution = integer("--resolution", 16, MAX_RESOLUTION)
 guidance = number("--guidance", 0.0, MAX_GUIDANCE)
-
-
-def nonempty(name: str) -> Callable[[str], str]:
-    """A non-blank string (paths, names)."""
-
-    def parse(text: str) -> str:
-        if not text.strip():
-            raise argparse.ArgumentTypeError(f"{name} is empty")
-        return text
-
-    return parse

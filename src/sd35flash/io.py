@@ -150,10 +150,6 @@ def _unlink(p: Path) -> None:
         p.unlink()
 
 
-def atomic_write_bytes(path: str | os.PathLike[str], data: bytes, what: str = "output") -> Path:
-    return atomic_write(path, lambda t: t.write_bytes(data), what)
-
-
 def atomic_write_text(path: str | os.PathLike[str], text: str, what: str = "output") -> Path:
     return atomic_write(path, lambda t: t.write_text(text, encoding="utf-8"), what)
 

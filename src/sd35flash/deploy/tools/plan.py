@@ -23,7 +23,7 @@ from __future__ import annotations
 import dataclasses
 import json
 import os
-from dataclasses import asdict, dataclass
+from dataclasses import dataclass
 from typing import Any
 
 from sd35flash.deploy.runtime.presets import PRESETS, Preset
@@ -178,8 +178,3 @@ def plan_to_text(plan: dict[str, Any]) -> str:
         lines.append(f"  {name:<12} {total:6.3f} B params  {c['gib']:7.3f} GiB  "
                      f"act {c['activation_bytes'] / GIB:6.3f} GiB  {state}")
     return "\n".join(lines)
-
-
-def preset_table() -> list[dict[str, Any]]:
-    """The planner's view of every preset (for docs and reports)."""
-    return [asdict(p) for p in PRESET_MEMORY.values()]
