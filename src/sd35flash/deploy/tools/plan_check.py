@@ -213,12 +213,14 @@ def run_checks(full: bool = False, progress: bool = True) -> list[dict[str, Any]
     return rows
 
 
-def main(argv: list[str] | None = None) -> int:
-    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    ap.add_argument("--full", action="store_true", help="also SD3.5 Medium/Large under FakeTensorMode (minutes)")
+def check_cli(doc: str, full_help: str, checks: Callable[..., list[dict]], argv: list[str] | None) -> int:
+    """The command line both formula checks share: ``--full`` and ``--json OUT``; prints the largest
+    relative error and writes ``{"checks": rows, "max_abs_error": worst}``."""
+    ap = argparse.ArgumentParser(description=doc.splitlines()[0])
+    ap.add_argument("--full", action="store_true", help=full_help)
     ap.add_argument("--json", dest="json_out")
     args = ap.parse_args(argv)
-    rows = run_checks(full=args.full)
+    rows = checks(full=args.full)
     worst = max(abs(r["error"]) for r in rows)
     print(f"largest error {worst:.1%} over {len(rows)} checks")
     if args.json_out:
@@ -226,6 +228,10 @@ def main(argv: list[str] | None = None) -> int:
 
         atomic_write_json(args.json_out, {"checks": rows, "max_abs_error": worst})
     return 0
+
+
+def main(argv: list[str] | None = None) -> int:
+    return check_cli(__doc__, "also SD3.5 Medium/Large under FakeTensorMode (minutes)", run_checks, argv)
 
 
 if __name__ == "__main__":

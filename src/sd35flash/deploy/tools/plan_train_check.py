@@ -14,13 +14,11 @@ adds SD3.5 Medium at 1024 px in bf16 under ``FakeTensorMode`` (shapes without me
 
 from __future__ import annotations
 
-import argparse
-import json
 from typing import Any
 
 import torch
 
-from sd35flash.deploy.tools.plan_check import _build, _fake_mode, _nullcontext, _transformer_inputs
+from sd35flash.deploy.tools.plan_check import _build, _fake_mode, _nullcontext, _transformer_inputs, check_cli
 from sd35flash.plan.architecture import GIB, load_architecture
 from sd35flash.plan.train import LORA_TARGETS, train_pass_bytes
 
@@ -111,18 +109,7 @@ def run_checks(full: bool = False, progress: bool = True) -> list[dict[str, Any]
 
 
 def main(argv: list[str] | None = None) -> int:
-    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    ap.add_argument("--full", action="store_true", help="also SD3.5 Medium at 1024 px under FakeTensorMode")
-    ap.add_argument("--json", dest="json_out")
-    args = ap.parse_args(argv)
-    rows = run_checks(full=args.full)
-    worst = max(abs(r["error"]) for r in rows)
-    print(f"largest error {worst:.1%} over {len(rows)} checks")
-    if args.json_out:
-        from sd35flash.io import atomic_write_text
-
-        atomic_write_text(args.json_out, json.dumps({"checks": rows, "max_abs_error": worst}, indent=1))
-    return 0
+    return check_cli(__doc__, "also SD3.5 Medium at 1024 px under FakeTensorMode", run_checks, argv)
 
 
 if __name__ == "__main__":
