@@ -92,7 +92,8 @@ def main(snapshot: str, bank: str, student: str, variants: list[str]) -> None:
         with torch.no_grad():
             for t in TAUS:
                 a, b = disc([fr[t][48:]])[0], disc([ff[t][48:]])[0]
-                res.append(f"tau {t}: gap {(a.mean() - b.mean()).item():+.3f} D loss {hinge_d_loss([a], [b]).item():.3f}")
+                gap, loss = (a.mean() - b.mean()).item(), hinge_d_loss([a], [b]).item()
+                res.append(f"tau {t}: gap {gap:+.3f} D loss {loss:.3f}")
         print(f"head lr {lr:g} channels {ch} groups {groups}: grad norm of steps 1-3 "
               f"{', '.join(f'{x:.3f}' for x in norms)}; held out: {'; '.join(res)}")
 
