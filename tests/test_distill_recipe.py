@@ -259,6 +259,25 @@ def test_reinit_one_head_at_a_time():
     assert len(disc.heads) == 3
 
 
+@pytest.mark.parametrize("gan_lr", [0.0, 1e-2])
+def test_gan_lr_steps_the_heads_at_their_own_rate(models, source, gan_lr):
+    method = _method(models, source, _cfg(gan={"lr": gan_lr}, fake={"lr": 1e-4}))
+    heads = list(method.critic.disc.parameters())
+    groups = method.opt_c.param_groups
+    assert sum(len(g["params"]) for g in groups) == len(list(method.critic.parameters()))
+    if gan_lr:
+        assert len(groups) == 2 and groups[1]["lr"] == gan_lr and groups[0]["lr"] == 1e-4
+        assert {id(p) for p in groups[1]["params"]} == {id(p) for p in heads}
+    before = [p.detach().clone() for p in heads]
+    loss, _ = method.critic_loss(step=0, u=0)
+    loss.backward()
+    method.opt_c.step()
+    # Adam's first step moves every parameter with a gradient by about its group's lr
+    moved = max((p.detach() - b).abs().max().item() for p, b in zip(heads, before))
+    want = gan_lr or 1e-4
+    assert 0.5 * want < moved < 1.5 * want
+
+
 # -- bad input -------------------------------------------------------------------------------------
 @pytest.mark.parametrize("over, key", [
     ({"fake": {"updates": 0}}, "fake.updates"),
@@ -266,6 +285,7 @@ def test_reinit_one_head_at_a_time():
     ({"gan": {"backbone_weight": 0.5 + 1}}, "gan.backbone_weight"),
     ({"gan": {"num_real": 0, "real": "teacher"}}, "gan.num_real"),
     ({"dmd": {"tau": "below", "timestep_sharing": False}}, "dmd.tau"),
+    ({"gan": {"lr": -1e-3}}, "gan.lr"),
 ])
 def test_impossible_recipes_name_the_key(over, key):
     with pytest.raises(ConfigError, match=key.replace(".", r"\.")) as e:

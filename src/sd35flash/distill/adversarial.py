@@ -74,16 +74,25 @@ def tokens_to_grid(tokens: torch.Tensor) -> torch.Tensor:
     return tokens.transpose(1, 2).reshape(b, d, side, side)
 
 
+def norm_groups(channels: int) -> int:
+    """GroupNorm groups of a conv head: at most 32, each of at least 4 channels where ``channels`` allows.
+
+    One channel per group (instance norm) would remove each channel's per-sample mean and scale over
+    the grid, the global statistics in which real and fake samples differ most; such a head stays blind.
+    """
+    return math.gcd(32, max(1, channels // 4))
+
+
 class DiscHead(torch.nn.Module):
-    """``conv``: 3x3 conv -> GroupNorm -> SiLU -> 1x1 conv to one logit per cell; ``linear``: LayerNorm
-    -> Linear -> SiLU -> Linear to one logit per token."""
+    """``conv``: 3x3 conv -> GroupNorm (:func:`norm_groups`) -> SiLU -> 1x1 conv to one logit per cell;
+    ``linear``: LayerNorm -> Linear -> SiLU -> Linear to one logit per token."""
 
     def __init__(self, dim: int, channels: int, kind: str, pool: bool = False) -> None:
         super().__init__()
         self.kind, self.pool = kind, pool
         if kind == "conv":
             self.net = torch.nn.Sequential(
-                torch.nn.Conv2d(dim, channels, 3, padding=1), torch.nn.GroupNorm(math.gcd(32, channels), channels),
+                torch.nn.Conv2d(dim, channels, 3, padding=1), torch.nn.GroupNorm(norm_groups(channels), channels),
                 torch.nn.SiLU(), torch.nn.Conv2d(channels, 1, 1))
         else:
             self.net = torch.nn.Sequential(torch.nn.LayerNorm(dim), torch.nn.Linear(dim, channels), torch.nn.SiLU(),

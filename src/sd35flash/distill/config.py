@@ -100,7 +100,8 @@ class GANConfig:
     head at random with that probability.
     ``paired``: the critic step draws its batch from the real bank and makes the fake side's student
     samples for the same prompts. ``num_real``: real samples for ``renders`` (0: every training
-    spec, rendered and encoded lazily when first drawn, then cached)."""
+    spec, rendered and encoded lazily when first drawn, then cached). ``lr``: the discriminator heads'
+    learning rate in the critic's optimiser (0: ``fake.lr``, that of the fake model's blocks)."""
 
     enabled: bool = True
     blocks: list[int] = field(default_factory=lambda: [-1])
@@ -118,6 +119,9 @@ class GANConfig:
     tau: Literal["shared", "uniform"] = "shared"
     reinit: Literal["each", "one"] = "each"
     paired: bool = False
+    lr: float = 0.0
+
+    RANGES = {"lr": (0.0, 10.0, False)}  # 0: fake.lr
 
 
 @dataclass

@@ -109,7 +109,12 @@ class FlowDMD:
         kind = cfg.memory.optimizer
         opt_tg = make_optimizer(m.student.parameters(), cfg.trajectory.lr, kind)
         opt_s = make_optimizer(m.student.parameters(), cfg.student.lr, kind)
-        opt_c = make_optimizer(critic.parameters(), cfg.fake.lr, kind)
+        if cfg.gan.enabled and cfg.gan.lr > 0:  # the heads in their own group, at gan.lr
+            heads = {id(p) for p in critic.disc.parameters()}
+            opt_c = make_optimizer([p for p in critic.parameters() if id(p) not in heads], cfg.fake.lr, kind)
+            opt_c.add_param_group({"params": list(critic.disc.parameters()), "lr": cfg.gan.lr})
+        else:
+            opt_c = make_optimizer(critic.parameters(), cfg.fake.lr, kind)
         # not prepared: accelerate would step it once per process
         self.sched_s = warmup_cosine(opt_s, cfg.student.warmup, cfg.student.steps, min_ratio=1.0)
         self.ema = self._ema(m.student.parameters(), cfg.ema_decay, anchored=False)
