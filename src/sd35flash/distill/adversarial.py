@@ -80,7 +80,7 @@ def norm_groups(channels: int) -> int:
     One channel per group (instance norm) would remove each channel's per-sample mean and scale over
     the grid, the global statistics in which real and fake samples differ most; such a head stays blind.
     """
-    return math.gcd(32, max(1, channels // 4))
+    return max(g for g in range(1, 33) if channels % g == 0 and (channels // g >= 4 or g == 1))
 
 
 class DiscHead(torch.nn.Module):
