@@ -15,6 +15,7 @@ from PIL import Image
 
 matplotlib.use("Agg")
 import matplotlib.pyplot as plt
+import matplotlib.ticker
 
 from ..io import atomic_write_text
 from ..train.logger import read_metrics
@@ -42,6 +43,16 @@ def category_bars(results: dict[str, dict], path: Path) -> str:
     return _save(fig, path)
 
 
+def _log_ticks_at(ax, values: list[float]) -> None:
+    """Label a log axis only at the plotted values (matplotlib's minor labels on an axis spanning
+    about a decade overlap each other)."""
+    ticks = sorted({float(v) for v in values if v and v > 0})
+    if ticks:
+        ax.xaxis.set_major_locator(matplotlib.ticker.FixedLocator(ticks))
+        ax.xaxis.set_major_formatter(matplotlib.ticker.FuncFormatter(lambda x, _: f"{x:g}"))
+        ax.xaxis.set_minor_formatter(matplotlib.ticker.NullFormatter())
+
+
 def alignment_vs_nfe(results: dict[str, dict], path: Path) -> str:
     fig, ax = plt.subplots(figsize=(5, 3.6))
     for name, r in results.items():
@@ -49,6 +60,7 @@ def alignment_vs_nfe(results: dict[str, dict], path: Path) -> str:
         ax.annotate(name, (r["nfe_per_image"], r["alignment"]["overall"]), fontsize=7, xytext=(4, 4),
                     textcoords="offset points")
     ax.set_xscale("log")
+    _log_ticks_at(ax, [r["nfe_per_image"] for r in results.values()])
     ax.set_xlabel("NFE per image (log)")
     ax.set_ylabel("alignment.overall")
     ax.set_ylim(0, 1)

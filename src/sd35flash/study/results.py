@@ -172,6 +172,7 @@ def compute_plot(res: dict[str, Any]) -> bytes | None:
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
+    import matplotlib.ticker
 
     rows = [(n, m) for n, m in res["models"].items() if m["elo"] is not None]
     if not rows:
@@ -188,9 +189,10 @@ def compute_plot(res: dict[str, Any]) -> bytes | None:
             ax.annotate(n, (m[key], m["elo"]), textcoords="offset points", xytext=(6, 4), fontsize=8)
         if pts and min(m[key] for _, m in pts) > 0:
             ax.set_xscale("log")
-            plain = matplotlib.ticker.FuncFormatter(lambda x, _: f"{x:g}")
-            ax.xaxis.set_major_formatter(plain)
-            ax.xaxis.set_minor_formatter(plain)
+            # label only the plotted values: minor labels on a log axis of about a decade overlap
+            ax.xaxis.set_major_locator(matplotlib.ticker.FixedLocator(sorted({m[key] for _, m in pts})))
+            ax.xaxis.set_major_formatter(matplotlib.ticker.FuncFormatter(lambda x, _: f"{x:.3g}"))
+            ax.xaxis.set_minor_formatter(matplotlib.ticker.NullFormatter())
         ax.set_xlabel(label)
         ax.set_ylabel("ELO-scale score")
         ax.grid(alpha=0.3)
