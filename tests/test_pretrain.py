@@ -80,3 +80,39 @@ def test_checkpoint_layout_is_unchanged(cache_dir, tmp_path, monkeypatch):
                            "update_after_step", "use_ema_warmup"] and ema["optimization_step"] == 2
     sampler = torch.load(ckpt / "custom_checkpoint_1.pkl", weights_only=False)
     assert sorted(sampler) == ["epoch", "n", "pos", "seed"] and sampler["pos"] == 2 * cfg.flow.batch_size % 32
+
+
+def test_init_continues_from_a_teacher(cache_dir, tmp_path, monkeypatch):
+    """``init`` starts the flow stage from another teacher's weights and keeps its VAE: with a zero
+    learning rate (1e-20: the config needs one > 0) the continued teacher is that teacher."""
+    monkeypatch.setenv("SD35FLASH_CACHE", str(tmp_path / "d"))
+    first = pretrain(_tiny_cfg(), tmp_path / "first", "t", progress=False)
+    cfg = merge(_tiny_cfg(lr=1e-20, text_encoder_lr=1e-20, steps=2), {"init": str(first)})
+    assert cfg.cache_key() != _tiny_cfg(lr=1e-20, text_encoder_lr=1e-20, steps=2).cache_key()
+    cont = pretrain(cfg, tmp_path / "cont", "t2", progress=False)
+    a, b = _weights(first), _weights(cont)
+    assert a.keys() == b.keys()
+    for k in a:
+        assert torch.allclose(a[k], b[k], rtol=0, atol=1e-12), k
+    va = StableDiffusion3Pipeline.from_pretrained(first).vae.state_dict()
+    vb = StableDiffusion3Pipeline.from_pretrained(cont).vae.state_dict()
+    assert all(torch.equal(va[k], vb[k]) for k in va)
+    work = teacher_dir(cfg, "t2") / "work"
+    assert json.loads((work / "vae" / "metrics.json").read_text())["init"] == str(first)
+    assert not any((work / "vae").glob("ckpt-*"))  # no VAE stage ran
+    # a fresh flow stage (nonzero rate) moves away from the init
+    moved = pretrain(merge(_tiny_cfg(steps=2), {"init": str(first)}), tmp_path / "moved", "t3", progress=False)
+    assert any(not torch.equal(a[k], v) for k, v in _weights(moved).items())
+
+
+def test_init_must_match_the_model(cache_dir, tmp_path, monkeypatch):
+    from sd35flash.errors import ConfigError
+
+    monkeypatch.setenv("SD35FLASH_CACHE", str(tmp_path / "e"))
+    first = pretrain(_tiny_cfg(), tmp_path / "first", "t", progress=False)
+    cfg = _tiny_cfg()
+    cfg = merge(cfg, {"init": str(first), "model": {"num_layers": cfg.model.num_layers + 1}})
+    with pytest.raises(ConfigError, match="transformer of .* does not match this config's model section"):
+        pretrain(cfg, tmp_path / "bad", "t2", progress=False)
+    with pytest.raises(UserError, match="neither an existing folder nor a shipped model"):
+        pretrain(merge(_tiny_cfg(), {"init": "no-such-teacher"}), tmp_path / "bad2", "t3", progress=False)

@@ -67,6 +67,8 @@ def build_parser() -> argparse.ArgumentParser:
     pt.add_argument("--preset", default="default", help="smoke | quick | default | teacher")
     pt.add_argument("--config", help="a YAML config instead of a preset")
     pt.add_argument("--resume", action="store_true", help="continue an unfinished run of the same config")
+    pt.add_argument("--init", metavar="MODEL", help="start from this teacher (a shipped name or a pipeline folder): "
+                    "keep its VAE, continue its transformer and text encoders (sets the config's `init`)")
     pt.add_argument("--no-progress", action="store_true")
 
     g = sub.add_parser("generate", help="generate images from prompts")
@@ -298,6 +300,8 @@ def _cmd_pretrain(args) -> int:
     from .toy_teacher import load_pretrain_config
 
     cfg = load_pretrain_config(args.preset, args.config)
+    if args.init:
+        cfg.init = args.init
     name = Path(args.config).stem if args.config else args.preset
     if args.snapshot:
         from .pretrain.snapshot import snapshot

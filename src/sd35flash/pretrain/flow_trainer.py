@@ -12,6 +12,7 @@ from diffusers import AutoencoderKL, StableDiffusion3Pipeline
 from diffusers.training_utils import EMAModel
 
 from .. import flow
+from ..errors import ConfigError
 from ..imaging import make_grid, save_png
 from ..models.latents import encode_latents
 from ..models.toy import build_scheduler, build_text_encoders, build_transformer
@@ -84,6 +85,29 @@ def build_teacher_pipeline(cfg: PretrainConfig, vae: AutoencoderKL) -> StableDif
                                     scheduler=build_scheduler(cfg.model), **enc)
 
 
+#: The parts the flow stage trains (the VAE is frozen, the scheduler has no weights).
+TRAINED_PARTS = ("transformer", "text_encoder", "text_encoder_2", "text_encoder_3")
+
+
+def copy_trained_weights(src: StableDiffusion3Pipeline, dst: StableDiffusion3Pipeline, name: str | None) -> None:
+    """Load ``src``'s transformer and text encoders into ``dst``'s (built from the config), strictly:
+    a part that is missing or has other shapes is a :class:`ConfigError` naming it."""
+    for part in TRAINED_PARTS:
+        a, b = getattr(src, part, None), getattr(dst, part)
+        if a is None:
+            raise ConfigError(f"init: {name} has no {part}; pass a teacher trained by `sd35flash pretrain`")
+        try:
+            b.load_state_dict(a.state_dict(), strict=True)
+        except RuntimeError as exc:
+            first = str(exc).strip().splitlines()[0]
+            raise ConfigError(f"init: the {part} of {name} does not match this config's model section "
+                              f"({first}); use the model section it was trained with") from None
+    for tok in ("tokenizer", "tokenizer_2", "tokenizer_3"):
+        a, b = getattr(src, tok, None), getattr(dst, tok)
+        if a is None or a.get_vocab() != b.get_vocab():
+            raise ConfigError(f"init: the {tok} of {name} has another vocabulary; it cannot be continued")
+
+
 class FlowTrainer:
     """Rectified-flow training on :class:`~sd35flash.train.loop.TrainLoop`: one stage whose update is
     the flow-matching loss; the EMA, sample grids, the judged probe and checkpoints are hooks.
@@ -128,10 +152,14 @@ class FlowTrainer:
         return x0, eps, t, prompts, drop_clip, drop_t5
 
     # -- main loop ------------------------------------------------------------------------------
-    def run(self, vae: AutoencoderKL) -> StableDiffusion3Pipeline:
+    def run(self, vae: AutoencoderKL, init: StableDiffusion3Pipeline | None = None) -> StableDiffusion3Pipeline:
+        """Train and return the pipeline (EMA weights). ``init`` (``cfg.init`` loaded) gives the starting
+        transformer and text encoders; a resumed run then overwrites them from its checkpoint."""
         cfg, fc, acc = self.cfg, self.cfg.flow, self.acc
         latents, specs = self.latents(vae)
         pipe = build_teacher_pipeline(cfg, vae)
+        if init is not None:
+            copy_trained_weights(init, pipe, cfg.init)
         pipe.vae.requires_grad_(False)
         model = FlowModel(pipe, fc.train_text_encoders)
         groups = [{"params": list(model.transformer.parameters()), "lr": fc.lr}]

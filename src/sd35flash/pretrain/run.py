@@ -12,16 +12,20 @@ import json
 import time
 from pathlib import Path
 
+import torch
+from diffusers import StableDiffusion3Pipeline
+
 from ..config import to_dict
 from ..errors import NonFiniteError, TrainingAlarm, UserError
-from ..io import atomic_write_json, check_model_output, copy_dir, to_json
-from ..models.pipeline_io import save_pipeline
+from ..io import atomic_write_json, check_model_output, copy_dir, staged_dir, to_json
+from ..models.pipeline_io import load_pipeline, save_pipeline
+from ..models.registry import resolve_model
 from ..paths import git_commit
 from ..toy_teacher import INFO_FILE, PretrainConfig, is_finished, teacher_dir
 from ..train.checkpoint import CheckpointManager
 from ..train.runtime import make_accelerator
 from .flow_trainer import FlowTrainer
-from .vae_trainer import VAETrainer
+from .vae_trainer import VAETrainer, evaluate_vae
 
 
 def has_progress(work: Path) -> bool:
@@ -36,6 +40,24 @@ def copy_pipeline(src: Path, out: Path) -> Path:
         return out
     check_model_output(out)
     return copy_dir(src, out, "teacher folder")
+
+
+def load_init(cfg: PretrainConfig, work: Path, main_process: bool) -> StableDiffusion3Pipeline:
+    """The teacher named by ``cfg.init`` (a shipped name, verified against its checksums, or a
+    pipeline folder), in float32 on the CPU. The VAE stage is skipped (the latents must stay those the
+    teacher was trained on): the main process writes the teacher's VAE to ``work/vae/final`` and its
+    metrics to ``work/vae/metrics.json``, as the VAE stage would."""
+    folder = resolve_model(cfg.init)
+    pipe = load_pipeline(folder, torch_dtype=torch.float32)
+    pipe.vae.eval()
+    final, metrics = work / "vae" / "final", work / "vae" / "metrics.json"
+    if main_process and not (final / "config.json").is_file():
+        with staged_dir(final, "VAE folder") as tmp:  # so that `--snapshot` finds the VAE as usual
+            pipe.vae.save_pretrained(tmp)
+    if main_process and not metrics.is_file():
+        vals = evaluate_vae(pipe.vae, cfg.vae.eval_images, seed=cfg.data_seed + 7, size=cfg.model.image_size)
+        atomic_write_json(metrics, {**vals, "init": cfg.init})
+    return pipe
 
 
 def pretrain(cfg: PretrainConfig, out: Path | None, name: str, resume: bool = False, progress: bool = True,
@@ -60,16 +82,21 @@ def pretrain(cfg: PretrainConfig, out: Path | None, name: str, resume: bool = Fa
     atomic_write_json(work / "config.json", to_dict(cfg))
     t0 = time.time()
     acc = make_accelerator(cfg.runtime, work)
-    try:
-        vae = VAETrainer(cfg, work, acc, progress).run()
-    except (TrainingAlarm, NonFiniteError) as exc:
-        raise CheckpointManager(work / "vae").alarm(exc, acc.is_main_process) from None
+    init = load_init(cfg, work, acc.is_main_process) if cfg.init else None
+    if init is not None:
+        vae = init.vae
+    else:
+        try:
+            vae = VAETrainer(cfg, work, acc, progress).run()
+        except (TrainingAlarm, NonFiniteError) as exc:
+            raise CheckpointManager(work / "vae").alarm(exc, acc.is_main_process) from None
+    acc.wait_for_everyone()
     vae_metrics = json.loads((work / "vae" / "metrics.json").read_text())
     if acc.is_main_process:
         print(f"VAE: PSNR {vae_metrics['psnr']:.2f} dB, judge accuracy on reconstructions "
               f"{vae_metrics['judge_accuracy']:.3f}")
     try:
-        pipe = FlowTrainer(cfg, work, acc, progress, stop_at=stop_at).run(vae)
+        pipe = FlowTrainer(cfg, work, acc, progress, stop_at=stop_at).run(vae, init=init)
     except (TrainingAlarm, NonFiniteError) as exc:
         raise CheckpointManager(work / "flow").alarm(exc, acc.is_main_process) from None
     if acc.is_main_process:
