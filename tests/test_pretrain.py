@@ -116,3 +116,26 @@ def test_init_must_match_the_model(cache_dir, tmp_path, monkeypatch):
         pretrain(cfg, tmp_path / "bad", "t2", progress=False)
     with pytest.raises(UserError, match="neither an existing folder nor a shipped model"):
         pretrain(merge(_tiny_cfg(), {"init": "no-such-teacher"}), tmp_path / "bad2", "t3", progress=False)
+
+
+def test_decoder_stage_tunes_only_the_decoder(cache_dir, tmp_path, monkeypatch):
+    """The decoder stage leaves the encoder (so the latents) as they were, records PSNR and FD before
+    and after, and ships the fine-tuned decoder only when its reconstruction FD is lower."""
+    monkeypatch.setenv("SD35FLASH_CACHE", str(tmp_path / "f"))
+    cfg = merge(_tiny_cfg(), {"decoder": {"steps": 3, "num_images": 32, "eval_images": 24, "batch_size": 4}})
+    assert cfg.cache_key() != _tiny_cfg().cache_key()
+    out = pretrain(cfg, tmp_path / "dec", "t", progress=False)
+    work = teacher_dir(cfg, "t") / "work"
+    stage_a = StableDiffusion3Pipeline.from_pretrained(out).vae.state_dict()
+    from diffusers import AutoencoderKL
+
+    original = AutoencoderKL.from_pretrained(work / "vae" / "final").state_dict()
+    m = json.loads((work / "decoder" / "metrics.json").read_text())
+    assert {"psnr", "fd_reconstructions", "fd_floor"} <= m["before"].keys() == m["after"].keys()
+    enc = [k for k in original if k.startswith(("encoder.", "quant_conv."))]
+    dec = [k for k in original if k.startswith(("decoder.", "post_quant_conv."))]
+    assert enc and dec and all(torch.equal(original[k], stage_a[k]) for k in enc)
+    changed = any(not torch.equal(original[k], stage_a[k]) for k in dec)
+    assert changed == m["kept"] == (m["after"]["fd_reconstructions"] < m["before"]["fd_reconstructions"])
+    info = json.loads((out / "pretrain.json").read_text())
+    assert info["vae"]["decoder"]["kept"] == m["kept"]

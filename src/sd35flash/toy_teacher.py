@@ -75,10 +75,28 @@ class FlowTrainConfig:
 
 
 @dataclass
+class DecoderTrainConfig:
+    """Decoder fine-tuning after the flow stage (``pretrain/decoder_trainer.py``): only the decoder
+    learns, with uniform pixel weights and an edge term, so latents stay valid. ``steps: 0`` = off."""
+
+    steps: int = 0
+    batch_size: int = 16
+    lr: float = 2e-4
+    warmup: int = 50
+    l1_weight: float = 0.5
+    grad_weight: float = 1.0
+    latent_noise: float = 0.0
+    num_images: int = 8000
+    checkpoint_every: int = 250
+    eval_images: int = 400
+
+
+@dataclass
 class PretrainConfig:
     model: ToyConfig = field(default_factory=ToyConfig)
     vae: VAETrainConfig = field(default_factory=VAETrainConfig)
     flow: FlowTrainConfig = field(default_factory=FlowTrainConfig)
+    decoder: DecoderTrainConfig = field(default_factory=DecoderTrainConfig)
     runtime: RuntimeConfig = field(default_factory=RuntimeConfig)
     data_seed: int = 0
     #: Continue from this teacher instead of starting from scratch: a shipped model name (see
@@ -101,6 +119,11 @@ class PretrainConfig:
         d = to_dict(self)
         d["runtime"] = {"mixed_precision": self.runtime.mixed_precision, "seed": self.runtime.seed}
         d["code_version"] = PRETRAIN_CODE_VERSION
+        # options added later leave the fingerprints (and cached runs) of configs that do not use them
+        if self.decoder.steps == 0:
+            d.pop("decoder")
+        if self.init is None:
+            d.pop("init")
         return fingerprint(d)
 
 

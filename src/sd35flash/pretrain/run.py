@@ -1,4 +1,5 @@
-"""Pretraining orchestration: cache lookup, VAE stage, flow stage, final pipeline folder.
+"""Pretraining orchestration: cache lookup, VAE stage (or ``init``), flow stage, optional decoder
+fine-tune, final pipeline folder.
 
 A teacher is cached under ``<cache>/teachers/<preset>-<config fingerprint>/`` (``work/`` holds
 checkpoints, logs and sample grids; ``pipeline/`` the finished model). A finished teacher with the
@@ -24,6 +25,7 @@ from ..paths import git_commit
 from ..toy_teacher import INFO_FILE, PretrainConfig, is_finished, teacher_dir
 from ..train.checkpoint import CheckpointManager
 from ..train.runtime import make_accelerator
+from .decoder_trainer import DecoderTrainer
 from .flow_trainer import FlowTrainer
 from .vae_trainer import VAETrainer, evaluate_vae
 
@@ -99,6 +101,12 @@ def pretrain(cfg: PretrainConfig, out: Path | None, name: str, resume: bool = Fa
         pipe = FlowTrainer(cfg, work, acc, progress, stop_at=stop_at).run(vae, init=init)
     except (TrainingAlarm, NonFiniteError) as exc:
         raise CheckpointManager(work / "flow").alarm(exc, acc.is_main_process) from None
+    if cfg.decoder.steps > 0:
+        try:
+            pipe.vae = DecoderTrainer(cfg, work, acc, progress).run(pipe.vae)
+        except (TrainingAlarm, NonFiniteError) as exc:
+            raise CheckpointManager(work / "decoder").alarm(exc, acc.is_main_process) from None
+        vae_metrics = {**vae_metrics, "decoder": json.loads((work / "decoder" / "metrics.json").read_text())}
     if acc.is_main_process:
         info = {"name": name, "fingerprint": cfg.cache_key(), "commit": git_commit(), "config": to_dict(cfg),
                 "vae": vae_metrics, "train_seconds_this_session": round(time.time() - t0, 1),
