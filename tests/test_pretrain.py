@@ -139,3 +139,15 @@ def test_decoder_stage_tunes_only_the_decoder(cache_dir, tmp_path, monkeypatch):
     assert changed == m["kept"] == (m["after"]["fd_reconstructions"] < m["before"]["fd_reconstructions"])
     info = json.loads((out / "pretrain.json").read_text())
     assert info["vae"]["decoder"]["kept"] == m["kept"]
+
+
+def test_init_from_a_preset_reuses_its_cached_teacher(smoke_teacher, capsys):
+    """``init: preset:NAME`` continues that preset's finished teacher from the cache (the chain of
+    stages from scratch), without training it again."""
+    cfg = merge(load_pretrain_config("smoke"), {"init": "preset:smoke", "flow": {"steps": 2, "probe_every": 0,
+                                                                                "sample_every": 100}})
+    out = pretrain(cfg, smoke_teacher.parent / "stage2", "smoke-2", progress=False)
+    assert "reusing the cached teacher" in capsys.readouterr().out
+    vb = StableDiffusion3Pipeline.from_pretrained(out).vae.state_dict()
+    va = StableDiffusion3Pipeline.from_pretrained(smoke_teacher).vae.state_dict()
+    assert all(torch.equal(va[k], vb[k]) for k in va)

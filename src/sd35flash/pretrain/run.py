@@ -22,12 +22,15 @@ from ..io import atomic_write_json, check_model_output, copy_dir, staged_dir, to
 from ..models.pipeline_io import load_pipeline, save_pipeline
 from ..models.registry import resolve_model
 from ..paths import git_commit
-from ..toy_teacher import INFO_FILE, PretrainConfig, is_finished, teacher_dir
+from ..toy_teacher import INFO_FILE, PretrainConfig, is_finished, load_pretrain_config, teacher_dir
 from ..train.checkpoint import CheckpointManager
 from ..train.runtime import make_accelerator
 from .decoder_trainer import DecoderTrainer
 from .flow_trainer import FlowTrainer
 from .vae_trainer import VAETrainer, evaluate_vae
+
+#: ``init: preset:NAME`` continues the finished teacher of preset NAME.
+PRESET_PREFIX = "preset:"
 
 
 def has_progress(work: Path) -> bool:
@@ -44,12 +47,22 @@ def copy_pipeline(src: Path, out: Path) -> Path:
     return copy_dir(src, out, "teacher folder")
 
 
-def load_init(cfg: PretrainConfig, work: Path, main_process: bool) -> StableDiffusion3Pipeline:
-    """The teacher named by ``cfg.init`` (a shipped name, verified against its checksums, or a
-    pipeline folder), in float32 on the CPU. The VAE stage is skipped (the latents must stay those the
-    teacher was trained on): the main process writes the teacher's VAE to ``work/vae/final`` and its
-    metrics to ``work/vae/metrics.json``, as the VAE stage would."""
-    folder = resolve_model(cfg.init)
+def init_folder(init: str, resume: bool, progress: bool) -> str:
+    """Where ``init`` lives: ``preset:NAME`` is that preset's finished teacher, from the cache or trained
+    now (the chain of stages from scratch; an unfinished one continues only with ``resume``); anything
+    else is a shipped name (verified against its checksums) or a folder."""
+    if init.startswith(PRESET_PREFIX):
+        name = init[len(PRESET_PREFIX):]
+        print(f"init: the finished teacher of preset {name!r} (reused from the cache, else trained first)")
+        return str(pretrain(load_pretrain_config(name), None, name, resume=resume, progress=progress))
+    return str(resolve_model(init))
+
+
+def load_init(cfg: PretrainConfig, folder: str, work: Path, main_process: bool) -> StableDiffusion3Pipeline:
+    """The teacher ``cfg.init`` (found in ``folder`` by :func:`init_folder`), in float32 on the CPU.
+    The VAE stage is skipped (the latents must stay those the teacher was trained on): the main
+    process writes the teacher's VAE to ``work/vae/final`` and its metrics to
+    ``work/vae/metrics.json``, as the VAE stage would."""
     pipe = load_pipeline(folder, torch_dtype=torch.float32)
     pipe.vae.eval()
     final, metrics = work / "vae" / "final", work / "vae" / "metrics.json"
@@ -80,11 +93,13 @@ def pretrain(cfg: PretrainConfig, out: Path | None, name: str, resume: bool = Fa
     if has_progress(work) and not resume:
         raise UserError(f"an unfinished pretraining run for this config exists in {work}; "
                         "pass --resume to continue it, or delete that folder to start over")
+    # before this run's accelerator: a `preset:` init may train (and end) a whole run of its own
+    init_path = init_folder(cfg.init, resume, progress) if cfg.init else None
     work.mkdir(parents=True, exist_ok=True)
     atomic_write_json(work / "config.json", to_dict(cfg))
     t0 = time.time()
     acc = make_accelerator(cfg.runtime, work)
-    init = load_init(cfg, work, acc.is_main_process) if cfg.init else None
+    init = load_init(cfg, init_path, work, acc.is_main_process) if init_path else None
     if init is not None:
         vae = init.vae
     else:
