@@ -167,8 +167,15 @@ def test_fsdp_two_processes_killed_and_resumed_match_one(tiny, tmp_path, monkeyp
         b = load_file(str(two / sub / "diffusion_pytorch_model.safetensors"))
         assert a.keys() == b.keys() == teacher.keys()
         assert any(not torch.equal(a[k], teacher[k]) for k in a), sub  # it trained
-        for k in a:
-            assert torch.allclose(a[k], b[k], atol=1e-6, rtol=1e-5), (sub, k, (a[k] - b[k]).abs().max())
+        # Two processes reduce gradients in another order than one. Where a gradient is near zero,
+        # Adam turns that rounding into a step of either sign, so single weights may differ by about
+        # the learning rate (2.4e-6 measured with accelerate 1.15 / diffusers 0.42); a lost or doubled
+        # step or a wrong shard changes the whole update. So: every weight within 1e-5, and the
+        # difference a small fraction of the training change in norm.
+        diff = max((a[k] - b[k]).abs().max().item() for k in a)
+        dnorm = sum(((a[k] - b[k]) ** 2).sum().item() for k in a) ** 0.5
+        moved = sum(((a[k] - teacher[k]) ** 2).sum().item() for k in a) ** 0.5
+        assert diff <= 1e-5 and dnorm < 0.01 * moved, (sub, diff, dnorm, moved)
 
     # probes and the sample grid ran on the sharded weights: the numbers of one process
     assert (work / "samples" / "step0000003.png").is_file()
@@ -181,9 +188,9 @@ def test_fsdp_two_processes_killed_and_resumed_match_one(tiny, tmp_path, monkeyp
     from diffusers import StableDiffusion3Pipeline
 
     pipe = StableDiffusion3Pipeline.from_pretrained(two)  # the gathered export is a stock pipeline
-    a = load_file(str(one / "transformer" / "diffusion_pytorch_model.safetensors"))
-    for k, v in pipe.transformer.state_dict().items():
-        assert torch.allclose(v, a[k], atol=1e-6, rtol=1e-5), k
+    b = load_file(str(two / "transformer" / "diffusion_pytorch_model.safetensors"))
+    for k, v in pipe.transformer.state_dict().items():  # parity with one process is checked above
+        assert torch.equal(v, b[k]), k
     assert json.loads((two / "sd35flash.json").read_text())["extra"]["world_size"] == 2
 
 

@@ -17,17 +17,14 @@ from __future__ import annotations
 import copy
 import json
 import math
-from pathlib import Path
 
 import numpy as np
 import torch
-from accelerate import Accelerator
 from diffusers import AutoencoderKL
 
 from ..io import atomic_write_text, staged_dir
 from ..models.latents import images_to_tensor
 from ..seeds import derive_seed
-from ..toy_teacher import PretrainConfig
 from ..train.alarms import check_finite
 from ..train.checkpoint import CheckpointManager
 from ..train.data import EpochSampler
@@ -35,6 +32,7 @@ from ..train.logger import RunLogger
 from ..train.schedules import warmup_cosine
 from ..world import render, split_specs
 from .data import WorldImages
+from .vae_trainer import AutoencoderStage
 
 
 def image_gradients(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
@@ -101,22 +99,11 @@ def reconstruction_quality(vae: AutoencoderKL, n: int, seed: int, size: int, sco
             "fd_floor": float(scorer.fd_from_features(ref_feats, scorer.features(other))), "num_images": n}
 
 
-class DecoderTrainer:
+class DecoderTrainer(AutoencoderStage):
     """Fine-tunes the decoder of a trained VAE (``cfg.decoder``); checkpoints and resumes like the VAE
     stage; writes ``work/decoder/final`` (the whole VAE) and ``work/decoder/metrics.json``."""
 
-    def __init__(self, cfg: PretrainConfig, work_dir: Path, accelerator: Accelerator, progress: bool = True) -> None:
-        self.cfg = cfg
-        self.dir = Path(work_dir) / "decoder"
-        self.final_dir = self.dir / "final"
-        self.acc = accelerator
-        self.progress = progress
-
-    def done(self) -> bool:
-        return (self.final_dir / "config.json").is_file() and (self.dir / "metrics.json").is_file()
-
-    def load_final(self) -> AutoencoderKL:
-        return AutoencoderKL.from_pretrained(self.final_dir)
+    folder = "decoder"
 
     def run(self, vae: AutoencoderKL) -> AutoencoderKL:
         """Return the VAE with the fine-tuned decoder, or ``vae`` itself where fine-tuning did not lower

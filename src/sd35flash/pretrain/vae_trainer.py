@@ -55,12 +55,15 @@ class VAEWithLoss(torch.nn.Module):
         return mse + 0.5 * l1 + self.kl_weight * kl, mse, l1, kl
 
 
-class VAETrainer:
-    """Trains, checkpoints, resumes and finally calibrates the VAE (``scaling_factor``/``shift_factor``)."""
+class AutoencoderStage:
+    """A pretraining stage that ends in a VAE folder: ``work/<folder>/`` holds its checkpoints, its
+    result ``final/`` and ``metrics.json``; the stage is done when both exist."""
+
+    folder = ""
 
     def __init__(self, cfg: PretrainConfig, work_dir: Path, accelerator: Accelerator, progress: bool = True) -> None:
         self.cfg = cfg
-        self.dir = Path(work_dir) / "vae"
+        self.dir = Path(work_dir) / self.folder
         self.final_dir = self.dir / "final"
         self.acc = accelerator
         self.progress = progress
@@ -70,6 +73,12 @@ class VAETrainer:
 
     def load_final(self) -> AutoencoderKL:
         return AutoencoderKL.from_pretrained(self.final_dir)
+
+
+class VAETrainer(AutoencoderStage):
+    """Trains, checkpoints, resumes and finally calibrates the VAE (``scaling_factor``/``shift_factor``)."""
+
+    folder = "vae"
 
     def run(self) -> AutoencoderKL:
         if self.done():
