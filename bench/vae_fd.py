@@ -13,25 +13,13 @@ import json
 from pathlib import Path
 
 import numpy as np
-import torch
 
 from sd35flash.evaluate.evaluator import REFERENCE_SEED
 from sd35flash.evaluate.fd import FDScorer
 from sd35flash.models.pipeline_io import load_pipeline
+from sd35flash.pretrain.vae_trainer import roundtrip
 from sd35flash.seeds import derive_seed
 from sd35flash.world import render, split_specs
-
-
-def vae_roundtrip(vae, images: np.ndarray, batch: int = 32) -> np.ndarray:
-    """uint8 (N, H, W, 3) -> the VAE's decode of its encode (latent mean), uint8."""
-    out = []
-    with torch.no_grad():
-        for i in range(0, len(images), batch):
-            x = torch.from_numpy(images[i:i + batch]).permute(0, 3, 1, 2).float() / 127.5 - 1.0
-            z = vae.encode(x.to(vae.dtype)).latent_dist.mean
-            y = vae.decode(z).sample.float().clamp(-1, 1)
-            out.append(((y + 1) * 127.5).round().to(torch.uint8).permute(0, 2, 3, 1).numpy())
-    return np.concatenate(out)
 
 
 def main() -> None:
@@ -45,7 +33,7 @@ def main() -> None:
     refs = np.stack([render(s, seed=REFERENCE_SEED + i) for i, s in enumerate(specs)])
     other = np.stack([render(s, seed=derive_seed(1, i, stride=7_777_777)) for i, s in enumerate(specs)])
     vae = load_pipeline(a.teacher).vae.eval()
-    recon = vae_roundtrip(vae, other)
+    recon = roundtrip(vae, other)
     psnr = float(10 * np.log10(255.0 ** 2 / np.mean((recon.astype(np.float64) - other) ** 2)))
     scorer = FDScorer()
     ref_feats = scorer.features(refs)

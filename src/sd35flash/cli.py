@@ -67,8 +67,9 @@ def build_parser() -> argparse.ArgumentParser:
     pt.add_argument("--preset", default="default", help="smoke | quick | default | teacher | teacher-2 | teacher-gpu")
     pt.add_argument("--config", help="a YAML config instead of a preset")
     pt.add_argument("--resume", action="store_true", help="continue an unfinished run of the same config")
-    pt.add_argument("--init", metavar="MODEL", help="start from this teacher (a shipped name or a pipeline folder): "
-                    "keep its VAE, continue its transformer and text encoders (sets the config's `init`)")
+    pt.add_argument("--init", metavar="MODEL", help="start from this teacher (a shipped name, a pipeline "
+                    "folder or preset:NAME): keep its VAE, continue its transformer and text encoders "
+                    "(sets the config's `init`)")
     pt.add_argument("--no-progress", action="store_true")
 
     g = sub.add_parser("generate", help="generate images from prompts")

@@ -100,10 +100,10 @@ class PretrainConfig:
     runtime: RuntimeConfig = field(default_factory=RuntimeConfig)
     data_seed: int = 0
     #: Continue from this teacher instead of starting from scratch: a shipped model name (see
-    #: ``sd35flash models``) or an SD3 pipeline folder. Its VAE is kept as it is (no VAE stage) and
-    #: its transformer and text encoders are the flow stage's starting weights (and EMA); the
-    #: optimiser and LR schedule start afresh (a warm restart). ``model`` must describe the same
-    #: architecture. This is how a long CPU run continues on a machine that lost its work folder.
+    #: ``sd35flash models``), an SD3 pipeline folder, or ``preset:NAME`` (that preset's finished
+    #: teacher). Its VAE is kept as it is (no VAE stage) and its transformer and text encoders are
+    #: the flow stage's starting weights (and EMA); the optimiser and LR schedule start afresh (a
+    #: warm restart). ``model`` must describe the same architecture.
     init: str | None = None
 
     def validate(self) -> None:

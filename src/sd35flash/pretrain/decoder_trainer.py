@@ -4,9 +4,9 @@ The VAE stage weights foreground pixels ``1 + fg_weight`` times the background, 
 survive the 4x downsampling; the price is the background next to a shape, which it under-weights:
 decoded shapes sit in dark halos with ringing along their edges, and the Frechet distance of plain
 VAE round trips is most of a teacher's (``bench/vae_fd.py``). This stage trains only the decoder
-(``decoder``, and ``post_quant_conv`` where the VAE has one) with uniform pixel weights and an edge term. The encoder is
-frozen, so the latents, and any flow model trained on them, stay valid: it can run after the flow
-stage, or on a finished teacher's VAE.
+(``decoder``, and ``post_quant_conv`` where the VAE has one) with uniform pixel weights and an edge
+term. The encoder is frozen, so the latents, and any flow model trained on them, stay valid: it can
+run after the flow stage, or on a finished teacher's VAE.
 
 The stage measures reconstruction PSNR and FD (EfficientNet-Lite0, ``val`` renders) of the decoder
 before and after, and keeps the fine-tuned decoder only when its FD is lower.
@@ -32,7 +32,7 @@ from ..train.logger import RunLogger
 from ..train.schedules import warmup_cosine
 from ..world import render, split_specs
 from .data import WorldImages
-from .vae_trainer import AutoencoderStage
+from .vae_trainer import AutoencoderStage, roundtrip
 
 
 def image_gradients(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
@@ -69,17 +69,6 @@ class DecoderWithLoss(torch.nn.Module):
         edge = 0.5 * ((gx - tx).abs().mean() + (gy - ty).abs().mean())
         loss = mse + self.l1_weight * l1 + self.grad_weight * edge
         return loss, {"decoder/mse": mse.detach(), "decoder/l1": l1.detach(), "decoder/edge": edge.detach()}
-
-
-@torch.no_grad()
-def roundtrip(vae: AutoencoderKL, images: np.ndarray, batch: int = 64) -> np.ndarray:
-    """uint8 (N, H, W, 3) -> decode(encoder mean), uint8."""
-    out = []
-    for i in range(0, len(images), batch):
-        x = images_to_tensor(images[i : i + batch]).to(vae.device, vae.dtype)
-        y = vae.decode(vae.encode(x).latent_dist.mean).sample.float().clamp(-1, 1)
-        out.append(((y + 1) * 127.5).round().byte().permute(0, 2, 3, 1).cpu().numpy())
-    return np.concatenate(out)
 
 
 def reconstruction_quality(vae: AutoencoderKL, n: int, seed: int, size: int, scorer=None) -> dict:

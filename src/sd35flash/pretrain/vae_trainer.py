@@ -146,16 +146,22 @@ class VAETrainer(AutoencoderStage):
 
 
 @torch.no_grad()
+def roundtrip(vae: AutoencoderKL, images: np.ndarray, batch: int = 64) -> np.ndarray:
+    """uint8 (N, H, W, 3) -> decode(encoder mean), uint8."""
+    out = []
+    for i in range(0, len(images), batch):
+        x = images_to_tensor(images[i : i + batch]).to(vae.device, vae.dtype)
+        y = vae.decode(vae.encode(x).latent_dist.mean).sample.float().clamp(-1, 1)
+        out.append(((y + 1) * 127.5).round().byte().permute(0, 2, 3, 1).cpu().numpy())
+    return np.concatenate(out)
+
+
+@torch.no_grad()
 def evaluate_vae(vae: AutoencoderKL, n: int, seed: int, size: int) -> dict:
     """Reconstruction PSNR and judge accuracy on reconstructions of ``val`` renders (per category)."""
     specs = split_specs("val", n, seed=seed)
     imgs = np.stack([render(s, seed=derive_seed(seed, i, stride=7919), size=size) for i, s in enumerate(specs)])
-    recs = []
-    for i in range(0, n, 64):
-        x = images_to_tensor(imgs[i : i + 64]).to(vae.device, vae.dtype)
-        r = vae.decode(vae.encode(x).latent_dist.mean).sample.float()
-        recs.append(((r / 2 + 0.5).clamp(0, 1) * 255).round().byte().permute(0, 2, 3, 1).cpu().numpy())
-    rec = np.concatenate(recs)
+    rec = roundtrip(vae, imgs)
     mse = ((rec.astype(np.float64) - imgs.astype(np.float64)) ** 2).mean()
     psnr = 10 * math.log10(255.0**2 / max(mse, 1e-12))
     per: dict[str, list[bool]] = {}
