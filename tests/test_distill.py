@@ -21,9 +21,9 @@ from sd35flash.distill.models import DistillModels, params_frozen
 from sd35flash.distill.rollout import rollout_to_step, student_sample, times_at
 from sd35flash.distill.run import distill
 from sd35flash.distill.trajectory import build_bank, load_or_build, teacher_schedule, tg_loss
+from sd35flash.errors import StopTraining
 from sd35flash.models.student_info import read_student_info
 from sd35flash.sampling import PromptEmbeds, guided_velocity, predict_velocity
-from sd35flash.train.checkpoint import StopTraining
 
 PROMPTS = ["a red circle", "a blue square", "two green triangles", "a white diamond on the left"]
 

@@ -16,9 +16,9 @@ from sd35flash.distill.models import DistillModels
 from sd35flash.distill.prompts import load_prompts
 from sd35flash.distill.run import LORA_SUBFOLDER, distill
 from sd35flash.distill.trainer import DistillTrainer
+from sd35flash.errors import StopTraining
 from sd35flash.models.lora import AdapterView
 from sd35flash.sampling import encode_prompts, predict_velocity
-from sd35flash.train.checkpoint import StopTraining
 from sd35flash.train.runtime import make_accelerator
 
 LORA = {"mode": "lora", "lora": {"rank": 4, "alpha": 4.0}}

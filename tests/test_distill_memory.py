@@ -17,10 +17,9 @@ from sd35flash.distill.config import load_distill_config
 from sd35flash.distill.models import DistillModels
 from sd35flash.distill.run import distill, work_dir
 from sd35flash.distill.trajectory import teacher_identity
-from sd35flash.errors import ConfigError, UserError
+from sd35flash.errors import ConfigError, StopTraining, UserError
 from sd35flash.models.pipeline_io import load_pipeline
 from sd35flash.sampling import guided_velocity
-from sd35flash.train.checkpoint import StopTraining
 from sd35flash.train.ema import OffloadedEMA
 from sd35flash.train.optim import free_state, make_optimizer
 

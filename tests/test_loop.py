@@ -7,8 +7,8 @@ import pytest
 import torch
 from accelerate import Accelerator
 
-from sd35flash.errors import TrainingAlarm
-from sd35flash.train.checkpoint import CheckpointManager, StopTraining
+from sd35flash.errors import StopTraining, TrainingAlarm
+from sd35flash.train.checkpoint import CheckpointManager
 from sd35flash.train.ema import EMAHook
 from sd35flash.train.logger import RunLogger
 from sd35flash.train.loop import CheckpointHook, Hook, Stage, TrainLoop, Update

@@ -7,10 +7,9 @@ import torch
 from diffusers import StableDiffusion3Pipeline
 
 from sd35flash.config import merge
-from sd35flash.errors import UserError
+from sd35flash.errors import StopTraining, UserError
 from sd35flash.pretrain.run import pretrain
 from sd35flash.toy_teacher import load_pretrain_config, teacher_dir
-from sd35flash.train.checkpoint import StopTraining
 
 
 def _tiny_cfg(**flow):

@@ -11,10 +11,10 @@ import yaml
 
 from sd35flash.cli import main
 from sd35flash.config import merge, to_dict
+from sd35flash.errors import StopTraining
 from sd35flash.models.pipeline_io import load_pipeline
 from sd35flash.pretrain.run import pretrain
 from sd35flash.toy_teacher import load_pretrain_config, teacher_dir
-from sd35flash.train.checkpoint import StopTraining
 
 
 def _tree(folder: Path) -> dict[str, tuple[int, int]]:

@@ -16,13 +16,12 @@ from sd35flash.config import merge
 from sd35flash.distill import run as distill_run
 from sd35flash.distill.config import load_distill_config
 from sd35flash.distill.trainer import DistillTrainer
-from sd35flash.errors import ConfigError, UserError
+from sd35flash.errors import ConfigError, StopTraining, UserError
 from sd35flash.models.branches import BranchRouter, memory_report, resolve_variant, sampling_transformer
 from sd35flash.models.merge import merge_state_dicts, merged_transformer, ratio_weights
 from sd35flash.models.pipeline_io import load_pipeline
 from sd35flash.models.student_info import read_student_info
 from sd35flash.sampling import generate
-from sd35flash.train.checkpoint import StopTraining
 from sd35flash.train.ema import anchored_ema
 
 RANGES = [(0.5, 1.0), (0.0, 0.5)]

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import argparse
 import math
+import re
 from collections.abc import Callable
 
 #: Upper bounds of counts given on the command line (images, specs, scenes, runs).
@@ -69,3 +70,28 @@ steps = integer("--steps", 1, MAX_STEPS)
 batch_size = integer("--batch-size", 1, MAX_BATCH)
 resolution = integer("--resolution", 16, MAX_RESOLUTION)
 guidance = number("--guidance", 0.0, MAX_GUIDANCE)
+
+
+_DURATION_PART = r"(\d+(?:\.\d+)?)\s*(h|min|m|s|)"
+_DURATION_UNITS = {"": 1.0, "s": 1.0, "m": 60.0, "min": 60.0, "h": 3600.0}
+
+
+def duration(name: str) -> Callable[[str], float]:
+    """Seconds: a number with an optional unit ``s``, ``m``/``min`` or ``h`` (``90m``, ``1.5h``,
+    ``5400``), or a sum of such parts (``2h30m``); positive."""
+
+    def parse(text: str) -> float:
+        s = text.strip().lower()
+        parts = re.findall(_DURATION_PART, s)
+        if not parts or re.sub(_DURATION_PART, "", s).strip():
+            raise argparse.ArgumentTypeError(f"{name} must be a duration such as 90m, 1.5h or 5400 (seconds), "
+                                             f"got {text!r}")
+        seconds = sum(float(n) * _DURATION_UNITS[u] for n, u in parts)
+        if seconds <= 0:
+            raise argparse.ArgumentTypeError(f"{name} must be positive, got {text!r}")
+        return seconds
+
+    return parse
+
+
+time_limit = duration("--time-limit")

@@ -11,10 +11,11 @@ from pathlib import Path
 
 from . import args as A
 from .deploy import commands as _deploy
-from .errors import UserError
+from .errors import StopTraining, UserError
 from .io import check_model_output, check_writable_output, read_text
 from .prepare import register as _register_prepare
 from .study import commands as _study
+from .train.stopping import EXIT_STOPPED, stop_on_signals
 
 #: Most prompts ``generate --prompts`` puts in one grid.
 MAX_PROMPTS = 1024
@@ -70,6 +71,9 @@ def build_parser() -> argparse.ArgumentParser:
     pt.add_argument("--init", metavar="MODEL", help="start from this teacher (a shipped name, a pipeline "
                     "folder or preset:NAME): keep its VAE, continue its transformer and text encoders "
                     "(sets the config's `init`)")
+    pt.add_argument("--time-limit", type=A.time_limit, metavar="DURATION", help="stop cleanly once this much time "
+                    "has passed (e.g. 90m, 1.5h): a checkpoint at the end of the current step, then exit 75; "
+                    "SIGTERM or SIGUSR1 does the same. Continue with --resume")
     pt.add_argument("--no-progress", action="store_true")
 
     g = sub.add_parser("generate", help="generate images from prompts")
@@ -128,6 +132,9 @@ def build_parser() -> argparse.ArgumentParser:
                     "of another run of this config (its work folder), instead of redoing stages 0-1")
     ds.add_argument("--from-work", metavar="WORK", help="use the work folder of an earlier run of this config: "
                     "continue it, or export its finished student to --out without training")
+    ds.add_argument("--time-limit", type=A.time_limit, metavar="DURATION", help="stop cleanly once this much time "
+                    "has passed (e.g. 90m, 1.5h): a checkpoint at the end of the current step, then exit 75; "
+                    "SIGTERM or SIGUSR1 does the same. Continue with --resume")
     ds.add_argument("--no-progress", action="store_true")
     ds.add_argument("--force", action="store_true", help="skip the memory check (the planner's verdict that the "
                     "configuration does not fit on the visible devices)")
@@ -311,7 +318,8 @@ def _cmd_pretrain(args) -> int:
         snapshot(cfg, name, Path(args.snapshot))
         return 0
     check_model_output(args.out)
-    out = pretrain(cfg, Path(args.out), name, resume=args.resume, progress=not args.no_progress)
+    with stop_on_signals(args.time_limit):
+        out = pretrain(cfg, Path(args.out), name, resume=args.resume, progress=not args.no_progress)
     if int(os.environ.get("RANK", "0")) == 0:
         print(f"teacher ready: {out}")
     return 0
@@ -396,9 +404,10 @@ def _cmd_distill(args) -> int:
         + "".join(f" --{k} {getattr(args, k)}" for k in ("mode", "sharding", "resolution", "prepared")
                   if getattr(args, k) is not None)
     check_model_output(args.out)
-    out = distill(cfg, args.teacher, Path(args.out), prompts=args.prompts, revision=args.revision, recipe=recipe,
-                  resume=args.resume, progress=not args.no_progress, init=args.init_from, from_work=args.from_work,
-                  force=args.force, prepared=args.prepared)
+    with stop_on_signals(args.time_limit):
+        out = distill(cfg, args.teacher, Path(args.out), prompts=args.prompts, revision=args.revision,
+                      recipe=recipe, resume=args.resume, progress=not args.no_progress, init=args.init_from,
+                      from_work=args.from_work, force=args.force, prepared=args.prepared)
     print(f"student ready: {out} ({cfg.student_steps} steps)")
     return 0
 
@@ -543,6 +552,10 @@ def main(argv: list[str] | None = None) -> int:
         print(f"sd35flash: error: an input file is not UTF-8 text ({e.reason} at byte {e.start}); save it as UTF-8",
               file=sys.stderr)
         return 2
+    except StopTraining as e:  # asked to stop (--time-limit, SIGTERM/SIGUSR1) after a checkpoint
+        if int(os.environ.get("RANK", "0")) == 0:
+            print(f"sd35flash: {_one_line(str(e))}", file=sys.stderr)
+        return EXIT_STOPPED
     except KeyboardInterrupt:
         print("sd35flash: interrupted; checkpoints written so far are kept (use --resume)", file=sys.stderr)
         return 130

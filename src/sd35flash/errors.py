@@ -23,3 +23,8 @@ class TrainingAlarm(UserError):
 
 class NonFiniteError(UserError):
     """A model produced NaN or inf (latents, images): its weights are damaged or diverged, or an input was."""
+
+
+class StopTraining(Exception):
+    """A training run stopped early on purpose, right after a checkpoint (``stop_at``, ``--time-limit``,
+    SIGTERM/SIGUSR1); ``--resume`` continues it. Not an error: the CLI exits with status 75."""

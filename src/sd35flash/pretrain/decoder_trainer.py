@@ -30,6 +30,7 @@ from ..train.checkpoint import CheckpointManager
 from ..train.data import EpochSampler
 from ..train.logger import RunLogger
 from ..train.schedules import warmup_cosine
+from ..train.stopping import checkpoint_step
 from ..world import render, split_specs
 from .data import WorldImages
 from .vae_trainer import AutoencoderStage, roundtrip
@@ -128,8 +129,7 @@ class DecoderTrainer(AutoencoderStage):
             if step % 25 == 0 or step == dc.steps:
                 log.scalars(step, {"decoder/loss": loss.item(), **{k: v.item() for k, v in parts.items()},
                                    "decoder/lr": sched.get_last_lr()[0]})
-            if step % dc.checkpoint_every == 0 or step == dc.steps:
-                ckpt.save(acc, step)
+            checkpoint_step(acc, ckpt, step, dc.steps, dc.checkpoint_every)
         tuned = acc.unwrap_model(pmodel).vae.eval()
         if acc.is_main_process:
             from ..evaluate.fd import FDScorer

@@ -80,7 +80,7 @@ def pretrain(cfg: PretrainConfig, out: Path | None, name: str, resume: bool = Fa
     """Train (or reuse) the teacher for ``cfg`` and return the path of the finished pipeline folder.
 
     ``stop_at`` stops the flow stage after that step (with a checkpoint) by raising
-    :class:`~sd35flash.train.checkpoint.StopTraining`; ``resume=True`` continues from there.
+    :class:`~sd35flash.errors.StopTraining`; ``resume=True`` continues from there.
     """
     if out is not None:
         check_model_output(out)  # before any work: a bad --out must not cost a training run

@@ -22,6 +22,7 @@ from ..train.checkpoint import CheckpointManager
 from ..train.data import EpochSampler
 from ..train.logger import RunLogger
 from ..train.schedules import warmup_cosine
+from ..train.stopping import checkpoint_step
 from ..world import BACKGROUND, judge, render, split_specs
 from .data import WorldImages
 
@@ -114,8 +115,7 @@ class VAETrainer(AutoencoderStage):
             log.advance()
             if step % 25 == 0 or step == vcfg.steps:
                 log.scalars(step, {"vae/loss": loss.item(), **parts, "vae/lr": sched.get_last_lr()[0]})
-            if step % vcfg.checkpoint_every == 0 or step == vcfg.steps:
-                ckpt.save(acc, step)
+            checkpoint_step(acc, ckpt, step, vcfg.steps, vcfg.checkpoint_every)
         log.close(end_training=False)
         model = acc.unwrap_model(vae).vae
         model.eval()

@@ -174,10 +174,6 @@ def weights_health(folder: str | Path, max_abs: float) -> tuple[bool, float]:
     return peak < max_abs, peak
 
 
-class StopTraining(Exception):
-    """Raised after a checkpoint when a run was asked to stop early (``stop_at``); resume continues it."""
-
-
 class CheckpointManager:
     """Saves, verifies, finds and loads checkpoints in ``root``; keeps the ``keep`` newest and the
     newest good one (``keep`` is at least 2, so a damaged newest checkpoint has one to fall back to)."""

@@ -27,9 +27,10 @@ import torch
 from accelerate import Accelerator
 
 from .alarms import check_finite
-from .checkpoint import CheckpointManager, StopTraining
+from .checkpoint import CheckpointManager
 from .logger import RunLogger
 from .sharding import clip_grad_norm
+from .stopping import checkpoint_step
 
 Metrics = dict[str, torch.Tensor]
 LossFn = Callable[[int], tuple[torch.Tensor, Metrics]]
@@ -102,8 +103,9 @@ class PeriodicHook(Hook):
 
 
 class CheckpointHook(Hook):
-    """An atomic checkpoint every ``every_n`` steps, at the end and at ``stop_at``; after the one at
-    ``stop_at`` (before the end) :class:`StopTraining` is raised. ``meta()`` adds to ``meta.json``."""
+    """An atomic checkpoint every ``every_n`` steps, at the end, at ``stop_at`` and when the run is
+    asked to stop (:mod:`.stopping`); after the one at ``stop_at`` or a stop (before the end)
+    :class:`~sd35flash.errors.StopTraining` is raised. ``meta()`` adds to ``meta.json``."""
 
     def __init__(self, acc: Accelerator, manager: CheckpointManager, every_n: int, stop_at: int | None = None,
                  meta: Callable[[], dict] | None = None) -> None:
@@ -111,10 +113,7 @@ class CheckpointHook(Hook):
         self.meta = meta
 
     def on_step_end(self, done: int, total: int, values: dict[str, float], log: RunLogger) -> None:
-        if every(self.every_n, done, total) or done == self.stop_at:
-            self.manager.save(self.acc, done, meta=self.meta() if self.meta is not None else None)
-        if done == self.stop_at and done < total:
-            raise StopTraining(f"stopped at step {done} as asked; resume to continue")
+        checkpoint_step(self.acc, self.manager, done, total, self.every_n, self.stop_at, self.meta)
 
 
 class TrainLoop:
