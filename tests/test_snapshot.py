@@ -14,6 +14,7 @@ from sd35flash.config import merge, to_dict
 from sd35flash.errors import StopTraining
 from sd35flash.models.pipeline_io import load_pipeline
 from sd35flash.pretrain.run import pretrain
+from sd35flash.pretrain.snapshot import init_logs, snapshot
 from sd35flash.toy_teacher import load_pretrain_config, teacher_dir
 
 
@@ -87,3 +88,34 @@ def test_snapshot_of_a_finished_run_copies_it_with_its_logs(smoke_teacher, tmp_p
     assert main(["pretrain", "--preset", "smoke", "--snapshot", str(out)]) == 0
     assert json.loads((out / "pretrain.json").read_text()) == json.loads((smoke_teacher / "pretrain.json").read_text())
     assert "probe/overall" in (out / "training" / "flow-metrics.jsonl").read_text()
+
+
+def test_a_continued_stage_carries_the_logs_of_the_stages_before_it(smoke_teacher, tmp_path):
+    """A run with ``init: preset:smoke``: its snapshot holds its own logs and, under training/init/, the
+    smoke run's; shipping keeps that tree, and the training curve joins the stages on one step axis."""
+    from sd35flash.evaluate.training_curve import main as curve_main
+    from sd35flash.ship import ship
+
+    cfg = merge(load_pretrain_config("smoke"), {"init": "preset:smoke", "flow": {"steps": 4, "probe_every": 2,
+                                                                                "sample_every": 0}})
+    pretrain(cfg, None, "smoke-cont", progress=False)
+    out = snapshot(cfg, "smoke-cont", tmp_path / "snap")
+    smoke_work = teacher_dir(load_pretrain_config("smoke"), "smoke") / "work"
+    assert (out / "training" / "init" / "flow-metrics.jsonl").read_bytes() == \
+        (smoke_work / "flow" / "metrics.jsonl").read_bytes()
+    assert (out / "training" / "init" / "vae-metrics.jsonl").is_file()
+    assert "probe/overall" in (out / "training" / "flow-metrics.jsonl").read_text()
+    assert not (out / "training" / "vae-metrics.jsonl").exists()  # the VAE came with the init
+    curve = tmp_path / "curve.json"
+    assert curve_main([str(out), str(tmp_path / "curve.png"), "--json", str(curve)]) == 0
+    data = json.loads(curve.read_text())
+    smoke_steps = load_pretrain_config("smoke").flow.steps
+    assert data["stage_starts"] == [smoke_steps]
+    assert [s for s, _ in data["curves"]["probe/overall"]][-2:] == [smoke_steps + 2, smoke_steps + 4]
+    shipped = ship(str(out), "cont-v1", root=tmp_path / "assets", guidance=4.0, check_prompts=1)
+    assert (shipped / "training" / "init" / "flow-metrics.jsonl").is_file()
+    # a stage that continues the shipped one finds the whole chain in its training/ folder
+    cfg2 = merge(load_pretrain_config("smoke"), {"init": str(shipped), "flow": {"steps": 2, "probe_every": 0,
+                                                                                "sample_every": 0}})
+    logs = init_logs(cfg2)
+    assert {"init/flow-metrics.jsonl", "init/init/flow-metrics.jsonl"} <= logs.keys()

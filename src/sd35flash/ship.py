@@ -181,8 +181,10 @@ def ship(src: str, name: str, eval_dir: Path | None = None, dtype: str = "float1
                                 "--dtype bfloat16 or float32")
             comp.to(DTYPES[dtype])
     extras: dict[str, str | bytes] = {}
-    for p in sorted((Path(src) / "training").glob("*")) if (Path(src) / "training").is_dir() else []:
-        extras[f"training/{p.name}"] = p.read_bytes()
+    training = Path(src) / "training"  # the run's logs, with those of the stages it continued (init/)
+    for p in sorted(training.rglob("*")) if training.is_dir() else []:
+        if p.is_file():
+            extras[f"training/{p.relative_to(training).as_posix()}"] = p.read_bytes()
     for fname, r in evals:
         extras[f"eval/{fname}"] = json.dumps(r, indent=1)
     if info:

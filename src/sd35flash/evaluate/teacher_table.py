@@ -28,10 +28,9 @@ from ..errors import UserError
 from ..io import atomic_write_text
 from ..models.pipeline_io import load_pipeline
 from ..models.registry import resolve_model
-from ..train.logger import read_metrics
 from ..world import CATEGORIES
 from .evaluator import EvalRequest, evaluate
-from .training_curve import curves, find_metrics, plot
+from .training_curve import chained_rows, curves, plot, stage_files
 
 #: (steps, --schedule value, label) of the few-step baselines.
 BASELINES = ((4, "scheduler", "scheduler"), (4, "uniform", "uniform"), (4, "1,0.9,0.75,0.5,0", "method"),
@@ -107,13 +106,15 @@ def teacher_table(teacher: str, out: Path, work: Path | None = None, device: str
     atomic_write_text(out / "table.md", metrics_table(read_evals(out)) + "\n")
     summary: dict = {"teacher": teacher, "best_guidance_val": best, "table": str(out / "table.md")}
     try:
-        metrics = find_metrics(work if work is not None else teacher)
+        files = stage_files(work if work is not None else teacher)
     except UserError:
-        metrics = None
-    series = curves(read_metrics(metrics)) if metrics is not None else {}
+        files = []
+    rows, starts = chained_rows(files)
+    series = curves(rows)
     if any(k.startswith("probe/") for k in series):
-        plot(series, out / "training_curve.png", str(metrics))
-        atomic_write_text(out / "training_curve.json", json.dumps({"source": str(metrics), "curves": series}, indent=1))
+        plot(series, out / "training_curve.png", str(files[-1]), starts)
+        atomic_write_text(out / "training_curve.json", json.dumps(
+            {"source": [str(f) for f in files], "stage_starts": starts, "curves": series}, indent=1))
         summary["training_curve"] = str(out / "training_curve.png")
     atomic_write_text(out / "summary.json", json.dumps(summary, indent=1))
     return summary

@@ -5,6 +5,10 @@
 ``probe/overall`` every ``probe_every`` steps), a pretraining work folder (``work/flow/metrics.jsonl``)
 or a pipeline folder that carries ``training/flow-metrics.jsonl`` (snapshots and shipped models).
 A resumed run appends to the file and may log a step twice: the last value of a step wins.
+A folder whose ``training/`` holds the logs of the stages it continued (``training/init/``,
+``training/init/init/``, ...: ``sd35flash pretrain --snapshot`` of a run with ``init``) gives one curve
+over the whole chain: each stage's steps continue from the last step of the one before, and dashed
+lines mark where a stage began.
 """
 
 from __future__ import annotations
@@ -37,6 +41,33 @@ def find_metrics(source: str | Path) -> Path:
                     "pretraining work folder or a snapshot / shipped model folder")
 
 
+def stage_files(source: str | Path) -> list[Path]:
+    """The flow metrics of ``source`` and, for a folder with ``training/``, of the stages it continued
+    (``training/init/flow-metrics.jsonl`` and deeper), oldest first."""
+    main = find_metrics(source)
+    files = [main]
+    if main.name == "flow-metrics.jsonl":
+        d = main.parent / "init"
+        while (d / "flow-metrics.jsonl").is_file():
+            files.insert(0, d / "flow-metrics.jsonl")
+            d = d / "init"
+    return files
+
+
+def chained_rows(files: list[Path]) -> tuple[list[dict], list[int]]:
+    """The rows of ``files`` (stages, oldest first) on one step axis: each stage's steps are shifted by
+    the last step of the stages before it. Returns the rows and the first step of every later stage."""
+    rows: list[dict] = []
+    starts: list[int] = []
+    offset = 0
+    for i, f in enumerate(files):
+        if i:
+            starts.append(offset)
+        rows.extend({**r, "step": int(r["step"]) + offset} for r in read_metrics(f) if "step" in r)
+        offset = max((r["step"] for r in rows), default=offset)
+    return rows, starts
+
+
 def curves(rows: list[dict]) -> dict[str, list[tuple[int, float]]]:
     """``{key: [(step, value), ...]}`` for ``flow/loss`` and every ``probe/*`` key, one value per step."""
     by_key: dict[str, dict[int, float]] = {}
@@ -47,8 +78,12 @@ def curves(rows: list[dict]) -> dict[str, list[tuple[int, float]]]:
     return {k: sorted(v.items()) for k, v in sorted(by_key.items())}
 
 
-def plot(series: dict[str, list[tuple[int, float]]], out: Path, title: str) -> Path:
+def plot(series: dict[str, list[tuple[int, float]]], out: Path, title: str, stage_starts: list[int] = ()) -> Path:
     fig, (ax_p, ax_l) = plt.subplots(1, 2, figsize=(11, 3.8))
+    for i, x in enumerate(stage_starts):
+        for ax in (ax_p, ax_l):
+            ax.axvline(x, color="grey", ls="--", lw=0.8)
+        ax_p.text(x, 0.97, f" stage {i + 2}", fontsize=7, color="grey", va="top")
     for k, pts in series.items():
         if k.startswith("probe/"):
             ax_p.plot(*zip(*pts), "o-" if k == "probe/overall" else "-", ms=3,
@@ -85,13 +120,16 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--json", dest="json_out", help="also write the curves as JSON")
     args = p.parse_args(argv)
     try:
-        path = find_metrics(args.source)
-        series = curves(read_metrics(path))
+        files = stage_files(args.source)
+        path = files[-1]
+        rows, starts = chained_rows(files)
+        series = curves(rows)
         if not any(k.startswith("probe/") for k in series):
             raise UserError(f"{path} holds no probe/* scalars yet (the probe runs every probe_every steps)")
-        plot(series, Path(args.out), str(path))
+        plot(series, Path(args.out), str(path), starts)
         if args.json_out:
-            atomic_write_text(args.json_out, json.dumps({"source": str(path), "curves": series}, indent=1))
+            atomic_write_text(args.json_out, json.dumps({"source": [str(f) for f in files], "stage_starts": starts,
+                                                         "curves": series}, indent=1))
     except UserError as e:
         print(f"training_curve: error: {e}", file=sys.stderr)
         return 2

@@ -10,7 +10,8 @@ there, so it is safe while training continues in another process:
    shadow parameters are in the order of ``FlowModel.parameters()``: transformer, then the three
    text encoders);
 3. save it atomically to ``OUT`` with ``pretrain.json`` (config, commit, ``snapshot`` = step and
-   checkpoint) and the run's logs under ``training/`` (``flow-metrics.jsonl``, ``vae-metrics.jsonl``).
+   checkpoint) and the run's logs under ``training/`` (``flow-metrics.jsonl``, ``vae-metrics.jsonl``,
+   ``decoder-metrics.jsonl``), with those of the stages it continues under ``training/init/``.
 
 A finished run is copied as it is (its final pipeline), with the same ``training/`` logs.
 """
@@ -28,13 +29,50 @@ from diffusers import AutoencoderKL
 from ..config import to_dict
 from ..errors import UserError
 from ..models.pipeline_io import save_pipeline
+from ..models.registry import resolve_model
 from ..paths import git_commit
-from ..toy_teacher import INFO_FILE, PretrainConfig, is_finished, teacher_dir
+from ..toy_teacher import INFO_FILE, PretrainConfig, is_finished, load_pretrain_config, teacher_dir
 from ..train.checkpoint import CheckpointManager, read_meta
-from .run import copy_pipeline
+from .run import PRESET_PREFIX, copy_pipeline
 
 #: Logs copied beside the weights: ``training/<name>`` <- ``work/<source>``.
-TRAINING_LOGS = {"flow-metrics.jsonl": "flow/metrics.jsonl", "vae-metrics.jsonl": "vae/metrics.jsonl"}
+TRAINING_LOGS = {"flow-metrics.jsonl": "flow/metrics.jsonl", "vae-metrics.jsonl": "vae/metrics.jsonl",
+                 "decoder-metrics.jsonl": "decoder/metrics.jsonl"}
+#: Where the logs of the teacher a run continues (``init``) go, under ``training/``; the one before
+#: that is under ``init/init/``, and so on, so a chain of stages keeps its whole curve.
+INIT_LOGS = "init/"
+
+
+def init_logs(cfg: PretrainConfig) -> dict[str, Path]:
+    """The training logs of the teachers ``cfg`` continues, as ``{path under training/: file}``: a
+    ``preset:NAME`` init's work folder in the cache (never trained here; whatever exists is taken),
+    followed down its own ``init``; a shipped or folder init's whole ``training/`` folder (which
+    holds its own earlier stages). Empty without ``init``."""
+    out: dict[str, Path] = {}
+    prefix = INIT_LOGS
+    for _ in range(64):  # a chain of presets; a cycle would be a config error caught elsewhere
+        if not cfg.init:
+            break
+        if cfg.init.startswith(PRESET_PREFIX):
+            name = cfg.init[len(PRESET_PREFIX):]
+            cfg = load_pretrain_config(name)
+            work = teacher_dir(cfg, name) / "work"
+            out.update({prefix + dest: work / src for dest, src in TRAINING_LOGS.items() if (work / src).is_file()})
+            prefix += INIT_LOGS
+            continue
+        training = Path(resolve_model(cfg.init)) / "training"
+        if training.is_dir():
+            out.update({prefix + f.relative_to(training).as_posix(): f
+                        for f in sorted(training.rglob("*")) if f.is_file()})
+        break
+    return out
+
+
+def _copy_logs(work: Path, cfg: PretrainConfig) -> dict[str, bytes]:
+    """The run's own logs and :func:`init_logs`, as ``{"training/<path>": bytes}``."""
+    files = {name: work / src for name, src in TRAINING_LOGS.items() if (work / src).is_file()}
+    files.update(init_logs(cfg))
+    return {f"training/{name}": f.read_bytes() for name, f in files.items()}
 
 
 def _ema_state(ckpt: Path, dest: Path) -> dict | None:
@@ -82,10 +120,9 @@ def snapshot(cfg: PretrainConfig, name: str, out: Path) -> Path:
     if is_finished(root / "pipeline"):
         print(f"the {name} run is finished; copying its final pipeline {root / 'pipeline'} and its logs")
         dest = copy_pipeline(root / "pipeline", Path(out))
-        (dest / "training").mkdir(exist_ok=True)
-        for name_, src in TRAINING_LOGS.items():
-            if (work / src).is_file():
-                shutil.copyfile(work / src, dest / "training" / name_)
+        for rel, data in _copy_logs(work, cfg).items():
+            (dest / rel).parent.mkdir(parents=True, exist_ok=True)
+            (dest / rel).write_bytes(data)
         return dest
     if not (work / "vae" / "final" / "config.json").is_file():
         raise UserError(f"no pretraining run of preset/config {name!r} has reached the flow stage in {work}; "
@@ -104,11 +141,9 @@ def snapshot(cfg: PretrainConfig, name: str, out: Path) -> Path:
                 break
         if state is None:
             raise UserError(f"no readable flow checkpoint in {work / 'flow'}; retry in a minute")
-        logs = {}
-        for dest, src in TRAINING_LOGS.items():
-            if (work / src).is_file():
-                shutil.copyfile(work / src, tmp_dir / dest)
-                logs[f"training/{dest}"] = (tmp_dir / dest).read_bytes()
+        logs = _copy_logs(work, cfg)
+        for name_ in ("vae-metrics.jsonl", "flow-metrics.jsonl"):  # for the wall times below
+            (tmp_dir / name_).write_bytes(logs.get(f"training/{name_}", b""))
         vae = AutoencoderKL.from_pretrained(tmp_dir / "vae")
         vae_metrics_file = work / "vae" / "metrics.json"
         vae_metrics = json.loads(vae_metrics_file.read_text()) if vae_metrics_file.is_file() else {}
