@@ -239,6 +239,10 @@ def test_bad_inputs_get_one_line(smoke_teacher, tmp_path, capsys, monkeypatch):
                  "--prompts", str(empty)]) == 2
     _one_line(capsys, "holds no prompts")
     monkeypatch.setenv("SD35FLASH_CACHE", str(tmp_path / "nocache"))
+    noassets = tmp_path / "noassets"  # an install that ships no teacher (this package ships shapes-v1)
+    noassets.mkdir()
+    (noassets / "models.json").write_text('{"models": []}')
+    monkeypatch.setenv("SD35FLASH_ASSETS", str(noassets))
     assert main(["distill", "--out", str(tmp_path / "o")]) == 2
     _one_line(capsys, "sd35flash pretrain")
 

@@ -91,6 +91,11 @@ def model_card(name: str, info: dict, entry: ShippedModel, evals, check: dict, m
                   f"{snap['checkpoint']})" if snap else f"{info.get('config', {}).get('flow', {}).get('steps')} flow "
                   "steps (finished run, EMA weights)")
     vae = info.get("vae") or {}
+    logs_line = ("`training/flow-metrics.jsonl` (`probe/*` = judged val probe), `training/vae-metrics.jsonl`"
+                 if not info.get("config", {}).get("init") else
+                 f"`training/flow-metrics.jsonl` (`probe/*` = judged val probe) for this stage; the stages it "
+                 f"continued (`init: {info['config']['init']}`) under `training/init/` "
+                 "(`python -m sd35flash.evaluate.training_curve FOLDER curve.png` plots them as one curve)")
     return f"""# {name}
 
 A {entry.role} for the sd35flash shapes world: a standard diffusers `StableDiffusion3Pipeline` folder
@@ -116,7 +121,7 @@ A {entry.role} for the sd35flash shapes world: a standard diffusers `StableDiffu
 - Wall time: {wall}
 - VAE: PSNR {vae.get('psnr', float('nan')):.2f} dB, judge accuracy on reconstructions
   {vae.get('judge_accuracy', float('nan')):.3f}
-- Training curves: `training/flow-metrics.jsonl` (`probe/*` = judged val probe), `training/vae-metrics.jsonl`
+- Training curves: {logs_line}
 
 ## Metrics
 
