@@ -18,7 +18,7 @@ from sd35flash.cli import main
 from sd35flash.errors import UserError
 from sd35flash.evaluate.evaluator import EvalRequest, evaluate
 from sd35flash.models.pipeline_io import load_pipeline
-from sd35flash.models.registry import CHECKSUM_FILE, REGISTRY_FILE, list_models, resolve_model
+from sd35flash.models.registry import CHECKSUM_FILE, REGISTRY_FILE, list_models, list_retired, resolve_model
 from sd35flash.models.sampling_settings import resolve_sampling
 from sd35flash.sampling import generate, scheduler_schedule
 from sd35flash.ship import ship
@@ -191,6 +191,48 @@ def test_ship_refuses_to_overwrite_or_oversize(assets, smoke_teacher, tmp_path):
         ship(str(smoke_teacher), "smoke-v2", root=tmp_path / "a", guidance=4.0, max_mb=0.1, check_prompts=1)
     assert not (tmp_path / "a" / "teachers" / "smoke-v2").exists()
     assert [m.name for m in list_models(assets)] == ["smoke-v1"]
+
+
+def test_supersede_retires_only_a_committed_version(assets, smoke_teacher, tmp_path, monkeypatch, capsys):
+    """`ship --supersede OLD` refuses an OLD that git does not hold as it is; on a committed one it ships the
+    new version, deletes OLD's folder and keeps OLD as a retired registry entry with the commit that has it.
+    Asking for the retired name then names its successor and how to restore it."""
+    root = tmp_path / "assets"
+    shutil.copytree(assets, root)
+    monkeypatch.setenv("SD35FLASH_ASSETS", str(root))
+    old = root / "teachers" / "smoke-v1"
+    with pytest.raises(UserError, match="not in a git checkout"):
+        ship(str(smoke_teacher), "smoke-v2", root=root, guidance=4.0, check_prompts=1, supersede="smoke-v1")
+    git = ["git", "-c", "user.name=t", "-c", "user.email=t@t", "-C", str(root)]
+    subprocess.run(["git", "init", "-q", str(root)], check=True)
+    subprocess.run([*git, "add", "models.json"], check=True)
+    subprocess.run([*git, "commit", "-qm", "registry only"], check=True)
+    with pytest.raises(UserError, match="not committed as it is"):
+        ship(str(smoke_teacher), "smoke-v2", root=root, guidance=4.0, check_prompts=1, supersede="smoke-v1")
+    with pytest.raises(UserError, match="no shipped model has that name"):
+        ship(str(smoke_teacher), "smoke-v2", root=root, guidance=4.0, check_prompts=1, supersede="smoke-v7")
+    assert old.is_dir() and not (root / "teachers" / "smoke-v2").exists()
+    subprocess.run([*git, "add", "."], check=True)
+    subprocess.run([*git, "commit", "-qm", "smoke-v1"], check=True)
+    head = subprocess.run([*git, "rev-parse", "HEAD"], capture_output=True, text=True).stdout.strip()
+    ship(str(smoke_teacher), "smoke-v2", root=root, guidance=4.0, check_prompts=1, supersede="smoke-v1")
+    assert not old.exists() and (root / "teachers" / "smoke-v2" / "README.md").is_file()
+    assert [m.name for m in list_models(root)] == ["smoke-v2"] and list_models(root)[0].default
+    (gone,) = list_retired(root)
+    assert (gone.name, gone.commit, gone.replaced_by, gone.path) == ("smoke-v1", head, "smoke-v2", "teachers/smoke-v1")
+    capsys.readouterr()
+    rc = main(["eval", "--model", "smoke-v1", "--split", "test", "--num-images", "2",
+               "--json", str(tmp_path / "e.json")])
+    err = _one_line(capsys)
+    assert rc == 2 and "retired for 'smoke-v2'" in err and f"git archive {head}" in err
+    # the hint works: the archived folder loads and verifies against its own checksums
+    out = tmp_path / "restored"
+    out.mkdir()
+    archive = subprocess.run([*git, "archive", head, "teachers/smoke-v1"], capture_output=True, check=True).stdout
+    subprocess.run(["tar", "-x", "-C", str(out)], input=archive, check=True)
+    proc = subprocess.run(["sha256sum", "--quiet", "-c", CHECKSUM_FILE], cwd=out / "teachers" / "smoke-v1")
+    assert proc.returncode == 0
+    assert resolve_model(str(out / "teachers" / "smoke-v1")) == str(out / "teachers" / "smoke-v1")
 
 
 def test_package_data_covers_every_asset_file():

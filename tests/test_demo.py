@@ -4,11 +4,16 @@ split-timestep branches, 2-step student, six evaluations, report)."""
 from __future__ import annotations
 
 import json
+import os
 import re
+import subprocess
+import sys
+from pathlib import Path
 
 from sd35flash.cli import main
 from sd35flash.models.student_info import read_student_info
 
+ROOT = Path(__file__).resolve().parents[1]
 MODELS = ["teacher-28step", "teacher-4step", "student-4step", "student-4step-unmerged", "student-4step-presplit",
           "student-2step"]
 
@@ -41,3 +46,14 @@ def test_demo_smoke_end_to_end(smoke_teacher, tmp_path, monkeypatch):
     assert read_student_info(out / "student-4step").split is not None
     two = read_student_info(out / "student-2step")
     assert two.split is None and two.steps == 2
+
+    # bench/oracle-study.sh rates the demo's models with simulated annotators (2 prompts, 1 seed)
+    env = dict(os.environ, PYTHON=sys.executable, OMP_NUM_THREADS="1", PYTHONPATH=str(ROOT / "src"))
+    proc = subprocess.run(["bash", "bench/oracle-study.sh", str(out), str(tmp_path / "oracle"), "2", "1", "3"],
+                          cwd=ROOT, env=env, capture_output=True, text=True, timeout=600)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    manifest = json.loads((tmp_path / "oracle" / "study" / "manifest.json").read_text())
+    assert sorted(manifest["models"]) == ["student2", "student4", "student4-unmerged", "teacher28", "teacher4"]
+    oracle = json.loads((tmp_path / "oracle" / "oracle.json").read_text())
+    assert set(oracle["models"]) == set(manifest["models"]) and oracle["votes"] > 0
+    assert read_student_info(tmp_path / "oracle" / "student4-unmerged").split.unmerged

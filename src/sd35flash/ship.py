@@ -15,6 +15,10 @@
    metrics table of the evaluation JSONs, the guidance to use) and ``checksums.sha256``.
 
 An existing version is never replaced unless ``--replace`` is given: a new asset gets a new name.
+``--supersede OLD`` then takes the version it improves on out of the package (one versioned folder
+per model ships): OLD's folder is deleted from the tree and its registry entry moves to ``retired``
+with the git commit that holds it. That is refused unless OLD is committed, unmodified, in git, so
+the only copy of a model is never deleted.
 """
 
 from __future__ import annotations
@@ -23,6 +27,8 @@ import argparse
 import json
 import os
 import platform
+import shutil
+import subprocess
 import sys
 import tempfile
 from pathlib import Path
@@ -33,9 +39,18 @@ import yaml
 
 from .errors import UserError
 from .evaluate.teacher_table import metrics_table, read_evals
-from .io import atomic_write_text, replace_dir
+from .io import replace_dir
 from .models.pipeline_io import load_pipeline, save_pipeline
-from .models.registry import REGISTRY_FILE, ShippedModel, assets_root, list_models, write_checksums
+from .models.registry import (
+    RetiredModel,
+    ShippedModel,
+    assets_root,
+    find_shipped,
+    list_models,
+    list_retired,
+    write_checksums,
+    write_registry,
+)
 from .sampling import generate, scheduler_schedule
 from .sizes import folder_bytes
 from .world import canonical_prompt, judge, split_specs
@@ -144,22 +159,63 @@ folder: mean absolute pixel difference {check['mean_abs_pixel_diff']} (max {chec
 """
 
 
-def _update_registry(root: Path, entry: ShippedModel) -> None:
-    models = [m for m in list_models(root) if m.name != entry.name]
+def _update_registry(root: Path, entry: ShippedModel, retire: RetiredModel | None = None) -> None:
+    models = [m for m in list_models(root) if m.name != entry.name and (retire is None or m.name != retire.name)]
     if entry.default:
         for m in models:
             if m.role == entry.role:
                 m.default = False
     models.append(entry)
-    atomic_write_text(root / REGISTRY_FILE, json.dumps({"models": [m.to_entry() for m in models]}, indent=1) + "\n")
+    retired = [r for r in list_retired(root) if r.name != entry.name]
+    if retire is not None:
+        retired = [r for r in retired if r.name != retire.name] + [retire]
+    write_registry(root, models, retired)
+
+
+def _git(folder: Path, *args: str) -> subprocess.CompletedProcess:
+    try:
+        return subprocess.run(["git", "-C", str(folder), *args], capture_output=True, text=True, timeout=30)
+    except (OSError, subprocess.TimeoutExpired) as exc:
+        raise UserError(f"--supersede needs git to check that the old version is committed ({exc})") from None
+
+
+def committed_version(old: ShippedModel, new_name: str) -> RetiredModel:
+    """``old`` as a retired entry, after checking that git holds it: every file of its folder tracked and
+    unmodified at HEAD (the commit recorded)."""
+    folder = old.folder
+    if not folder.is_dir():
+        raise UserError(f"--supersede {old.name}: its folder {folder} is missing")
+    head = _git(folder, "rev-parse", "HEAD")
+    if head.returncode != 0:
+        raise UserError(f"--supersede {old.name}: {folder} is not in a git checkout, so deleting it would lose it; "
+                        "ship without --supersede")
+    files = {p.relative_to(folder).as_posix() for p in folder.rglob("*") if p.is_file()}
+    tracked = set(_git(folder, "ls-files").stdout.splitlines())
+    dirty = _git(folder, "status", "--porcelain", "--", ".").stdout.strip()
+    if files - tracked or dirty:
+        what = sorted(files - tracked)[:1] or [dirty.splitlines()[0]]
+        raise UserError(f"--supersede {old.name}: {folder} is not committed as it is ({what[0]}); commit it first, "
+                        "so that git history keeps it")
+    return RetiredModel(name=old.name, path=old.path, commit=head.stdout.strip(), replaced_by=new_name)
 
 
 def ship(src: str, name: str, eval_dir: Path | None = None, dtype: str = "float16", steps: int = 28,
          guidance: float | None = None, machine: str | None = None, wall_time: str | None = None,
          command: str | None = None, role: str = "teacher", root: Path | None = None, replace: bool = False,
-         max_mb: float = 40.0, max_pixel_diff: float = 2.0, check_prompts: int = 5, default: bool = True) -> Path:
-    """Write the shipped asset ``name`` from pipeline folder ``src``; returns its folder."""
+         max_mb: float = 40.0, max_pixel_diff: float = 2.0, check_prompts: int = 5, default: bool = True,
+         supersede: str | None = None) -> Path:
+    """Write the shipped asset ``name`` from pipeline folder ``src``; returns its folder. ``supersede``
+    names a committed version that this one replaces (see the module docstring)."""
     root = Path(root) if root is not None else assets_root()
+    retire = None
+    if supersede is not None:
+        old = find_shipped(supersede, root)
+        if old is None:
+            raise UserError(f"--supersede {supersede}: no shipped model has that name; shipped: "
+                            f"{', '.join(m.name for m in list_models(root)) or 'none'}")
+        if supersede == name:
+            raise UserError("--supersede must name the old version, not the one being shipped")
+        retire = committed_version(old, name)
     if not name or "/" in name or name.startswith("."):
         raise UserError(f"--name {name!r} must be a plain folder name such as shapes-v1")
     if dtype not in DTYPES:
@@ -221,7 +277,10 @@ def ship(src: str, name: str, eval_dir: Path | None = None, dtype: str = "float1
         entry.bytes = folder_bytes(stage)
         target.parent.mkdir(parents=True, exist_ok=True)
         replace_dir(stage, target)
-    _update_registry(root, entry)
+    _update_registry(root, entry, retire)
+    if retire is not None:
+        shutil.rmtree((root / retire.path))
+        print(f"retired {retire.name}: its folder left the tree; git commit {retire.commit[:12]} keeps it")
     print(f"shipped {name}: {target} ({entry.bytes / 1e6:.1f} MB, {dtype}; storage check: mean pixel diff "
           f"{check['mean_abs_pixel_diff']}, verdicts agree {check['verdicts_agree']}/{check['prompts']})")
     return target
@@ -251,6 +310,8 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--role", default="teacher", choices=("teacher", "student"))
     p.add_argument("--assets", type=Path, help="assets folder (default: the package's, or $SD35FLASH_ASSETS)")
     p.add_argument("--replace", action="store_true", help="overwrite an existing asset of that name")
+    p.add_argument("--supersede", metavar="OLD",
+                   help="retire the committed version OLD: delete its folder, keep it in the registry's retired list")
     p.add_argument("--max-mb", type=float, default=40.0)
     p.add_argument("--max-pixel-diff", type=float, default=2.0)
     args = p.parse_args(argv)
@@ -259,7 +320,8 @@ def main(argv: list[str] | None = None) -> int:
     os.environ.setdefault("HF_HUB_DISABLE_PROGRESS_BARS", "1")
     try:
         ship(args.src, args.name, args.eval_dir, args.dtype, args.steps, args.guidance, args.machine, args.wall_time,
-             args.command, args.role, args.assets, args.replace, args.max_mb, args.max_pixel_diff)
+             args.command, args.role, args.assets, args.replace, args.max_mb, args.max_pixel_diff,
+             supersede=args.supersede)
     except UserError as e:
         print(f"sd35flash.ship: error: {e}", file=sys.stderr)
         return 2

@@ -13,6 +13,11 @@ checksum, every safetensors file complete); anything else that is not a hub id i
 listing the valid names. A damaged or missing asset is an error naming the file: nothing is ever
 retrained in its place.
 
+A version replaced by a better one (``python -m sd35flash.ship ... --supersede OLD``) leaves the
+package: its folder is deleted from the tree and its entry moves to the registry's ``retired`` list
+``{"name", "path", "commit", "replaced_by"}``, where ``commit`` still holds its files. Asking for a
+retired name is a one-line error that names its successor and how to restore it from git.
+
 ``SD35FLASH_ASSETS`` points the registry at another assets folder (tests, or a lead trying a new
 asset before it is committed).
 """
@@ -27,20 +32,24 @@ from typing import Any
 
 from sd35flash.checksums import CHECKSUM_FILE, DamagedFileError, check_safetensors, sha256_file, write_checksums
 from sd35flash.errors import UserError
+from sd35flash.io import atomic_write_text
 
 __all__ = [
     "CHECKSUM_FILE",
     "REGISTRY_FILE",
     "AssetError",
+    "RetiredModel",
     "ShippedModel",
     "assets_root",
     "default_teacher",
     "find_shipped",
     "list_models",
+    "list_retired",
     "resolve_model",
     "settings_for_folder",
     "verify_asset",
     "write_checksums",
+    "write_registry",
 ]
 
 REGISTRY_FILE = "models.json"
@@ -83,6 +92,22 @@ class ShippedModel:
         return d
 
 
+@dataclass
+class RetiredModel:
+    """A version taken out of the package for ``replaced_by``; git ``commit`` still holds its folder
+    at ``src/sd35flash/assets/<path>``."""
+
+    name: str
+    path: str
+    commit: str
+    replaced_by: str
+
+    def restore_hint(self) -> str:
+        rel = f"src/sd35flash/assets/{self.path}"
+        return (f"restore it from git history with `git archive {self.commit} {rel} | tar -x -C DIR` and pass "
+                f"DIR/{rel}")
+
+
 def assets_root() -> Path:
     """``$SD35FLASH_ASSETS`` when set, else the package's own ``assets/`` folder."""
     env = os.environ.get("SD35FLASH_ASSETS")
@@ -104,20 +129,46 @@ def _entry(raw: Any, where: Path, root: Path) -> ShippedModel:
     return m
 
 
-def list_models(root: Path | None = None) -> list[ShippedModel]:
-    """Every registered model, in registry order (empty when nothing is shipped)."""
-    root = root or assets_root()
+def _read_registry(root: Path) -> dict[str, Any]:
     path = root / REGISTRY_FILE
     if not path.is_file():
-        return []
+        return {"models": []}
     try:
         data = json.loads(path.read_text(encoding="utf-8"))
     except (OSError, UnicodeDecodeError, json.JSONDecodeError) as exc:
         raise AssetError(f"{path} is unreadable ({exc}); reinstall sd35flash") from exc
-    models = data.get("models") if isinstance(data, dict) else None
-    if not isinstance(models, list):
+    if not isinstance(data, dict) or not isinstance(data.get("models"), list) \
+            or not isinstance(data.get("retired", []), list):
         raise AssetError(f"{path} has no 'models' list; reinstall sd35flash")
-    return [_entry(m, path, root) for m in models]
+    return data
+
+
+def list_models(root: Path | None = None) -> list[ShippedModel]:
+    """Every registered model, in registry order (empty when nothing is shipped)."""
+    root = root or assets_root()
+    return [_entry(m, root / REGISTRY_FILE, root) for m in _read_registry(root)["models"]]
+
+
+def list_retired(root: Path | None = None) -> list[RetiredModel]:
+    """The versions that left the package (registry order)."""
+    root = root or assets_root()
+    out = []
+    for raw in _read_registry(root).get("retired", []):
+        try:
+            out.append(RetiredModel(**raw))
+        except TypeError:
+            raise AssetError(f"{root / REGISTRY_FILE}: retired entry {raw!r} is malformed; the registry is "
+                             "damaged") from None
+    return out
+
+
+def write_registry(root: Path, models: list[ShippedModel], retired: list[RetiredModel] | None = None) -> None:
+    """Write ``models.json`` atomically (the ``retired`` list is kept unless given)."""
+    retired = list_retired(root) if retired is None else retired
+    data: dict[str, Any] = {"models": [m.to_entry() for m in models]}
+    if retired:
+        data["retired"] = [asdict(r) for r in retired]
+    atomic_write_text(root / REGISTRY_FILE, json.dumps(data, indent=1) + "\n")
 
 
 def find_shipped(name: str, root: Path | None = None) -> ShippedModel | None:
@@ -175,6 +226,10 @@ def resolve_model(model: str | os.PathLike[str] | None) -> str | None:
     hit = next((m for m in models if m.name == text), None)
     if hit is not None:
         return str(verify_asset(hit))
+    gone = next((r for r in list_retired() if r.name == text), None)
+    if gone is not None:
+        raise UserError(f"shipped model {text!r} was retired for {gone.replaced_by!r} (use that name); to use "
+                        f"{text!r} itself, {gone.restore_hint()}")
     raise UserError(f"model {text!r} is neither an existing folder nor a shipped model; shipped models: "
                     f"{_valid_names(models)} (see `sd35flash models`)")
 
