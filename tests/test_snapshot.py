@@ -119,3 +119,27 @@ def test_a_continued_stage_carries_the_logs_of_the_stages_before_it(smoke_teache
                                                                                 "sample_every": 0}})
     logs = init_logs(cfg2)
     assert {"init/flow-metrics.jsonl", "init/init/flow-metrics.jsonl"} <= logs.keys()
+
+
+def test_stop_at_from_the_cli(cache_dir, tmp_path, capsys):
+    """`pretrain --stop-at STEP` stops after that step with its checkpoint (exit 75), so `--snapshot`
+    then gives that step's EMA teacher; a step outside (run's step, last step) and a stop with
+    --snapshot are one-line errors (the first before any training)."""
+    cfg = merge(load_pretrain_config("smoke"), {"data_seed": 5})
+    path = tmp_path / "smoke-stop.yaml"
+    path.write_text(yaml.safe_dump(to_dict(cfg)))
+    work = teacher_dir(load_pretrain_config(None, str(path)), "smoke-stop") / "work"
+    assert main(["pretrain", "--config", str(path), "--out", str(tmp_path / "t"), "--stop-at", "30"]) == 2
+    assert "flow stage ends at step 30" in capsys.readouterr().err and not work.exists()
+    assert main(["pretrain", "--config", str(path), "--snapshot", str(tmp_path / "s"), "--stop-at", "5"]) == 2
+    assert "--snapshot" in capsys.readouterr().err
+    assert main(["pretrain", "--config", str(path), "--out", str(tmp_path / "t"), "--stop-at", "10",
+                 "--no-progress"]) == 75
+    assert "stopped at step 10" in capsys.readouterr().err
+    assert sorted(p.name for p in (work / "flow").glob("ckpt-*")) == ["ckpt-00000010"]
+    assert main(["pretrain", "--config", str(path), "--out", str(tmp_path / "t"), "--resume", "--stop-at", "10",
+                 "--no-progress"]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and "must lie after the run's step 10" in err[0]
+    assert main(["pretrain", "--config", str(path), "--snapshot", str(tmp_path / "s")]) == 0
+    assert json.loads((tmp_path / "s" / "pretrain.json").read_text())["snapshot"]["step"] == 10

@@ -75,6 +75,9 @@ def build_parser() -> argparse.ArgumentParser:
     pt.add_argument("--time-limit", type=A.time_limit, metavar="DURATION", help="stop cleanly once this much time "
                     "has passed (e.g. 90m, 1.5h): a checkpoint at the end of the current step, then exit 75; "
                     "SIGTERM or SIGUSR1 does the same. Continue with --resume")
+    pt.add_argument("--stop-at", type=A.integer("--stop-at", 1), metavar="STEP", help="stop the flow stage after "
+                    "this step with a checkpoint (exit 75), e.g. to reproduce a shipped snapshot with --snapshot; "
+                    "continue with --resume")
     pt.add_argument("--no-progress", action="store_true")
 
     g = sub.add_parser("generate", help="generate images from prompts")
@@ -312,6 +315,10 @@ def _cmd_pretrain(args) -> int:
     if args.init:
         cfg.init = args.init
     name = Path(args.config).stem if args.config else args.preset
+    if args.stop_at is not None and (args.snapshot or args.stop_at >= cfg.flow.steps):
+        why = ("it stops training, which --snapshot does not do" if args.snapshot
+               else f"this config's flow stage ends at step {cfg.flow.steps}; pass a smaller step")
+        raise UserError(f"--stop-at {args.stop_at}: {why}")
     if args.snapshot:
         from .pretrain.snapshot import snapshot
 
@@ -320,7 +327,8 @@ def _cmd_pretrain(args) -> int:
         return 0
     check_model_output(args.out)
     with stop_on_signals(args.time_limit):
-        out = pretrain(cfg, Path(args.out), name, resume=args.resume, progress=not args.no_progress)
+        out = pretrain(cfg, Path(args.out), name, resume=args.resume, progress=not args.no_progress,
+                       stop_at=args.stop_at)
     if int(os.environ.get("RANK", "0")) == 0:
         print(f"teacher ready: {out}")
     return 0

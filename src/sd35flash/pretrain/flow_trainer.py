@@ -12,7 +12,7 @@ from diffusers import AutoencoderKL, StableDiffusion3Pipeline
 from diffusers.training_utils import EMAModel
 
 from .. import flow
-from ..errors import ConfigError
+from ..errors import ConfigError, UserError
 from ..imaging import make_grid, save_png
 from ..models.latents import encode_latents
 from ..models.toy import build_scheduler, build_text_encoders, build_transformer
@@ -175,6 +175,9 @@ class FlowTrainer:
         acc.register_for_checkpointing(ema, sampler)
         ckpt = CheckpointManager(self.dir)
         step = ckpt.load(acc)
+        if self.stop_at is not None and not step < self.stop_at < fc.steps:
+            raise UserError(f"--stop-at {self.stop_at} must lie after the run's step {step} and before its last "
+                            f"step {fc.steps}")
         ema.to(acc.device)
         n_params = sum(p.numel() for p in model.transformer.parameters()) / 1e6
         log = RunLogger(acc, self.dir, "flow", total=fc.steps, start=step, desc="teacher", progress=self.progress)
