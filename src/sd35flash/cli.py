@@ -66,7 +66,7 @@ def build_parser() -> argparse.ArgumentParser:
     pto.add_argument("--snapshot", metavar="OUT", help="write the EMA pipeline at the newest checkpoint of this "
                      "preset's run (running or not; read-only on its work folder) to OUT, and train nothing")
     pt.add_argument("--preset", default="default",
-                    help="smoke | quick | default | teacher | teacher-2 | teacher-3 | teacher-gpu")
+                    help="smoke | quick | default | teacher | teacher-2 | teacher-3 | teacher-4 | teacher-gpu")
     pt.add_argument("--config", help="a YAML config instead of a preset")
     pt.add_argument("--resume", action="store_true", help="continue an unfinished run of the same config")
     pt.add_argument("--init", metavar="MODEL", help="start from this teacher (a shipped name, a pipeline "
@@ -479,7 +479,7 @@ def _cmd_info(args) -> int:
 
 
 def _cmd_models(args) -> int:
-    from .models.registry import list_models, verify_asset
+    from .models.registry import list_models, list_retired, verify_asset
 
     models = list_models()
     for m in models if args.verify else []:
@@ -492,6 +492,9 @@ def _cmd_models(args) -> int:
     for m in models:
         print(f"{m.name}  {m.role}{' (default)' if m.default else ''}  {m.steps} steps, guidance {m.guidance}  "
               f"{m.dtype}, {m.bytes / 1e6:.1f} MB  {m.folder}")
+    for r in list_retired():
+        print(f"retired: {r.name} (replaced by {r.replaced_by}; in git commit {r.commit[:12]}, "
+              f"src/sd35flash/assets/{r.path})")
     return 0
 
 
