@@ -1,6 +1,7 @@
 #!/usr/bin/env bash
 # The oracle study of docs/STUDY.md on the models of a finished `sd35flash demo` run: the teacher at
-# 28 and at 4 steps (CFG), the 4-step student merged and unmerged, and the 2-step student, rated by
+# 28 steps and at 4 steps (CFG; on the 4-step student's own schedule, the fair few-step baseline, as
+# in the demo), the 4-step student merged and unmerged, and the 2-step student, rated by
 # simulated annotators that prefer the image the shapes-world judge accepts (random otherwise).
 # Every model draws the same test specs with the same seeds; the study folder is resumable.
 # Usage: bench/oracle-study.sh DEMO_DIR OUT_DIR [NUM_PROMPTS [SEEDS [ANNOTATORS]]]
@@ -22,21 +23,23 @@ from pathlib import Path
 from sd35flash.models.student_info import read_student_info
 d = json.loads((Path(sys.argv[1]) / "demo.json").read_text())
 m = {k: v["model"] for k, v in d["results"].items()}
-split = read_student_info(m["student-4step"]).split
+info = read_student_info(m["student-4step"])
+split = info.split
 if split is None:
     sys.exit("oracle-study.sh: the demo'"'"'s 4-step student has no split-timestep branches to unmerge")
 if split.unmerged:
     sys.exit("oracle-study.sh: the demo'"'"'s 4-step student samples unmerged by default; expected the merged one")
-print(m["teacher-28step"], m["student-4step"], m["student-2step"], ",".join(map(str, split.merge_weights)))
+print(m["teacher-28step"], m["student-4step"], m["student-2step"], ",".join(map(str, split.merge_weights)),
+      ",".join(repr(float(t)) for t in [*info.timesteps, 0.0]))
 ' "$D")
-read -r T S4 S2 W <<< "$models"
+read -r T S4 S2 W SCHED4 <<< "$models"
 mkdir -p "$O"
 # the same student with each step routed to its own branch
 [ -d "$O/student4-unmerged" ] || "$PY" -m sd35flash merge --student "$S4" --weights "$W" --unmerged \
   --out "$O/student4-unmerged"
 t0=$(date +%s)
-"$PY" -m sd35flash study create --model teacher28="$T":28 --model teacher4="$T":4 --model student4="$S4" \
-  --model student4-unmerged="$O/student4-unmerged" --model student2="$S2" \
+"$PY" -m sd35flash study create --model teacher28="$T":28 --model teacher4="$T" --schedule teacher4="$SCHED4" \
+  --model student4="$S4" --model student4-unmerged="$O/student4-unmerged" --model student2="$S2" \
   --prompts shapes --num-prompts "$NP" --seeds "$SEEDS" --out "$O/study" --no-progress
 t1=$(date +%s)
 "$PY" -m sd35flash study oracle "$O/study" --annotators "$ANN"

@@ -10,6 +10,8 @@ import subprocess
 import sys
 from pathlib import Path
 
+import pytest
+
 from sd35flash.cli import main
 from sd35flash.models.student_info import read_student_info
 
@@ -44,6 +46,10 @@ def test_demo_smoke_end_to_end(smoke_teacher, tmp_path, monkeypatch):
     assert r["student-4step-unmerged"]["transformer_bytes"] == 2 * r["student-4step"]["transformer_bytes"]
     assert r["teacher-28step"]["model"] == str(folder) and r["teacher-28step"]["guidance"] == 4.0
     assert read_student_info(out / "student-4step").split is not None
+    # the fair few-step baseline: the teacher with CFG on the 4-step student's own schedule
+    sched4 = [*read_student_info(out / "student-4step").timesteps, 0.0]
+    assert r["teacher-4step"]["schedule"] == pytest.approx(sched4)
+    assert r["teacher-4step"]["guidance"] > 1.0
     two = read_student_info(out / "student-2step")
     assert two.split is None and two.steps == 2
 
@@ -54,6 +60,7 @@ def test_demo_smoke_end_to_end(smoke_teacher, tmp_path, monkeypatch):
     assert proc.returncode == 0, proc.stderr[-3000:]
     manifest = json.loads((tmp_path / "oracle" / "study" / "manifest.json").read_text())
     assert sorted(manifest["models"]) == ["student2", "student4", "student4-unmerged", "teacher28", "teacher4"]
+    assert manifest["models"]["teacher4"]["schedule"] == pytest.approx(sched4)
     oracle = json.loads((tmp_path / "oracle" / "oracle.json").read_text())
     assert set(oracle["models"]) == set(manifest["models"]) and oracle["votes"] > 0
     assert read_student_info(tmp_path / "oracle" / "student4-unmerged").split.unmerged

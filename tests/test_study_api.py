@@ -226,3 +226,27 @@ def test_create_with_preset(smoke_teacher, tmp_path):
         out[preset] = [np.asarray(Image.open(d / "images" / img), dtype=np.int16) for _, _, img in pairs]
         assert len(out[preset]) == 2 and not any(p["kind"] == "gold" for p in m["pairs"])
     assert all(np.abs(a - b).max() <= 1 for a, b in zip(out[None], out["reference-fp32"]))
+
+
+def test_create_with_a_schedule(smoke_teacher, tmp_path, capsys):
+    """`study create --schedule NAME=SPEC` samples that model on the given times (recorded in the manifest, NFE
+    from its step count); an unknown name, a bad list and a step count that disagrees are one-line errors."""
+    from sd35flash.cli import main
+
+    prompts = tmp_path / "p.txt"
+    prompts.write_text("a red circle\n")
+    d = tmp_path / "s"
+    argv = ["study", "create", "--model", f"own={smoke_teacher}:4", "--model", f"fair={smoke_teacher}",
+            "--prompts", str(prompts), "--seeds", "1", "--out", str(d), "--no-progress"]
+    assert main([*argv, "--schedule", "fair=1,0.9,0.75,0.5,0"]) == 0
+    m = StudyFolder(d).manifest()["models"]
+    assert m["fair"]["schedule"] == pytest.approx([1.0, 0.9, 0.75, 0.5, 0.0]) and m["fair"]["steps"] == 4
+    assert m["fair"]["nfe"] == 8 and m["own"]["schedule"] != m["fair"]["schedule"]
+    capsys.readouterr()
+    for extra, message in ((["--schedule", "nobody=1,0"], "no --model has that name; models: own, fair"),
+                           (["--schedule", "fair=1,0.5"], "the last time must be 0"),
+                           (["--schedule", "own=1,0.5,0"], "2 steps, but --model own asks for 4"),
+                           (["--schedule", "fair"], "expects NAME=SPEC")):
+        assert main([*argv[:-3], "--out", str(tmp_path / "x"), "--no-progress", *extra]) == 2
+        err = capsys.readouterr().err.strip().splitlines()
+        assert len(err) == 1 and message in err[0], err

@@ -7,8 +7,10 @@
    config's ratio; ``full`` then picks the ratio with ``merge-sweep`` on ``val``);
 3. 2-step student: a second ``distill`` (stages 0-1 only: with the boundary at t = 0.5 both of its
    times, 1 and 0.75, fall in one branch);
-4. ``eval`` on the same ``test`` specs and seeds: teacher at 28 steps (CFG) and at 4 steps, the
-   4-step student (merged, unmerged and before the split), the 2-step student;
+4. ``eval`` on the same ``test`` specs and seeds: teacher at 28 steps (CFG) and at 4 steps (CFG, on
+   the 4-step student's own schedule: the fair few-step baseline, since the scheduler's 4-step
+   schedule wastes its last step), the 4-step student (merged, unmerged and before the split), the
+   2-step student;
 5. ``report.html`` (``evaluate.report``) and ``demo.json`` (results and wall time per stage).
 
 Each stage is a library call with its own progress bar; finished stages are reused on a rerun
@@ -122,8 +124,10 @@ def run_demo(name: str, out: Path, num_images: int | None = None, progress: bool
         cfg2, str(teacher), out / "student-2step", recipe=recipe + " (2 steps, no split)", resume=True,
         progress=progress))
 
-    split = read_student_info(s4).split
-    runs = {"teacher-28step": dict(model=teacher, steps=28), "teacher-4step": dict(model=teacher, steps=4),
+    info4 = read_student_info(s4)
+    split = info4.split
+    schedule4 = ",".join(repr(float(t)) for t in [*info4.timesteps, 0.0])
+    runs = {"teacher-28step": dict(model=teacher, steps=28), "teacher-4step": dict(model=teacher, schedule=schedule4),
             "student-4step": dict(model=s4, variant="merged")}
     if split is not None:
         runs["student-4step-unmerged"] = dict(model=s4, variant="unmerged")
@@ -135,7 +139,7 @@ def run_demo(name: str, out: Path, num_images: int | None = None, progress: bool
         results = {}
         for key, kw in runs.items():
             req = EvalRequest(model=str(kw["model"]), steps=kw.get("steps"), split="test", num_images=n,
-                              variant=kw.get("variant", "auto"))
+                              variant=kw.get("variant", "auto"), schedule=kw.get("schedule"))
             results[key] = evaluate(req, out / f"eval-{key}.json", save_images=out / "images" / key, progress=progress)
             a = results[key]["alignment"]["overall"]
             print(f"  {key}: alignment.overall {a:.3f}, fd_effnet {results[key].get('fd_effnet')}", flush=True)
@@ -150,6 +154,8 @@ def run_demo(name: str, out: Path, num_images: int | None = None, progress: bool
     figures = {"Merge-ratio sweep (val)": out / "merge-sweep" / "sweep.png"} if preset.sweep is not None else {}
     notes = [f"preset {name}: teacher preset {preset.teacher}, distill preset {preset.distill}, {n} test images "
              "per model (same specs and seeds for every model)", f"teacher: {teacher}", f"4-step student: {s4}",
+             "teacher-4step: the teacher with CFG on the 4-step student's schedule ("
+             + ", ".join(f"{t:.3g}" for t in [*info4.timesteps, 0.0]) + ")",
              f"2-step student: {s2} (stages 0-1; with the split boundary at t = 0.5 both of its times lie in one "
              "branch)"]
     if preset.distill != "default":

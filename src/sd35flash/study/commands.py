@@ -24,6 +24,9 @@ def register(sub) -> None:
     c = ssub.add_parser("create", help="draw every prompt with every model (same seeds) into a study folder")
     c.add_argument("--model", action="append", required=True, metavar="NAME=MODEL[:steps[:guidance]]",
                    help="a model to compare (repeat); MODEL is a pipeline folder or hub id")
+    c.add_argument("--schedule", action="append", metavar="NAME=SPEC",
+                   help="sampling times for the model NAME (repeat): scheduler | uniform | a list such as "
+                        "1,0.9,0.75,0.5,0 (default: the model's own)")
     c.add_argument("--prompts", required=True, help="'shapes' (the shapes world's test split), a .jsonl spec file, "
                                                     "or a text file with one prompt per line")
     c.add_argument("--num-prompts", type=A.integer("--num-prompts", 1, 100_000), default=32,
@@ -74,9 +77,9 @@ def run(args) -> int:
     from ..errors import UserError
 
     if args.study_command == "create":
-        from .create import create_study, parse_model_arg
+        from .create import apply_schedule_args, create_study, parse_model_arg
 
-        models = [parse_model_arg(m) for m in args.model]
+        models = apply_schedule_args([parse_model_arg(m) for m in args.model], args.schedule or [])
         path = create_study(models, args.prompts, args.out, seeds=args.seeds, num_prompts=args.num_prompts,
                             seed=args.seed, preset=args.preset, device=args.device, batch_size=args.batch_size,
                             progress=not args.no_progress)

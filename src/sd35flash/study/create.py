@@ -35,12 +35,14 @@ GOLD_ATTEMPTS = 20
 
 @dataclass
 class ModelArg:
-    """One ``--model NAME=MODEL[:steps[:guidance]]``; ``None`` means the folder's own setting."""
+    """One ``--model NAME=MODEL[:steps[:guidance]]``; ``None`` means the folder's own setting.
+    ``schedule`` (``--schedule NAME=SPEC``): sampling times as ``sd35flash eval --schedule`` takes them."""
 
     name: str
     model: str
     steps: int | None = None
     guidance: float | None = None
+    schedule: str | None = None
 
 
 def parse_model_arg(text: str) -> ModelArg:
@@ -69,6 +71,26 @@ def parse_model_arg(text: str) -> ModelArg:
     return ModelArg(name, m["model"], steps, guidance)
 
 
+def apply_schedule_args(models: list[ModelArg], texts: list[str]) -> list[ModelArg]:
+    """``--schedule NAME=SPEC`` (repeatable) onto the named models; SPEC is ``scheduler``, ``uniform`` or a
+    list of times such as ``1,0.9,0.75,0.5,0`` (checked here, before any model loads)."""
+    from ..evaluate.evaluator import parse_schedule
+
+    by_name = {m.name: m for m in models}
+    for text in texts:
+        name, sep, spec = text.partition("=")
+        if not sep or not spec:
+            raise UserError(f"--schedule expects NAME=SPEC (e.g. teacher4=1,0.9,0.75,0.5,0), got {text!r}")
+        if name not in by_name:
+            raise UserError(f"--schedule {name}: no --model has that name; models: {', '.join(by_name)}")
+        parsed = parse_schedule(spec)
+        m = by_name[name]
+        if isinstance(parsed, list) and m.steps is not None and m.steps != len(parsed) - 1:
+            raise UserError(f"--schedule {name}: {len(parsed) - 1} steps, but --model {name} asks for {m.steps}")
+        m.schedule = spec
+    return models
+
+
 def _checked_model(m: ModelArg) -> ModelArg:
     """``m`` with a shipped name resolved to its folder; a local folder that does not exist is an error."""
     from ..models.pipeline_io import is_local_path
@@ -78,7 +100,7 @@ def _checked_model(m: ModelArg) -> ModelArg:
     if is_local_path(model) and not Path(model).expanduser().is_dir():
         raise UserError(f"--model {m.name}: model folder {model} does not exist; pass a folder made by "
                         "`sd35flash pretrain` / `distill`, a shipped name or a hub id")
-    return ModelArg(m.name, model, m.steps, m.guidance)
+    return ModelArg(m.name, model, m.steps, m.guidance, m.schedule)
 
 
 def load_prompts(source: str, num: int, seed: int = 0) -> list[dict[str, Any]]:
@@ -115,7 +137,9 @@ def image_seed(base: int, prompt_index: int, seed_index: int, seeds: int) -> int
 
 
 def _plan(models: list[ModelArg], prompts: list[dict], seeds: int, seed: int, preset: str | None) -> dict:
-    return {"format": FORMAT_VERSION, "models": [asdict(m) for m in models], "prompts": prompts, "seeds": seeds,
+    # `schedule` only when set, so that studies created before it existed still resume
+    entries = [{k: v for k, v in asdict(m).items() if k != "schedule" or v is not None} for m in models]
+    return {"format": FORMAT_VERSION, "models": entries, "prompts": prompts, "seeds": seeds,
             "seed": seed, "preset": preset}
 
 
@@ -158,6 +182,10 @@ def _load(m: ModelArg, preset: str | None, device: str, prompts: list[str]):
 
             dp, pipe = None, load_pipeline(m.model, device=resolve_device(device))
         schedule, steps, guidance = resolve_sampling(pipe, m.model, m.steps, m.guidance)
+        if m.schedule is not None:
+            from ..evaluate.evaluator import apply_schedule
+
+            schedule, steps = apply_schedule(pipe, m.schedule, m.steps, steps)
         extra = dp.generate_kwargs(prompts, guidance) if dp is not None else {}
         extra["transformer"] = sampling_transformer(pipe, m.model)
     except UserError as exc:
