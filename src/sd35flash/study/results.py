@@ -18,6 +18,7 @@ import base64
 import html
 import io
 import json
+import math
 import sqlite3
 from collections import defaultdict
 from pathlib import Path
@@ -181,16 +182,30 @@ def compute_plot(res: dict[str, Any]) -> bytes | None:
     for ax, key, label in ((axes[0], "nfe", "NFE (network evaluations per image)"),
                            (axes[1], "seconds_per_image", "seconds per image")):
         pts = [(n, m) for n, m in rows if m.get(key)]
+        span = max((m["elo"] for _, m in pts), default=0) - min((m["elo"] for _, m in pts), default=0)
+        placed: list[tuple[float, float]] = []
         for n, m in pts:
             err = None
             if m["ci_low"] is not None:
                 err = [[m["elo"] - m["ci_low"]], [m["ci_high"] - m["elo"]]]
             ax.errorbar([m[key]], [m["elo"]], yerr=err, fmt="o", capsize=4)
-            ax.annotate(n, (m[key], m["elo"]), textcoords="offset points", xytext=(6, 4), fontsize=8)
+            # points that (nearly) coincide get their labels stacked instead of printed over each other
+            near = sum(1 for x, y in placed if abs(x - m[key]) <= 0.1 * max(x, m[key])
+                       and abs(y - m["elo"]) <= 0.06 * span + 1e-9)
+            placed.append((m[key], m["elo"]))
+            ax.annotate(n, (m[key], m["elo"]), textcoords="offset points", xytext=(6, 4 - 10 * near), fontsize=8)
         if pts and min(m[key] for _, m in pts) > 0:
             ax.set_xscale("log")
-            # label only the plotted values: minor labels on a log axis of about a decade overlap
-            ax.xaxis.set_major_locator(matplotlib.ticker.FixedLocator(sorted({m[key] for _, m in pts})))
+            # label only the plotted values, and of values closer than about a sixth of the axis's
+            # decades only the first: minor labels on a log axis of about a decade overlap, and so do
+            # near-equal values
+            values = sorted({m[key] for _, m in pts})
+            gap = max(1.5, 10 ** (math.log10(values[-1] / values[0]) / 6))
+            ticks: list[float] = []
+            for v in values:
+                if not ticks or v >= gap * ticks[-1]:
+                    ticks.append(v)
+            ax.xaxis.set_major_locator(matplotlib.ticker.FixedLocator(ticks))
             ax.xaxis.set_major_formatter(matplotlib.ticker.FuncFormatter(lambda x, _: f"{x:.3g}"))
             ax.xaxis.set_minor_formatter(matplotlib.ticker.NullFormatter())
         ax.set_xlabel(label)
