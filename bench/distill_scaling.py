@@ -17,7 +17,7 @@ import re
 import sys
 from pathlib import Path
 
-from sd35flash.io import atomic_write_text
+from sd35flash.io import atomic_write, atomic_write_text
 
 NAME = re.compile(r"^s(\d+)-b(\d+)-test\.json$")
 
@@ -66,10 +66,10 @@ def plot(points: list[dict], teacher: dict | None, path: Path) -> None:
         if ax.get_legend_handles_labels()[0]:
             ax.legend(fontsize=8)
     fig.tight_layout()
-    tmp = path.with_name(f".{path.name}.tmp.png")
-    fig.savefig(tmp, dpi=120)
-    plt.close(fig)
-    tmp.replace(path)
+    try:
+        atomic_write(path, lambda tmp: fig.savefig(tmp, dpi=120, format="png"), "scaling plot")
+    finally:
+        plt.close(fig)
 
 
 def main(argv: list[str] | None = None) -> int:

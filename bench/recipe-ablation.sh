@@ -78,19 +78,22 @@ evaluate() {  # MODEL TAG [eval arguments]: test and heldout JSONs of one model
   done
 }
 
-# the teacher references, once
-if claim teacher; then
+# the teacher references: 28 steps, and 4 steps on the students' own schedule (read from the first
+# finished student, so that the two differ only by distillation)
+teacher_refs() {  # STUDENT_DIR
+  local split n sched
+  sched=$("$PY" -c 'import sys; from sd35flash.models.student_info import read_student_info as r
+print(",".join(repr(float(t)) for t in [*r(sys.argv[1]).timesteps, 0.0]))' "$1")
   for split in $SPLITS; do
     n=$NUM_TEST; [ $split = heldout ] && n=$NUM_HELDOUT
     [ -f "$R/reference/teacher-28.$split.json" ] || "$SD" eval --model "$T" --split $split --num-images "$n" \
       --seed 0 --steps 28 "${EVAL_EXTRA[@]}" --json "$R/reference/teacher-28.$split.json" \
       >> "$R/logs/teacher.eval.log" 2>&1
     [ -f "$R/reference/teacher-4-students.$split.json" ] || "$SD" eval --model "$T" --split $split \
-      --num-images "$n" --seed 0 --steps 4 --schedule 1,0.9,0.75,0.5,0 "${EVAL_EXTRA[@]}" \
+      --num-images "$n" --seed 0 --schedule "$sched" "${EVAL_EXTRA[@]}" \
       --json "$R/reference/teacher-4-students.$split.json" >> "$R/logs/teacher.eval.log" 2>&1
   done
-  release teacher
-fi
+}
 
 for seed in $SEEDS; do
   for row in $ROWS; do
@@ -115,6 +118,10 @@ for seed in $SEEDS; do
     evaluate "$R/students/$tag" "$tag" --variant merged
     [ "$row" = full ] && evaluate "$R/students/$tag" "nosplit.s$seed" --variant presplit
     release "$tag"
+    if [ ! -f "$R/reference/teacher-4-students.$LAST.json" ] && claim teacher; then
+      teacher_refs "$R/students/$tag"
+      release teacher
+    fi
   done
 done
 "$PY" -m sd35flash.evaluate.ablation "$R/evals" --reference full

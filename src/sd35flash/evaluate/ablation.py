@@ -34,7 +34,7 @@ import sys
 from pathlib import Path
 
 from ..errors import UserError
-from ..io import atomic_write_json, atomic_write_text
+from ..io import atomic_write, atomic_write_json, atomic_write_text
 
 NAME = re.compile(r"^(?P<row>[A-Za-z0-9_+-]+)\.s(?P<seed>\d+)\.(?P<split>[a-z]+)\.json$")
 SPLIT_ORDER = {"test": 0, "heldout": 1, "val": 2}
@@ -203,10 +203,10 @@ def plot(table: dict, path: Path) -> None:
         ax.set_title(f"{split}: seeds (dots), mean and 95% CI")
         ax.grid(axis="x", alpha=0.3)
     fig.tight_layout()
-    tmp = path.with_name(f".{path.name}.tmp.png")
-    fig.savefig(tmp, dpi=110)
-    plt.close(fig)
-    tmp.replace(path)
+    try:
+        atomic_write(path, lambda tmp: fig.savefig(tmp, dpi=110, format="png"), "ablation plot")
+    finally:
+        plt.close(fig)
 
 
 def main(argv: list[str] | None = None) -> int:
