@@ -45,7 +45,7 @@ mkdir -p "$R/students" "$R/evals" "$R/reference" "$R/logs" "$R/locks"
 overrides() {  # ROW -> the --set arguments that take its component out
   case "$1" in
     full) ;;
-    nosharing) echo "--set dmd.timestep_sharing=false" ;;
+    nosharing) echo "--set dmd.timestep_sharing=false --set dmd.tau=next" ;;  # tau: below needs sharing
     nogan) echo "--set gan.enabled=false" ;;
     gan-teacher) echo "--set gan.real=teacher --set gan.num_real=$NUM_REAL" ;;
     notg) echo "--set trajectory.steps=0" ;;

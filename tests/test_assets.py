@@ -250,3 +250,23 @@ def test_package_data_covers_every_asset_file():
     assert (pkg / "assets" / REGISTRY_FILE) in files
     assert files <= covered, sorted(str(f) for f in files - covered)
     assert "assets/**/*" in patterns  # shipped folders' files, at any depth
+
+
+def test_distillation_follows_the_teachers_recommended_guidance(assets, smoke_teacher, tmp_path, monkeypatch):
+    """``guidance: null`` (the recipe and default presets) is the shipped teacher's registry guidance,
+    4.0 for an unregistered folder; a set guidance is kept."""
+    from sd35flash.config import merge
+    from sd35flash.distill.config import load_distill_config
+    from sd35flash.distill.run import resolve_guidance
+
+    folder = _damaged_copy(assets, tmp_path, monkeypatch)
+    index = folder.parent.parent / "models.json"
+    data = json.loads(index.read_text())
+    for entry in data["models"]:
+        entry["guidance"] = 2.5
+    index.write_text(json.dumps(data))
+    cfg = load_distill_config("recipe")
+    assert cfg.guidance is None and load_distill_config("default").guidance is None
+    assert resolve_guidance(cfg, str(folder)).guidance == 2.5
+    assert resolve_guidance(cfg, str(smoke_teacher)).guidance == 4.0
+    assert resolve_guidance(merge(cfg, {"guidance": 3.0}), str(folder)).guidance == 3.0

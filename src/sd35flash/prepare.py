@@ -97,8 +97,10 @@ def _recipe(req: PrepareRequest):
     from .config import merge
     from .distill.config import load_distill_config
 
+    from .distill.run import resolve_guidance
+
     cfg = load_distill_config(req.preset, req.config)
-    return merge(cfg, req.overrides, where="--set") if req.overrides else cfg
+    return resolve_guidance(merge(cfg, req.overrides, where="--set") if req.overrides else cfg, req.teacher)
 
 
 def _check_out(req: PrepareRequest, settings: dict) -> None:

@@ -244,6 +244,9 @@ class DistillConfig:
 
     ``schedule``: the K student times, descending with ``t_1 = 1`` and without the final 0; empty
     means the METHOD.md default ``flow.sampling_schedule(K, shift).step_times`` with the teacher's shift.
+    ``guidance``: the teacher's CFG scale in every distillation target (trajectories, ``v_real``);
+    ``None`` (``guidance: null``) means the teacher's recommended guidance: a shipped teacher's
+    registry entry, else 4.0 (:func:`.run.resolve_guidance`).
     ``mode``: ``full`` trains full copies of the teacher (student, fake, branches); ``lora`` trains
     LoRA adapters (``lora``) on one shared frozen base, which with the adapters disabled is the teacher.
     ``t5_dropout``: the rate at which the student's conditioning loses its T5 block (so one student
@@ -261,7 +264,7 @@ class DistillConfig:
 
     student_steps: int = 4
     schedule: list[float] = field(default_factory=list)
-    guidance: float = 4.0
+    guidance: float | None = 4.0
     batch_size: int = 16
     ema_decay: float = 0.99
     t5_dropout: float = 0.2

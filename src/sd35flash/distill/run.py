@@ -17,6 +17,7 @@ teacher trajectories. The folder must have been prepared for this teacher at thi
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import tempfile
 from pathlib import Path
@@ -65,6 +66,20 @@ def default_teacher() -> Path:
         raise UserError("no --teacher given, no teacher is shipped and no default teacher is cached; run "
                         "`sd35flash pretrain --out DIR` first, or pass --teacher DIR_OR_HUB_ID")
     return folder
+
+
+def resolve_guidance(cfg: DistillConfig, teacher: str) -> DistillConfig:
+    """``cfg`` with ``guidance: None`` replaced by the teacher's recommended guidance (its shipped
+    registry entry's), else ``TEACHER_DEFAULT_GUIDANCE``; so a student distils the teacher as it is
+    meant to be sampled. A set guidance is kept."""
+    if cfg.guidance is not None:
+        return cfg
+    from ..models.registry import settings_for_folder
+    from ..models.sampling_settings import TEACHER_DEFAULT_GUIDANCE
+
+    shipped = settings_for_folder(teacher) if Path(teacher).expanduser().is_dir() else None
+    g = shipped.guidance if shipped is not None else TEACHER_DEFAULT_GUIDANCE
+    return dataclasses.replace(cfg, guidance=float(g))
 
 
 RECIPE_KEYS = {"": ["grad_variance_every", "grad_variance_batches"], "trajectory": ["loss"], "dmd": ["tau"],
@@ -324,6 +339,7 @@ def distill(cfg: DistillConfig, teacher: str | None, out: Path, prompts: str | N
     the prompts, their embeddings and (when built with these settings) the trajectories from.
     """
     teacher = str(teacher) if teacher is not None else str(default_teacher())
+    cfg = resolve_guidance(cfg, teacher)
     out = check_model_output(Path(out).expanduser().resolve())
     store = None
     if prepared is not None:
