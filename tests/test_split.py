@@ -246,3 +246,20 @@ def test_split_config_errors(smoke_teacher, tmp_path, capsys):
                  "--student-steps", "2", "--no-progress"]) == 2
     _one_line(capsys, "holds none of the student times")
     assert merge(_cfg(), {"split": {"steps": 0}}).branch_steps(3.0) == [[0, 1, 2], [3]]
+
+
+def test_branch_distances_are_logged_along_stage_two(split_run):
+    """``split{b}/drift`` and ``split/gap`` (relative weight distances) are logged on the stage-2
+    steps, positive, and obey the triangle inequality; stage-1 steps do not carry them."""
+    out, _ = split_run
+    work = read_student_info(out).extra["work_dir"]
+    rows = [json.loads(line) for line in open(f"{work}/metrics.jsonl")]
+    split = [r for r in rows if "split/gap" in r]
+    cfg = _cfg()
+    start = cfg.trajectory.steps + cfg.fake.warmup_steps + cfg.student.steps
+    assert [r["step"] for r in split] == list(range(start + 1, start + cfg.split.steps + 1))
+    assert all("split/gap" not in r for r in rows if r["step"] <= start)
+    for r in split:
+        d0, d1, gap = r["split0/drift"], r["split1/drift"], r["split/gap"]
+        assert 0 < d0 < 0.5 and 0 < d1 < 0.5 and 0 < gap <= d0 + d1 + 1e-6
+        assert abs(d0 - d1) <= gap + 1e-6

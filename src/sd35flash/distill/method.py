@@ -237,7 +237,7 @@ class FlowDMD:
         for b in range(len(self.branches)):
             out.append(Update(lambda micro, b=b: self.branch_loss(step, b), self.branch_opts[b], self.branches_p[b],
                               self.cfg.student.grad_clip, f"split{b}/grad_norm", f"split{b}/loss",
-                              after=lambda b=b: self.branch_emas[b].step(self.branches[b].parameters()), leads=True))
+                              after=lambda b=b: self.after_branch_update(step, b), leads=True))
         return out
 
     def start_branches(self, step: int) -> None:
@@ -377,6 +377,41 @@ class FlowDMD:
         loss, m = self.generator_loss(step, gen)
         return loss, {f"split{b}/dmd_loss": m["dmd_loss"], f"split{b}/g_loss": m["g_loss"],
                       f"split{b}/x0_std": m["x0_std"]}
+
+    def after_branch_update(self, step: int, b: int) -> Metrics | None:
+        """Branch ``b``'s EMA follows it; after the last branch's update of a logged step (full mode),
+        the branches' weight distances (:meth:`branch_distances`)."""
+        self.branch_emas[b].step(self.branches[b].parameters())
+        done = step + 1
+        if b == len(self.branches) - 1 and self.cfg.mode == "full" and \
+                (done % max(1, self.cfg.log_every) == 0 or done == self.split_start + self.cfg.split.steps):
+            return self.branch_distances()
+        return None
+
+    @torch.no_grad()
+    def branch_distances(self) -> Metrics:
+        """How far stage 2 has moved the (raw) branches, relative to the weights they started from,
+        the stage-1 EMA student ``theta_pre`` (whose EMA stays frozen in stage 2):
+
+            split{b}/drift  = ||theta_b - theta_pre|| / ||theta_pre||
+            split/gap       = ||theta_0 - theta_1|| / ||theta_pre||   (the first two branches)
+
+        Full mode only (in LoRA mode the branches are adapters on one base). Under FSDP each process
+        holds a shard, so the squared norms are summed over processes before the ratio."""
+        pre = [t.to(self.dev) for t in self.ema.shadow_params]
+        branches = [local_tensors(b.parameters()) for b in self.branches]
+        sq = [sum(p.float().pow(2).sum() for p in pre)]
+        sq += [sum((w.float() - p.float()).pow(2).sum() for w, p in zip(ws, pre)) for ws in branches]
+        if len(branches) > 1:
+            sq.append(sum((a.float() - c.float()).pow(2).sum() for a, c in zip(branches[0], branches[1])))
+        vec = torch.stack([torch.as_tensor(v, device=self.dev, dtype=torch.float32) for v in sq])
+        if self.cfg.sharding == "fsdp" and torch.distributed.is_initialized():
+            torch.distributed.all_reduce(vec)
+        rel = (vec[1:] / vec[0].clamp_min(1e-30)).sqrt()
+        out = {f"split{b}/drift": rel[b] for b in range(len(branches))}
+        if len(branches) > 1:
+            out["split/gap"] = rel[len(branches)]
+        return out
 
     def generator_loss(self, step: int, gen: GeneratorUpdate, gan: bool = True,
                        timestep_sharing: bool | None = None) -> tuple[torch.Tensor, Metrics]:

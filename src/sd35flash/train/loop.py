@@ -42,7 +42,8 @@ class Update:
     (``0 .. accumulate - 1``) without calling backward; ``module`` is the (prepared) module whose
     parameters are clipped to ``clip``; the norm before clipping is logged as ``grad_norm_key`` and,
     with ``lr_key``, the learning rate after the schedule's step. ``loss_key`` names the loss in a
-    non-finite alarm. ``leads``: this update's metrics
+    non-finite alarm. ``after`` runs after the optimiser step; the metrics it returns (if any) join
+    the update's. ``leads``: this update's metrics
     come first in the step's metrics (the progress bar shows the first four)."""
 
     loss: LossFn
@@ -53,7 +54,7 @@ class Update:
     loss_key: str
     scheduler: Any = None
     lr_key: str | None = None
-    after: Callable[[], None] | None = None
+    after: Callable[[], Metrics | None] | None = None
     accumulate: int = 1
     leads: bool = False
 
@@ -178,9 +179,8 @@ class TrainLoop:
         if upd.scheduler is not None:
             upd.scheduler.step()
         upd.optimizer.zero_grad(set_to_none=True)
-        if upd.after is not None:
-            upd.after()
-        out = {**sums, upd.grad_norm_key: gn}
+        late = upd.after() if upd.after is not None else None
+        out = {**sums, **(late or {}), upd.grad_norm_key: gn}
         if upd.lr_key is not None:
             out[upd.lr_key] = torch.tensor(upd.scheduler.get_last_lr()[0])
         return out
