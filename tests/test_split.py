@@ -263,3 +263,34 @@ def test_branch_distances_are_logged_along_stage_two(split_run):
         d0, d1, gap = r["split0/drift"], r["split1/drift"], r["split/gap"]
         assert 0 < d0 < 0.5 and 0 < d1 < 0.5 and 0 < gap <= d0 + d1 + 1e-6
         assert abs(d0 - d1) <= gap + 1e-6
+
+
+def test_branch_report_and_the_raw_student(split_run, tmp_path, capsys):
+    """The report's raw distances are the ones logged at the last step; the anchored EMA branches
+    (2 steps at decay 0.5: a quarter of each is still the pre-split student) moved less than the raw ones; ``--raw-out`` writes a student whose
+    branches are the checkpoint's raw weights and whose ``transformer/`` is their merge."""
+    from sd35flash.distill.branch_report import main as report_main
+
+    out, _ = split_run
+    info = read_student_info(out)
+    rows = [json.loads(line) for line in open(f"{info.extra['work_dir']}/metrics.jsonl")]
+    last = [r for r in rows if "split/gap" in r][-1]
+    raw = tmp_path / "raw"
+    assert report_main([str(out), "--json", str(tmp_path / "b.json"), "--raw-out", str(raw)]) == 0
+    res = json.loads((tmp_path / "b.json").read_text())
+    assert res["raw_step"] == last["step"]
+    for key in ("drift0", "drift1", "gap"):
+        metric = {"drift0": "split0/drift", "drift1": "split1/drift", "gap": "split/gap"}[key]
+        assert res["raw"][key] == pytest.approx(last[metric], rel=1e-3)
+        assert 0 < res["ema"][key] < res["raw"][key]
+    b0, b1, merged = (_state(raw, s) for s in ("transformer_branch0", "transformer_branch1", "transformer"))
+    expect = merge_state_dicts([b0, b1], info.split.merge_weights)
+    assert all(torch.allclose(merged[k], expect[k], atol=1e-6) for k in merged)
+    assert any(not torch.equal(b0[k], _state(out, "transformer_branch0")[k]) for k in b0)
+    assert read_student_info(raw).extra["raw_branches"]["checkpoint_step"] == last["step"]
+    assert "raw student" in capsys.readouterr().out
+    assert report_main([str(out), "--raw-out", str(raw)]) == 0  # a model folder is replaced
+    capsys.readouterr()
+    assert report_main([str(tmp_path), "--no-checkpoint"]) == 2
+    err = capsys.readouterr().err.strip()
+    assert err.count("\n") == 0 and "not a split-timestep student" in err
