@@ -114,3 +114,22 @@ def test_recipe_ablation_script_on_the_smoke_teacher(smoke_teacher, tmp_path):
     assert after == before  # nothing trained or evaluated again
     bad = subprocess.run(cmd, cwd=ROOT, env=dict(env, ROWS="full nosuchrow"), capture_output=True, text=True)
     assert bad.returncode != 0 and "unknown row 'nosuchrow'" in bad.stderr
+
+
+def test_tg_scaling_script_on_the_smoke_teacher(smoke_teacher, tmp_path):
+    """bench/tg-scaling.sh --tiny: a TG-only student per budget (no DMD, warm-up or split steps, the
+    asked number of TG steps and trajectories) and its eval; a rerun is a no-op."""
+    env = dict(os.environ, PYTHON=sys.executable, SD35FLASH=str(Path(sys.executable).parent / "sd35flash"),
+               OMP_NUM_THREADS="1", PYTHONPATH=str(ROOT / "src"), BUDGETS="2x4")
+    out = tmp_path / "tg"
+    cmd = ["bash", "bench/tg-scaling.sh", "--tiny", str(smoke_teacher), str(out)]
+    proc = subprocess.run(cmd, cwd=ROOT, env=env, capture_output=True, text=True, timeout=900)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    res = json.loads((out / "tg2-n4-test.json").read_text())
+    assert res["num_images"] == 4 and res["steps"] == 4
+    cfg = read_student_info(out / "students" / "tg2-n4").extra["config"]
+    assert (cfg["trajectory"]["steps"], cfg["trajectory"]["num_trajectories"]) == (2, 4)
+    assert (cfg["student"]["steps"], cfg["fake"]["warmup_steps"], cfg["split"]["steps"]) == (0, 0, 0)
+    before = (out / "tg2-n4-test.json").stat().st_mtime_ns
+    assert subprocess.run(cmd, cwd=ROOT, env=env, capture_output=True, text=True, timeout=300).returncode == 0
+    assert (out / "tg2-n4-test.json").stat().st_mtime_ns == before
