@@ -86,10 +86,14 @@ def choose(points: list[dict], fd_tolerance: float) -> dict:
     return min(ok, key=lambda p: (-p["alignment"]["overall"], p.get("fd_effnet") or 0.0, p["ratio"]))
 
 
-def plot(points: list[dict], chosen: dict, path: Path) -> Path:
+def plot(points: list[dict], chosen: dict, path: Path, num_images: int | None = None) -> Path:
+    """Alignment (with +-1 binomial SE bars over ``num_images`` when given) and FD against the ratio."""
     rs = [p["ratio"] for p in points]
+    ys = [p["alignment"]["overall"] for p in points]
     fig, ax = plt.subplots(figsize=(5.5, 3.6))
-    ax.plot(rs, [p["alignment"]["overall"] for p in points], "o-", color="tab:blue", label="alignment.overall")
+    se = [math.sqrt(max(y * (1 - y), 0.0) / num_images) for y in ys] if num_images else None
+    ax.errorbar(rs, ys, yerr=se, fmt="o-", color="tab:blue", capsize=3,
+                label="alignment.overall" + (" (+-1 SE)" if se else ""))
     ax.axvline(chosen["ratio"], color="gray", ls="--", lw=1)
     ax.set_xlabel("merge ratio r  (W = (1 - r) W_0 + r W_1)")
     ax.set_ylabel("alignment.overall (val)", color="tab:blue")
@@ -97,7 +101,8 @@ def plot(points: list[dict], chosen: dict, path: Path) -> Path:
         ax2 = ax.twinx()
         ax2.plot(rs, [p["fd_effnet"] for p in points], "s--", color="tab:red", label="fd_effnet", ms=4)
         ax2.set_ylabel("fd_effnet (val)", color="tab:red")
-    ax.set_title(f"merge-ratio sweep (chosen r = {chosen['ratio']:g})", fontsize=10)
+    ax.set_title(f"merge-ratio sweep (chosen r = {chosen['ratio']:g}"
+                 + (f", {num_images} images, bars +-1 SE)" if se else ")"), fontsize=10)
     fig.tight_layout()
     fig.savefig(path, dpi=110)
     plt.close(fig)
@@ -147,7 +152,7 @@ def merge_sweep(req: SweepRequest, progress: bool = True) -> dict:
     chosen_dir = write_merged(req.student, out / "student", ratio_weights(best["ratio"]),
                               note={"source": str(req.student), "ratio": best["ratio"], "selected_on": req.split,
                                     "sweep": str(out / "sweep.json")})
-    plot(points, best, out / "sweep.png")
+    plot(points, best, out / "sweep.png", req.num_images)
     result = {"student": str(req.student), "request": asdict(req), "rule": f"max alignment.overall among ratios "
               f"with fd_effnet <= (1 + {req.fd_tolerance}) x min fd_effnet; ties: lower FD, then lower ratio",
               "points": points, "chosen_ratio": best["ratio"], "chosen_student": str(chosen_dir),
