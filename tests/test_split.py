@@ -267,8 +267,9 @@ def test_branch_distances_are_logged_along_stage_two(split_run):
 
 def test_branch_report_and_the_raw_student(split_run, tmp_path, capsys):
     """The report's raw distances are the ones logged at the last step; the anchored EMA branches
-    (2 steps at decay 0.5: a quarter of each is still the pre-split student) moved less than the raw ones; ``--raw-out`` writes a student whose
-    branches are the checkpoint's raw weights and whose ``transformer/`` is their merge."""
+    (2 steps at decay 0.5: a quarter of each is still the pre-split student) moved less than the raw
+    ones; ``--raw-out`` writes a student whose branches are the checkpoint's raw weights and whose
+    ``transformer/`` is their merge."""
     from sd35flash.distill.branch_report import main as report_main
 
     out, _ = split_run

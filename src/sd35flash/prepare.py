@@ -96,7 +96,6 @@ class _Ranks:
 def _recipe(req: PrepareRequest):
     from .config import merge
     from .distill.config import load_distill_config
-
     from .distill.run import resolve_guidance
 
     cfg = load_distill_config(req.preset, req.config)

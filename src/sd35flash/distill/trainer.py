@@ -161,7 +161,8 @@ class DistillTrainer:
         log = RunLogger(acc, self.work, "distill", total=loop.total, start=step, desc=f"distill {k}-step",
                         config={"student_steps": k, "timestep_sharing": cfg.dmd.timestep_sharing},
                         progress=self.progress)
-        log.write(f"distill: {k}-step student, schedule {[round(t, 4) for t in method.schedule]}, guidance {cfg.guidance:g}, "
+        log.write(f"distill: {k}-step student, schedule {[round(t, 4) for t in method.schedule]}, "
+                  f"guidance {cfg.guidance:g}, "
                   + ", ".join(f"{s.name} {s.steps}" for s in stages) + (f"; resuming at step {step}" if step else ""))
         try:
             loop.run(step, log)
