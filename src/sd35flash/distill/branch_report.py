@@ -110,6 +110,8 @@ def report(student: str | Path, raw_out: str | Path | None = None, use_checkpoin
     out: dict = {"student": str(folder), "merge_weights": list(info.split.merge_weights),
                  "ema": relative_distances(pre, [_load(folder, s) for s in subs], keys)}
     work = Path(info.extra.get("work_dir", ""))
+    if raw_out is not None and not use_checkpoint:
+        raise UserError("--raw-out reads the raw branches from the run's checkpoint; drop --no-checkpoint")
     if raw_out is not None and not (work / "checkpoints").is_dir():
         raise UserError(f"--raw-out needs the run's checkpoints, and {work / 'checkpoints'} is gone; rerun the "
                         "distillation (or pass the student whose work folder is still there)")
