@@ -78,6 +78,7 @@ def test_generate_and_eval_smoke(tmp_path, smoke_teacher):
         assert key in res
     assert res["num_images"] == 5 and res["nfe_per_image"] == 4
     assert 0.0 <= res["alignment"]["overall"] <= 1.0 and res["fd_effnet"] > 0
+    assert res["fd_effnet_se"] > 0 and 0 < res["fd_effnet_mean_term"] < res["fd_effnet"]
     manifest = [json.loads(x) for x in (tmp_path / "imgs" / "manifest.jsonl").read_text().splitlines()]
     assert len(manifest) == 5 and (tmp_path / "imgs" / manifest[0]["file"]).is_file()
     # --specs cycles in file order

@@ -128,6 +128,21 @@ def test_torchmetrics_path_matches_fd_from_features(scorer: FDScorer, sets) -> N
     assert abs(via_torchmetrics - via_features) <= 1e-3 * via_features
 
 
+def test_fd_with_error_terms_and_bootstrap(scorer: FDScorer, sets) -> None:
+    """FD's two terms add up to the torchmetrics value; the bootstrap SE is seeded, positive, and
+    small next to a gap between unlike sets (shapes vs noise) but not next to like sets' FD."""
+    (ia, _), (ib, _), (na, _) = sets["shapes_a"], sets["shapes_b"], sets["noise_a"]
+    like = scorer.fd_with_error(ia, ib, bootstrap=8, seed=1)
+    assert like["fd"] == pytest.approx(scorer.fd(ia, ib), rel=1e-3)
+    assert like["mean_term"] + like["cov_term"] == pytest.approx(like["fd"]) and like["mean_term"] > 0
+    assert like["se"] > 0 and scorer.fd_with_error(ia, ib, bootstrap=8, seed=1)["se"] == like["se"]
+    unlike = scorer.fd_with_error(ia, na, bootstrap=8, seed=1)
+    assert unlike["fd"] - like["fd"] > 5 * max(like["se"], unlike["se"])
+    assert scorer.fd_with_error(ia, ib, bootstrap=0)["se"] is None
+    with pytest.raises(UserError, match="paired sets of equal size"):
+        scorer.fd_with_error(ia, ib[:-1])
+
+
 def test_small_n_and_full_covariance_routes_agree(sets) -> None:
     # The first 256 feature dimensions keep the (D, D) eigendecompositions cheap; n = 32 < D still.
     fa, fb = sets["shapes_a"][1][:, :256], sets["shapes_b"][1][:, :256]

@@ -356,6 +356,34 @@ class FDScorer:
             metric.reset()
         return max(value, 0.0)
 
+    def fd_with_error(self, real: np.ndarray, fake: np.ndarray, bootstrap: int = 20, seed: int = 0) -> dict:
+        """FD of paired image sets with its two terms and a bootstrap standard error.
+
+        ``real[i]`` and ``fake[i]`` belong to the same prompt (the evaluator's renders and samples of
+        one spec list). Returns ``fd`` (what :meth:`fd` gives, up to round-off), ``mean_term``
+        ``||mu_r - mu_f||^2`` (a shift of every image's features: colour, texture, size) and
+        ``cov_term`` ``fd - mean_term`` (spread and diversity), and ``se``: the standard deviation
+        of FD over ``bootstrap`` resamples of the prompt indices, each index taking its real and
+        fake image together. It is the sampling error of FD on a prompt set of this size; it does
+        not include training-seed noise. (Bootstrap FD is biased upwards by the repeated images, so
+        only its spread is used.) ``se`` is None when ``bootstrap`` < 2.
+        """
+        fr, ff = self.features(real), self.features(fake)
+        if len(fr) != len(ff):
+            raise UserError(f"fd_with_error needs paired sets of equal size, got {len(fr)} real and {len(ff)} fake")
+        diff = fr.mean(axis=0) - ff.mean(axis=0)
+        fd = self.fd_from_features(fr, ff)
+        mean_term = float(diff @ diff)
+        se = None
+        if bootstrap >= 2:
+            rng = np.random.default_rng(seed)
+            draws = []
+            for _ in range(bootstrap):
+                idx = rng.integers(0, len(fr), len(fr))
+                draws.append(self.fd_from_features(fr[idx], ff[idx]))
+            se = float(np.std(draws, ddof=1))
+        return {"fd": fd, "mean_term": mean_term, "cov_term": fd - mean_term, "se": se}
+
     @staticmethod
     def fd_from_features(
         features1: np.ndarray | torch.Tensor, features2: np.ndarray | torch.Tensor
