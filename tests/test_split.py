@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import copy
 import json
+from pathlib import Path
 
 import pytest
 import torch
@@ -22,6 +23,7 @@ from sd35flash.models.merge import merge_state_dicts, merged_transformer, ratio_
 from sd35flash.models.pipeline_io import load_pipeline
 from sd35flash.models.student_info import read_student_info
 from sd35flash.sampling import generate
+from sd35flash.train.checkpoint import CheckpointManager
 from sd35flash.train.ema import anchored_ema
 
 RANGES = [(0.5, 1.0), (0.0, 0.5)]
@@ -187,6 +189,30 @@ def test_presplit_equals_a_run_without_stage_2(smoke_teacher, split_run, tmp_pat
         distill_run.distill(other, str(smoke_teacher), tmp_path / "bad", progress=False, init=work)
     with pytest.raises(UserError, match="not a distillation work folder"):
         distill_run.distill(_cfg(), str(smoke_teacher), tmp_path / "bad2", progress=False, init=tmp_path)
+
+
+def test_a_finished_split_run_keeps_its_stage_1_end_for_another_stage_2(smoke_teacher, split_run, tmp_path):
+    """keep_presplit_checkpoint: the end of stage 1 (step 4, not a checkpoint_every multiple) survives
+    the pruning of stage 2, so a longer stage 2 starts from it with `--init-from`; without the option
+    it is pruned, and --init-from says why."""
+    straight, _ = split_run
+    work = Path(json.loads((straight / "sd35flash.json").read_text())["extra"]["work_dir"])
+    manager = CheckpointManager(work / "checkpoints")
+    assert [manager.step_of(p) for p in manager.all()] == [4, 6]
+    longer = distill_run.distill(merge(_cfg(), {"split": {"steps": 3}}), str(smoke_teacher), tmp_path / "longer",
+                                 progress=False, init=str(work))
+    a, b = _state(straight, "transformer_presplit"), _state(longer, "transformer_presplit")
+    assert all(torch.equal(a[k], b[k]) for k in a)
+    assert read_student_info(longer).extra["config"]["split"]["steps"] == 3
+    a, b = _state(straight, "transformer_branch1"), _state(longer, "transformer_branch1")
+    assert any(not torch.allclose(a[k], b[k]) for k in a)  # one more split step moved the branch
+    bare = merge(_cfg(), {"keep_presplit_checkpoint": False})
+    out = distill_run.distill(bare, str(smoke_teacher), tmp_path / "bare", progress=False)
+    bare_work = Path(json.loads((out / "sd35flash.json").read_text())["extra"]["work_dir"])
+    assert [manager.step_of(p) for p in CheckpointManager(bare_work / "checkpoints").all()] == [6]
+    with pytest.raises(UserError, match="no checkpoint at the end of stage 1"):
+        distill_run.distill(merge(bare, {"split": {"steps": 3}}), str(smoke_teacher), tmp_path / "x",
+                            progress=False, init=str(bare_work))
 
 
 def _one_line(capsys, *needles):

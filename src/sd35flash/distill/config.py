@@ -260,6 +260,9 @@ class DistillConfig:
     ``grad_variance_every``: every N steps of stage 1 (0: never), log the relative variance and mean
     pairwise cosine of the student's ``L_dm`` gradient over ``grad_variance_batches`` minibatches
     (``distill/grad_variance.py``) into the run's metrics as ``gradvar/*``.
+    ``keep_presplit_checkpoint``: with stage 2, save the training state at the end of stage 1 and
+    never prune it, so that ``distill --init-from WORK`` can run other stage-2 settings from it (one
+    more checkpoint on disk: student, fake, discriminator and their optimisers).
     """
 
     student_steps: int = 4
@@ -284,6 +287,7 @@ class DistillConfig:
     log_every: int = 10
     grad_variance_every: int = 0
     grad_variance_batches: int = 4
+    keep_presplit_checkpoint: bool = True
     memory: MemoryConfig = field(default_factory=MemoryConfig)
     mode: Literal["full", "lora"] = "full"
     sharding: Literal["ddp", "fsdp"] = "ddp"

@@ -82,7 +82,7 @@ def resolve_guidance(cfg: DistillConfig, teacher: str) -> DistillConfig:
     return dataclasses.replace(cfg, guidance=float(g))
 
 
-RECIPE_KEYS = {"": ["grad_variance_every", "grad_variance_batches"], "trajectory": ["loss"], "dmd": ["tau"],
+RECIPE_KEYS = {"": ["grad_variance_every", "grad_variance_batches", "keep_presplit_checkpoint"], "trajectory": ["loss"], "dmd": ["tau"],
                "fake": ["warmup_steps", "mixture", "match_student_conditioning"],
                "gan": ["backbone_weight", "pool", "loss", "tau", "reinit", "paired"]}
 
@@ -131,11 +131,12 @@ def init_from(source: Path, work: Path, cfg: DistillConfig, teacher: str, prompt
     if diff:
         raise UserError(f"--init-from {source} was run with a different config ({', '.join(diff[:5])}); "
                         "only the split section may differ")
-    latest = CheckpointManager(source / "checkpoints").latest()
     end = cfg.trajectory.steps + cfg.fake.warmup_steps + cfg.student.steps
-    if latest is None or int(read_meta(latest)["step"]) != end:
-        raise UserError(f"--init-from {source} has no checkpoint at the end of stage 1 (step {end}); finish that "
-                        "run first (`sd35flash distill ... --resume`)")
+    latest = CheckpointManager(source / "checkpoints").at_step(end)
+    if latest is None:
+        raise UserError(f"--init-from {source} has no checkpoint at the end of stage 1 (step {end}): finish "
+                        "stage 1 of that run (`sd35flash distill ... --resume`); a run made before "
+                        "keep_presplit_checkpoint pruned it once stage 2 went on")
     if any((work / "checkpoints").glob("ckpt-*")):
         raise UserError(f"{work} already has checkpoints; pass --resume instead of --init-from")
     return copy_dir(latest, work / "checkpoints" / latest.name, "checkpoint")

@@ -144,7 +144,10 @@ class DistillTrainer:
     def run(self) -> torch.nn.Module:
         cfg, acc, method = self.cfg, self.acc, self.method
         self._setup()
-        ckpt = CheckpointManager(self.work / "checkpoints", sharded=self.method.sharding.state)
+        # the end of stage 1 stays on disk (keep_presplit_checkpoint), so that `--init-from` can
+        # start another stage 2 from it
+        keep = [method.split_start] if cfg.split.steps > 0 and cfg.keep_presplit_checkpoint else []
+        ckpt = CheckpointManager(self.work / "checkpoints", sharded=self.method.sharding.state, milestones=keep)
         step = self.restore(ckpt)
         method.ema_to(acc.device)
         stages = self._stages()

@@ -33,6 +33,7 @@ import re
 import shutil
 import sys
 import zipfile
+from collections.abc import Iterable
 from pathlib import Path
 
 import torch
@@ -175,14 +176,18 @@ def weights_health(folder: str | Path, max_abs: float) -> tuple[bool, float]:
 
 
 class CheckpointManager:
-    """Saves, verifies, finds and loads checkpoints in ``root``; keeps the ``keep`` newest and the
-    newest good one (``keep`` is at least 2, so a damaged newest checkpoint has one to fall back to)."""
+    """Saves, verifies, finds and loads checkpoints in ``root``; keeps the ``keep`` newest, the
+    newest good one (``keep`` is at least 2, so a damaged newest checkpoint has one to fall back to)
+    and those at the ``milestones`` steps (always saved there, never pruned: a stage's end that
+    another run starts from)."""
 
-    def __init__(self, root: str | Path, keep: int = 2, max_abs: float = 1e4, sharded=None) -> None:
+    def __init__(self, root: str | Path, keep: int = 2, max_abs: float = 1e4, sharded=None,
+                 milestones: Iterable[int] = ()) -> None:
         """``sharded``: the :class:`~.sharding.ShardedState` of a sharded run (``None``: everything is
         accelerate's)."""
         self.root = Path(root)
         self.sharded = sharded
+        self.milestones = frozenset(int(m) for m in milestones)
         self.keep = max(2, keep)
         self.max_abs = max_abs
         self._problems: dict[Path, str | None] = {}
@@ -236,6 +241,13 @@ class CheckpointManager:
                      "structural checks only")
         return path
 
+    def at_step(self, step: int) -> Path | None:
+        """The valid checkpoint saved after global step ``step``, if any is left."""
+        for path in self.all():
+            if self.step_of(path) == step and self.problem(path) is None:
+                return path
+        return None
+
     def last_good(self) -> Path | None:
         """The newest valid checkpoint whose weights were finite and bounded and whose probes were
         healthy when it was saved (a checkpoint without that record counts as good)."""
@@ -278,7 +290,7 @@ class CheckpointManager:
 
     def _retain(self) -> None:
         ckpts = self.all()
-        keep = set(ckpts[-self.keep:])
+        keep = set(ckpts[-self.keep:]) | {p for p in ckpts if self.step_of(p) in self.milestones}
         good = self.last_good()
         if good is not None:
             keep.add(good)

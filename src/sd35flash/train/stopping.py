@@ -110,14 +110,14 @@ def should_stop(acc) -> str | None:
 def checkpoint_step(acc, manager: CheckpointManager, done: int, total: int, every_n: int,
                     stop_at: int | None = None, meta: Callable[[], dict] | None = None) -> None:
     """After step ``done`` of ``total``: save a checkpoint every ``every_n`` steps, at the end, at
-    ``stop_at`` and when the run must stop (``meta()`` adds to its ``meta.json``); after a stop's
+    the manager's milestones, at ``stop_at`` and when the run must stop (``meta()`` adds to its ``meta.json``); after a stop's
     checkpoint (before the end) raise :class:`StopTraining` with the step and the reason."""
     reason = None
     if done < total:
         reason = should_stop(acc)
         if reason is None and done == stop_at:
             reason = "stop_at"
-    if (every_n > 0 and done % every_n == 0) or done == total or reason is not None:
+    if (every_n > 0 and done % every_n == 0) or done == total or reason is not None or done in manager.milestones:
         manager.save(acc, done, meta=meta() if meta is not None else None)
     if reason == "stop_at":
         raise StopTraining(f"stopped at step {done} as asked; resume to continue")
