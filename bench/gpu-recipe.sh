@@ -8,7 +8,7 @@
 # Leaves in OUT_DIR: student/ (the 4-step student, with sd35flash.json), evals/ (every evaluation
 # JSON and grid), metrics.jsonl (the run's training log: gan/d_real, gradvar/*, split*/drift, ...)
 # and gpu-recipe.json (device, the reference-scale settings, wall time per phase, headline metrics).
-# Usage: [TEACHER=shapes-v2] [STUDENT_STEPS=4] [BATCH=64] [UPDATES=1000] bench/gpu-recipe.sh [OUT_DIR] [--tiny]
+# Usage: [TEACHER=shapes-v3] [STUDENT_STEPS=4] [BATCH=64] [UPDATES=1000] bench/gpu-recipe.sh [OUT_DIR] [--tiny]
 #   TRAIN_LIMIT=6m (distill --time-limit)  EVAL_TIMEOUT=60 (seconds per evaluation; 0: none)
 #   --tiny: the smoke preset, 4 test images, no FD, on the CPU: the same path in a minute (tests).
 #   --check: only merge the reference-scale overrides into the preset and print the result (no GPU).
@@ -27,7 +27,7 @@ for a in "$@"; do
   esac
 done
 PY=${PYTHON:-$( [ -x .venv/bin/python ] && echo .venv/bin/python || echo python3 )}
-T=${TEACHER:-shapes-v2}
+T=${TEACHER:-shapes-v3}
 K=${STUDENT_STEPS:-4}
 mkdir -p "$OUT/evals" "$OUT/logs"
 OUT=$(cd "$OUT" && pwd)

@@ -239,7 +239,7 @@ def test_bad_inputs_get_one_line(smoke_teacher, tmp_path, capsys, monkeypatch):
                  "--prompts", str(empty)]) == 2
     _one_line(capsys, "holds no prompts")
     monkeypatch.setenv("SD35FLASH_CACHE", str(tmp_path / "nocache"))
-    noassets = tmp_path / "noassets"  # an install that ships no teacher (this package ships shapes-v2)
+    noassets = tmp_path / "noassets"  # an install that ships no teacher (this package ships shapes-v3)
     noassets.mkdir()
     (noassets / "models.json").write_text('{"models": []}')
     monkeypatch.setenv("SD35FLASH_ASSETS", str(noassets))

@@ -18,7 +18,7 @@ from .paths import cache_root
 from .train.runtime import RuntimeConfig
 
 CONFIG_DIR = Path(__file__).resolve().parent / "configs"
-PRESETS = ("smoke", "quick", "default", "teacher", "teacher-2", "teacher-3", "teacher-4", "teacher-gpu")
+PRESETS = ("smoke", "quick", "default", "teacher", "teacher-2", "teacher-3", "teacher-4", "teacher-5", "teacher-gpu")
 #: Bumped when a change to the training code makes old cached teachers stale.
 PRETRAIN_CODE_VERSION = 1
 #: The provenance file of a finished teacher folder.
