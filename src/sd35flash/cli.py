@@ -66,7 +66,8 @@ def build_parser() -> argparse.ArgumentParser:
     pto.add_argument("--snapshot", metavar="OUT", help="write the EMA pipeline at the newest checkpoint of this "
                      "preset's run (running or not; read-only on its work folder) to OUT, and train nothing")
     pt.add_argument("--preset", default="default",
-                    help="smoke | quick | default | teacher | teacher-2 | teacher-3 | teacher-4 | teacher-5 | teacher-gpu")
+                    help="smoke | quick | default | teacher | teacher-2 | teacher-3 | teacher-4 | teacher-5 | "
+                         "teacher-gpu")
     pt.add_argument("--config", help="a YAML config instead of a preset")
     pt.add_argument("--resume", action="store_true", help="continue an unfinished run of the same config")
     pt.add_argument("--init", metavar="MODEL", help="start from this teacher (a shipped name, a pipeline "

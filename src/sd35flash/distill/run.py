@@ -82,7 +82,8 @@ def resolve_guidance(cfg: DistillConfig, teacher: str) -> DistillConfig:
     return dataclasses.replace(cfg, guidance=float(g))
 
 
-RECIPE_KEYS = {"": ["grad_variance_every", "grad_variance_batches", "keep_presplit_checkpoint"], "trajectory": ["loss"], "dmd": ["tau"],
+RECIPE_KEYS = {"": ["grad_variance_every", "grad_variance_batches", "keep_presplit_checkpoint"],
+               "trajectory": ["loss"], "dmd": ["tau"],
                "fake": ["warmup_steps", "mixture", "match_student_conditioning"],
                "gan": ["backbone_weight", "pool", "loss", "tau", "reinit", "paired"]}
 

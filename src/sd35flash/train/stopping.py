@@ -110,8 +110,9 @@ def should_stop(acc) -> str | None:
 def checkpoint_step(acc, manager: CheckpointManager, done: int, total: int, every_n: int,
                     stop_at: int | None = None, meta: Callable[[], dict] | None = None) -> None:
     """After step ``done`` of ``total``: save a checkpoint every ``every_n`` steps, at the end, at
-    the manager's milestones, at ``stop_at`` and when the run must stop (``meta()`` adds to its ``meta.json``); after a stop's
-    checkpoint (before the end) raise :class:`StopTraining` with the step and the reason."""
+    the manager's milestones, at ``stop_at`` and when the run must stop (``meta()`` adds to its
+    ``meta.json``); after a stop's checkpoint (before the end) raise :class:`StopTraining` with the
+    step and the reason."""
     reason = None
     if done < total:
         reason = should_stop(acc)
