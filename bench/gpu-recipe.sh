@@ -29,10 +29,6 @@ done
 PY=${PYTHON:-$( [ -x .venv/bin/python ] && echo .venv/bin/python || echo python3 )}
 T=${TEACHER:-shapes-v3}
 K=${STUDENT_STEPS:-4}
-mkdir -p "$OUT/evals" "$OUT/logs"
-OUT=$(cd "$OUT" && pwd)
-# the run's cache (trajectories, checkpoints) stays outside OUT_DIR
-export SD35FLASH_CACHE=${GPU_RECIPE_CACHE:-$(mktemp -d)}
 if [ "$TINY" = 1 ]; then
   PRESET=smoke; DEVICE=cpu; NUM_TEST=4; SPLITS="test"
   SCALE=(--set runtime.device=cpu)
@@ -48,9 +44,6 @@ else
          --set split.steps=$((U / 3)) --set checkpoint_every=250 --set probe_every=250 --set sample_every=500
          --set grad_variance_every=100)
   EVAL=(--device cuda --batch-size 200); EVAL_TIMEOUT=${EVAL_TIMEOUT:-60}
-  if command -v nvidia-smi >/dev/null 2>&1; then
-    nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv,noheader || true
-  fi
 fi
 if [ "$CHECK" = 1 ]; then  # the overrides through the same strict merge as `distill --set`
   "$PY" - "$PRESET" "$K" "${SCALE[@]}" <<'PYEOF'
@@ -66,6 +59,13 @@ print(json.dumps(to_dict(cfg)))
 PYEOF
   exit 0
 fi
+if [ "$TINY" = 0 ] && command -v nvidia-smi >/dev/null 2>&1; then
+  nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv,noheader || true
+fi
+mkdir -p "$OUT/evals" "$OUT/logs"
+OUT=$(cd "$OUT" && pwd)
+# the run's cache (trajectories, checkpoints) stays outside OUT_DIR
+export SD35FLASH_CACHE=${GPU_RECIPE_CACHE:-$(mktemp -d)}
 t0=$(date +%s)
 rc=0
 "$PY" -m sd35flash distill --teacher "$T" --out "$OUT/student" --preset "$PRESET" --student-steps "$K" --resume \

@@ -29,6 +29,7 @@ def test_gpu_recipe_overrides_are_valid_recipe_keys(tmp_path):
     assert cfg["batch_size"] == 128 and cfg["trajectory"]["batch_size"] == 128
     assert cfg["student"]["steps"] == 1000 and cfg["split"]["steps"] == 333
     assert cfg["gan"]["real"] == "renders" and cfg["dmd"]["tau"] == "below"  # still the recipe
+    assert not (tmp_path / "o").exists()  # --check writes nothing
     bad = subprocess.run(["bash", SCRIPT, str(tmp_path / "o"), "--tiniest"], cwd=ROOT, env=_env(),
                          capture_output=True, text=True, timeout=60)
     assert bad.returncode == 2 and "unknown argument --tiniest" in bad.stderr

@@ -133,14 +133,14 @@ def init_from(source: Path, work: Path, cfg: DistillConfig, teacher: str, prompt
         raise UserError(f"--init-from {source} was run with a different config ({', '.join(diff[:5])}); "
                         "only the split section may differ")
     end = cfg.trajectory.steps + cfg.fake.warmup_steps + cfg.student.steps
-    latest = CheckpointManager(source / "checkpoints").at_step(end)
-    if latest is None:
+    stage1_end = CheckpointManager(source / "checkpoints").at_step(end)
+    if stage1_end is None:
         raise UserError(f"--init-from {source} has no checkpoint at the end of stage 1 (step {end}): finish "
                         "stage 1 of that run (`sd35flash distill ... --resume`); a run made before "
                         "keep_presplit_checkpoint pruned it once stage 2 went on")
     if any((work / "checkpoints").glob("ckpt-*")):
         raise UserError(f"{work} already has checkpoints; pass --resume instead of --init-from")
-    return copy_dir(latest, work / "checkpoints" / latest.name, "checkpoint")
+    return copy_dir(stage1_end, work / "checkpoints" / stage1_end.name, "checkpoint")
 
 
 def config_differences(source: Path, cfg: DistillConfig, teacher: str, prompts: str,

@@ -147,11 +147,10 @@ def evaluate(req: EvalRequest, json_out: str | Path, save_images: str | Path | N
         from .fd import FDScorer
 
         refs = np.stack([render(s, seed=REFERENCE_SEED + i) for i, s in enumerate(specs)])
-        fd = FDScorer().fd_with_error(refs, images) if len(specs) >= 2 else None
-        result["fd_effnet"] = fd["fd"] if fd else None
-        if fd:  # its sampling error on these specs, and how much of it is a shift of the mean
-            result["fd_effnet_se"] = fd["se"]
-            result["fd_effnet_mean_term"] = fd["mean_term"]
+        result["fd_effnet"] = None
+        if len(specs) >= 2:  # with its sampling error on these specs and the part that is a mean shift
+            fd = FDScorer().fd_with_error(refs, images)
+            result.update(fd_effnet=fd["fd"], fd_effnet_se=fd["se"], fd_effnet_mean_term=fd["mean_term"])
     json_out = Path(json_out)
     grid_path = json_out.with_suffix(".png")
     n = min(len(images), 40)
