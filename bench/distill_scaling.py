@@ -7,6 +7,9 @@ seconds), and writes ``scaling.json`` (one point per budget, sorted by samples `
 A teacher eval JSON (``--teacher-json``) is drawn as a horizontal reference line.
 
 Usage: python bench/distill_scaling.py DIR [--teacher-json FILE]
+       python bench/distill_scaling.py --wall WORK S   (prints {"wall_seconds": ...}: the logged compute
+       time of distillation work folder WORK up to its step after S stage-1 updates, summed over the
+       sessions of a resumed run)
 """
 
 from __future__ import annotations
@@ -37,6 +40,28 @@ def collect(folder: Path) -> list[dict]:
                        "fd_effnet": res.get("fd_effnet"), "num_images": res.get("num_images"),
                        "wall_seconds": json.loads(timing.read_text())["wall_seconds"] if timing.is_file() else None})
     return sorted(points, key=lambda p: (p["samples"], p["student_updates"]))
+
+
+def wall_seconds(work: Path, updates: int) -> float:
+    """Seconds the run in ``work`` took to reach the end of its ``updates``-th stage-1 update, from
+    the ``time`` column of its metrics log, which restarts at 0 in every session of a resumed run:
+    each session contributes the time of its last row at or before that step (the work a session
+    redid after its checkpoint counts too: it was spent)."""
+    from sd35flash.config import from_dict
+    from sd35flash.distill.config import DistillConfig
+
+    meta = json.loads((work / "config.json").read_text())
+    step = from_dict(DistillConfig, meta["config"], where=str(work / "config.json")).stage1_step(updates)
+    total, last, prev = 0.0, 0.0, -1.0
+    for line in (work / "metrics.jsonl").read_text().splitlines():
+        row = json.loads(line)
+        t = float(row.get("time", 0.0))
+        if t < prev:  # a new session
+            total, last = total + last, 0.0
+        prev = t
+        if row.get("step", 0) <= step:
+            last = t
+    return round(total + last, 1)
 
 
 def overall(res: dict) -> float:
@@ -74,9 +99,15 @@ def plot(points: list[dict], teacher: dict | None, path: Path) -> None:
 
 def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    ap.add_argument("folder")
+    ap.add_argument("folder", nargs="?")
     ap.add_argument("--teacher-json")
+    ap.add_argument("--wall", nargs=2, metavar=("WORK", "S"))
     args = ap.parse_args(argv)
+    if args.wall:
+        print(json.dumps({"wall_seconds": wall_seconds(Path(args.wall[0]), int(args.wall[1]))}))
+        return 0
+    if args.folder is None:
+        ap.error("give the results folder (or --wall WORK S)")
     folder = Path(args.folder)
     points = collect(folder) if folder.is_dir() else []
     if not points:

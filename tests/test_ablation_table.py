@@ -133,3 +133,53 @@ def test_tg_scaling_script_on_the_smoke_teacher(smoke_teacher, tmp_path):
     before = (out / "tg2-n4-test.json").stat().st_mtime_ns
     assert subprocess.run(cmd, cwd=ROOT, env=env, capture_output=True, text=True, timeout=300).returncode == 0
     assert (out / "tg2-n4-test.json").stat().st_mtime_ns == before
+
+
+def test_distill_scaling_script_makes_every_point_of_a_batch_from_one_run(smoke_teacher, tmp_path):
+    """bench/distill_scaling.sh --tiny: budgets 1x2 and 2x2 come from ONE run of 2 updates that kept
+    its checkpoint after 1 (student.keep_at), exported as snapshots; each is evaluated, gets a wall
+    time from the run's log, and the curve is collected; a rerun trains nothing."""
+    env = dict(os.environ, PYTHON=sys.executable, SD35FLASH=str(Path(sys.executable).parent / "sd35flash"),
+               OMP_NUM_THREADS="1", PYTHONPATH=str(ROOT / "src"))
+    out = tmp_path / "scaling"
+    cmd = ["bash", "bench/distill_scaling.sh", "--tiny", str(smoke_teacher), str(out)]
+    proc = subprocess.run(cmd, cwd=ROOT, env=env, capture_output=True, text=True, timeout=900)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert sorted(p.name for p in (out / "students").iterdir()) == ["run-b2"]
+    cfg = read_student_info(out / "students" / "run-b2").extra["config"]
+    assert (cfg["student"]["steps"], cfg["student"]["keep_at"], cfg["split"]["steps"]) == (2, [1, 2], 0)
+    snaps = [read_student_info(out / "snapshots" / "b2" / f"u{s}").extra["snapshot"]["student_updates"]
+             for s in (1, 2)]
+    assert snaps == [1, 2]
+    res = json.loads((out / "scaling.json").read_text())
+    assert [(p["student_updates"], p["batch_size"]) for p in res["points"]] == [(1, 2), (2, 2)]
+    walls = [p["wall_seconds"] for p in res["points"]]
+    assert 0 < walls[0] < walls[1]
+    assert res["teacher"]["overall"] is not None and (out / "scaling.png").stat().st_size > 0
+    before = (out / "students" / "run-b2" / "model_index.json").stat().st_mtime_ns
+    assert subprocess.run(cmd, cwd=ROOT, env=env, capture_output=True, text=True, timeout=300).returncode == 0
+    assert (out / "students" / "run-b2" / "model_index.json").stat().st_mtime_ns == before
+
+
+def test_scaling_wall_time_sums_the_sessions_of_a_resumed_run(tmp_path):
+    """--wall: the metrics' `time` restarts in each session; the time to step N is the sum of each
+    session's last logged time at or before N (stage 1 starts after trajectory + fake warm-up steps)."""
+    from sd35flash.config import merge, to_dict
+    from sd35flash.distill.config import load_distill_config
+
+    cfg = merge(load_distill_config("smoke"), {"trajectory": {"steps": 2}, "fake": {"warmup_steps": 1}})
+    (tmp_path / "config.json").write_text(json.dumps({"config": to_dict(cfg)}))
+    rows = [(1, 5.0), (2, 9.0), (3, 14.0), (4, 20.0),  # session 1 stops after step 4
+            (4, 3.0), (5, 8.0), (6, 12.0)]  # session 2 redoes step 4 from the checkpoint at 3
+    (tmp_path / "metrics.jsonl").write_text("".join(json.dumps({"step": s, "time": t}) + "\n" for s, t in rows))
+    script = ROOT / "bench" / "distill_scaling.py"
+
+    def wall(n):
+        run = subprocess.run([sys.executable, str(script), "--wall", str(tmp_path), str(n)], capture_output=True,
+                             text=True, env=dict(os.environ, PYTHONPATH=str(ROOT / "src")))
+        assert run.returncode == 0, run.stderr
+        return json.loads(run.stdout)["wall_seconds"]
+
+    assert wall(1) == 23.0  # step 4 = 2 + 1 + 1: session 1's 20 s, plus session 2's redone step 4 (spent too)
+    assert wall(2) == 28.0  # step 5: 20 + 8
+    assert wall(3) == 32.0

@@ -14,7 +14,7 @@ from sd35flash.data.prompts import PromptSource, shapes_prompts
 from sd35flash.distill.adversarial import Discriminator, d_loss, g_loss, reinit_draws, softplus_d_loss, softplus_g_loss
 from sd35flash.distill.config import DMDConfig, GANConfig, load_distill_config
 from sd35flash.distill.critic import Critic
-from sd35flash.distill.dmd import evaluation_times
+from sd35flash.distill.dmd import evaluation_point, evaluation_times
 from sd35flash.distill.method import FlowDMD
 from sd35flash.distill.models import DistillModels
 from sd35flash.distill.real import from_renders
@@ -128,6 +128,25 @@ def test_dmd_tau_below_covers_low_noise(k):
     assert bool((below.tau < t_i).all()) and not bool(below.renoise.any())
     assert float(below.tau.min()) < 0.25 and float(below.tau[idx == k - 1].max()) > 0.5 * schedule[k - 1]
     assert float(below.tau.min()) >= DMDConfig().random_tau_range[0]
+
+
+@pytest.mark.parametrize("tau", ["next", "below"])
+def test_dmd_fresh_noise_keeps_the_shared_taus_and_renoises_every_sample(tau):
+    schedule = flow.sampling_schedule(4, 3.0)
+    g = torch.Generator().manual_seed(1)
+    idx = torch.arange(4).repeat(16)
+    u, pick = torch.rand(idx.shape, generator=g), torch.rand(idx.shape, generator=g)
+    line = evaluation_times(idx, schedule, DMDConfig(tau=tau), u, pick)
+    fresh = evaluation_times(idx, schedule, DMDConfig(tau=tau, noise="fresh"), u, pick)
+    torch.testing.assert_close(fresh.tau, line.tau)
+    assert bool(fresh.renoise.all()) and not bool(line.renoise[idx < 3].any())
+    # the point is the step's x0 prediction noised with the fresh eps, not a point on the line
+    x_i, v, eps = (torch.randn(idx.shape[0], 2, 3, 3, generator=g) for _ in range(3))
+    t_i = torch.tensor(schedule)[idx]
+    x_tau, x0_hat = evaluation_point(x_i, v, t_i, fresh, eps)
+    torch.testing.assert_close(x_tau, flow.interpolate(x0_hat, eps, fresh.tau))
+    on_line, _ = evaluation_point(x_i, v, t_i, line, eps)
+    assert not torch.allclose(x_tau[idx < 3], on_line[idx < 3])
 
 
 @pytest.mark.parametrize("match", [True, False])
@@ -285,6 +304,7 @@ def test_gan_lr_steps_the_heads_at_their_own_rate(models, source, gan_lr):
     ({"gan": {"backbone_weight": 0.5 + 1}}, "gan.backbone_weight"),
     ({"gan": {"num_real": 0, "real": "teacher"}}, "gan.num_real"),
     ({"dmd": {"tau": "below", "timestep_sharing": False}}, "dmd.tau"),
+    ({"dmd": {"noise": "fresh", "timestep_sharing": False}}, "dmd.noise"),
     ({"gan": {"lr": -1e-3}}, "gan.lr"),
 ])
 def test_impossible_recipes_name_the_key(over, key):

@@ -50,12 +50,16 @@ class DMDConfig:
     ``t_2..t_K``; random ``tau`` when K = 1) or ``midpoint`` (stay on the line at ``t_K / 2``).
     ``tau`` (with sharing): ``next`` evaluates step ``i`` at ``t_{i+1}`` (the last step as ``last_step``
     says); ``below`` draws ``tau`` uniformly in ``(lo, t_i)`` on the student's line for every step
-    (``lo`` from ``random_tau_range``), so the last step is read at low noise too."""
+    (``lo`` from ``random_tau_range``), so the last step is read at low noise too.
+    ``noise`` (with sharing): ``line`` reads at the point on the student's line (no fresh noise);
+    ``fresh`` re-noises the step's ``x0_hat`` with fresh Gaussian noise at the same ``tau``, so the
+    teacher and the fake are read on the Gaussian-noised marginals they were trained on."""
 
     weight: float = 1.0
     timestep_sharing: bool = True
     last_step: Literal["renoise", "midpoint"] = "renoise"
     tau: Literal["next", "below"] = "next"
+    noise: Literal["line", "fresh"] = "line"
     random_tau_range: tuple[float, float] = (0.02, 0.98)
 
 
@@ -126,12 +130,18 @@ class GANConfig:
 
 @dataclass
 class StudentStageConfig:
-    """Stage 1 (DMD + GAN): steps, student optimiser and LR warm-up."""
+    """Stage 1 (DMD + GAN): steps, student optimiser and LR warm-up.
+
+    ``keep_at``: stage-1 update counts whose checkpoints are kept (never pruned), so that
+    ``python -m sd35flash.distill.snapshot`` can export the EMA student at each of them. The student's
+    LR is constant after its warm-up, so the student after ``n`` of ``steps`` updates is the one a run
+    with ``steps: n`` ends with: one long run gives every point of a scaling curve."""
 
     steps: int = 300
     lr: float = 5e-5
     warmup: int = 20
     grad_clip: float = 1.0
+    keep_at: list[int] = field(default_factory=list)
 
 
 @dataclass
@@ -321,6 +331,10 @@ class DistillConfig:
         if self.grad_variance_every < 0 or self.grad_variance_batches < 2:
             raise ConfigError("grad_variance_every must be >= 0 and grad_variance_batches >= 2, got "
                               f"{self.grad_variance_every} and {self.grad_variance_batches}")
+        bad = [n for n in self.student.keep_at if not 1 <= n <= self.student.steps]
+        if bad:
+            raise ConfigError(f"student.keep_at must list update counts in 1..student.steps ({self.student.steps}), "
+                              f"got {bad}")
         if self.fake.warmup_steps < 0:
             raise ConfigError(f"fake.warmup_steps must be >= 0, got {self.fake.warmup_steps}")
         if not 0.0 <= self.gan.backbone_weight <= 1.0:
@@ -329,6 +343,9 @@ class DistillConfig:
             raise ConfigError("gan.num_real must be >= 1 (0, all training specs, needs gan.real: renders)")
         if self.dmd.tau != "next" and not self.dmd.timestep_sharing:
             raise ConfigError("dmd.tau: below needs dmd.timestep_sharing: true (without sharing tau is random already)")
+        if self.dmd.noise != "line" and not self.dmd.timestep_sharing:
+            raise ConfigError("dmd.noise: fresh needs dmd.timestep_sharing: true (without sharing the noise is fresh "
+                              "already)")
         if self.gan.enabled and not self.gan.blocks:
             raise ConfigError("gan.blocks must name at least one transformer block when gan.enabled is true")
         self.split.check(self.gan.enabled)
@@ -342,6 +359,10 @@ class DistillConfig:
         if self.lora.rank < 1 or self.lora.alpha <= 0 or not self.lora.targets:
             raise ConfigError(f"lora needs rank >= 1, alpha > 0 and at least one target, got rank {self.lora.rank}, "
                               f"alpha {self.lora.alpha}, targets {self.lora.targets}")
+
+    def stage1_step(self, updates: int) -> int:
+        """The global step after ``updates`` stage-1 (DMD) updates: stage 0 and the fake warm-up come first."""
+        return self.trajectory.steps + self.fake.warmup_steps + updates
 
     def student_schedule(self, shift: float) -> list[float]:
         """The K student times ``t_1 = 1 > ... > t_K`` (no final 0): the configured list, or K

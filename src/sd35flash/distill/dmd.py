@@ -10,6 +10,10 @@ Where ``(x_tau, tau)`` comes from:
   moving the student's input along its own predicted velocity, ``x_tau = x_{t_i} + (tau - t_i) v``,
   which is ``(1 - tau) x0_hat + tau eps_hat``: no fresh noise;
 * **below** (``tau: below``): ``tau`` uniform in ``(lo, t_i)`` on the same line, for every step;
+* **fresh noise** (``noise: fresh``): the shared ``tau`` as above, but ``x_tau = (1 - tau) x0_hat +
+  tau eps`` with fresh Gaussian ``eps`` instead of the student's own ``eps_hat``, which is not Gaussian
+  noise independent of ``x0_hat``: the teacher and the fake are then read on the noised marginals
+  they were trained on;
 * **vanilla re-noising** (``timestep_sharing: false``): ``tau ~ U(random_tau_range)`` and
   ``x_tau = (1 - tau) x0_hat + tau eps`` with fresh noise.
 """
@@ -45,27 +49,29 @@ def evaluation_times(idx: torch.Tensor, schedule: Sequence[float], cfg: DMDConfi
     line at ``t_K / 2``. Without sharing: ``tau = lo + (hi - lo) u`` and fresh noise for all.
     ``u`` and ``pick`` are uniform [0, 1) draws of shape (B,).
     With ``cfg.tau == "below"`` (and sharing), every step is read on its own line at
-    ``tau = lo + (t_i - lo) u``, uniform below its own time.
+    ``tau = lo + (t_i - lo) u``, uniform below its own time. With ``cfg.noise == "fresh"`` (and
+    sharing) every sample is re-noised at its ``tau``.
     """
     k = schedule.steps
     lo, hi = cfg.random_tau_range
     random_tau = lo + (hi - lo) * u
     if not cfg.timestep_sharing:
         return EvalPoints(random_tau, torch.ones_like(idx, dtype=torch.bool))
+    fresh = cfg.noise == "fresh"
     if cfg.tau == "below":
         t_i = times_at(schedule, idx)
-        return EvalPoints(lo + (t_i - lo) * u, torch.zeros_like(idx, dtype=torch.bool))
+        return EvalPoints(lo + (t_i - lo) * u, torch.full_like(idx, fresh, dtype=torch.bool))
     last = idx == k - 1
     tau = times_at(schedule, (idx + 1).clamp(max=k))
     if cfg.last_step == "midpoint":
         tau = torch.where(last, times_at(schedule, idx) / 2, tau)
-        return EvalPoints(tau, torch.zeros_like(last))
+        return EvalPoints(tau, last | fresh)
     if k >= 2:
         shared = torch.tensor(list(schedule.times[1:k]), dtype=torch.float32, device=idx.device)
         choice = shared[(pick * len(shared)).long().clamp(max=len(shared) - 1)]
     else:
         choice = random_tau
-    return EvalPoints(torch.where(last, choice, tau), last)
+    return EvalPoints(torch.where(last, choice, tau), last | fresh)
 
 
 def evaluation_point(x_i: torch.Tensor, v: torch.Tensor, t_i: torch.Tensor, pts: EvalPoints,

@@ -84,7 +84,7 @@ class FlowDMD:
         self.dev = accelerator.device
         self.rank, self.world = accelerator.process_index, accelerator.num_processes
         self.split_on = cfg.split.steps > 0
-        self.split_start = cfg.trajectory.steps + cfg.fake.warmup_steps + cfg.student.steps
+        self.split_start = cfg.stage1_step(cfg.student.steps)
         self.ranges = branch_ranges(cfg.split.boundaries)
         self.branch_steps = cfg.branch_steps(models.shift)
         self.branches: list[torch.nn.Module] = []

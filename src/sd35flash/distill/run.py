@@ -83,7 +83,7 @@ def resolve_guidance(cfg: DistillConfig, teacher: str) -> DistillConfig:
 
 
 RECIPE_KEYS = {"": ["grad_variance_every", "grad_variance_batches", "keep_presplit_checkpoint"],
-               "trajectory": ["loss"], "dmd": ["tau"],
+               "trajectory": ["loss"], "dmd": ["tau", "noise"], "student": ["keep_at"],
                "fake": ["warmup_steps", "mixture", "match_student_conditioning"],
                "gan": ["backbone_weight", "pool", "loss", "tau", "reinit", "paired"]}
 
@@ -132,7 +132,7 @@ def init_from(source: Path, work: Path, cfg: DistillConfig, teacher: str, prompt
     if diff:
         raise UserError(f"--init-from {source} was run with a different config ({', '.join(diff[:5])}); "
                         "only the split section may differ")
-    end = cfg.trajectory.steps + cfg.fake.warmup_steps + cfg.student.steps
+    end = cfg.stage1_step(cfg.student.steps)
     stage1_end = CheckpointManager(source / "checkpoints").at_step(end)
     if stage1_end is None:
         raise UserError(f"--init-from {source} has no checkpoint at the end of stage 1 (step {end}): finish "

@@ -145,8 +145,9 @@ class DistillTrainer:
         cfg, acc, method = self.cfg, self.acc, self.method
         self._setup()
         # the end of stage 1 stays on disk (keep_presplit_checkpoint), so that `--init-from` can
-        # start another stage 2 from it
+        # start another stage 2 from it; so do the stage-1 points of `student.keep_at` (snapshots)
         keep = [method.split_start] if cfg.split.steps > 0 and cfg.keep_presplit_checkpoint else []
+        keep += [cfg.stage1_step(n) for n in cfg.student.keep_at]
         ckpt = CheckpointManager(self.work / "checkpoints", sharded=self.method.sharding.state, milestones=keep)
         step = self.restore(ckpt)
         method.ema_to(acc.device)
