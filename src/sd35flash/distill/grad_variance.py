@@ -124,22 +124,15 @@ class GradVarianceHook(Hook):
 def load_trainer(work: Path, checkpoint: int | None = None):
     """The distillation method (:class:`~sd35flash.distill.method.FlowDMD`) of a run, restored from
     ``work/checkpoints`` (newest, or ``ckpt-<checkpoint>``), and the checkpoint's step."""
-    from ..config import from_dict
     from ..train.checkpoint import CheckpointManager
     from ..train.runtime import make_accelerator
-    from .config import DistillConfig
     from .models import DistillModels
     from .prompts import load_prompts
-    from .run import real_bank, trajectory_bank
+    from .run import read_work_config, real_bank, trajectory_bank
     from .trainer import DistillTrainer
     from .trajectory import teacher_identity
 
-    meta_file = work / "config.json"
-    if not meta_file.is_file():
-        raise UserError(f"{work} is not a distillation work folder (no config.json); pass the folder "
-                        "`sd35flash distill` printed as its work folder")
-    meta = json.loads(meta_file.read_text())
-    cfg = from_dict(DistillConfig, meta["config"], where=str(meta_file))
+    meta, cfg = read_work_config(work)
     ckpts = CheckpointManager(work / "checkpoints")
     if checkpoint is None:
         path = ckpts.latest()

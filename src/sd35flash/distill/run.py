@@ -143,6 +143,16 @@ def init_from(source: Path, work: Path, cfg: DistillConfig, teacher: str, prompt
     return copy_dir(stage1_end, work / "checkpoints" / stage1_end.name, "checkpoint")
 
 
+def read_work_config(work: Path) -> tuple[dict, DistillConfig]:
+    """(``config.json`` of distillation work folder ``work``: its teacher and prompts, the run's config)."""
+    meta_file = work / "config.json"
+    if not meta_file.is_file():
+        raise UserError(f"{work} is not a distillation work folder (no config.json); pass the folder "
+                        "`sd35flash distill` printed as its work folder")
+    meta = json.loads(meta_file.read_text())
+    return meta, from_dict(DistillConfig, meta["config"], where=str(meta_file))
+
+
 def config_differences(source: Path, cfg: DistillConfig, teacher: str, prompts: str,
                        ignore_split: bool = False) -> list[str]:
     """Dotted keys whose values differ between the run recorded in work folder ``source`` and this one."""

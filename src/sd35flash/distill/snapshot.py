@@ -15,11 +15,10 @@ written atomically; a folder that is already there is kept.
 from __future__ import annotations
 
 import argparse
-import json
 import sys
 from pathlib import Path
 
-from ..config import from_dict, to_dict
+from ..config import to_dict
 from ..errors import UserError
 from ..io import check_model_output
 from ..models.student_folder import export_student, student_info
@@ -32,15 +31,10 @@ def snapshot_folder(out_dir: Path, updates: int) -> Path:
 
 def export_snapshot(work: Path, updates: int, out: Path) -> Path:
     """Write the EMA student of run ``work`` after ``updates`` stage-1 updates to ``out``."""
-    from .config import DistillConfig
     from .grad_variance import load_trainer
+    from .run import read_work_config
 
-    meta_file = work / "config.json"
-    if not meta_file.is_file():
-        raise UserError(f"{work} is not a distillation work folder (no config.json); pass the folder "
-                        "`sd35flash distill` printed as its work folder")
-    meta = json.loads(meta_file.read_text())
-    cfg = from_dict(DistillConfig, meta["config"], where=str(meta_file))
+    meta, cfg = read_work_config(work)
     if not 1 <= updates <= cfg.student.steps:
         raise UserError(f"--updates {updates} is outside this run's stage 1 (1..{cfg.student.steps} updates)")
     step = cfg.stage1_step(updates)
