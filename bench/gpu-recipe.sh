@@ -9,6 +9,7 @@
 # JSON and grid), metrics.jsonl (the run's training log: gan/d_real, gradvar/*, split*/drift, ...)
 # and gpu-recipe.json (device, the reference-scale settings, wall time per phase, headline metrics).
 # Usage: [TEACHER=shapes-v3] [STUDENT_STEPS=4] [BATCH=64] [UPDATES=1000] bench/gpu-recipe.sh [OUT_DIR] [--tiny]
+#   STUDENT_STEPS=2: split.boundaries [0.875], so that each of the times 1 and 0.75 has its own branch
 #   TRAIN_LIMIT=6m (distill --time-limit)  EVAL_TIMEOUT=60 (seconds per evaluation; 0: none)
 #   --tiny: the smoke preset, 4 test images, no FD, on the CPU: the same path in a minute (tests).
 #   --check: only merge the reference-scale overrides into the preset and print the result (no GPU).
@@ -45,6 +46,9 @@ else
          --set grad_variance_every=100)
   EVAL=(--device cuda --batch-size 200); EVAL_TIMEOUT=${EVAL_TIMEOUT:-60}
 fi
+# a 2-step student's times are 1 and 0.75: the default split boundary (0.5) would leave one branch
+# without a step, so each step gets its own branch
+[ "$K" = 2 ] && SCALE+=(--set "split.boundaries=[0.875]")
 if [ "$CHECK" = 1 ]; then  # the overrides through the same strict merge as `distill --set`
   "$PY" - "$PRESET" "$K" "${SCALE[@]}" <<'PYEOF'
 import json, sys
@@ -55,6 +59,8 @@ from sd35flash.distill.config import load_distill_config
 preset, k, args = sys.argv[1], int(sys.argv[2]), sys.argv[3:]
 cfg = merge(load_distill_config(preset), parse_overrides(args[1::2]), where="--set")
 cfg = merge(cfg, {"student_steps": k})
+cfg.validate()
+cfg.branch_steps(3.0)  # every split branch holds a student time (at SD3's shift)
 print(json.dumps(to_dict(cfg)))
 PYEOF
   exit 0

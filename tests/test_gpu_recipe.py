@@ -30,6 +30,11 @@ def test_gpu_recipe_overrides_are_valid_recipe_keys(tmp_path):
     assert cfg["student"]["steps"] == 1000 and cfg["split"]["steps"] == 333
     assert cfg["gan"]["real"] == "renders" and cfg["dmd"]["tau"] == "below"  # still the recipe
     assert not (tmp_path / "o").exists()  # --check writes nothing
+    two = subprocess.run(["bash", SCRIPT, str(tmp_path / "o"), "--check"], cwd=ROOT, env=_env(STUDENT_STEPS="2"),
+                         capture_output=True, text=True, timeout=120)
+    assert two.returncode == 0, two.stderr[-2000:]
+    cfg2 = json.loads(two.stdout)  # times 1 and 0.75: one split branch each
+    assert cfg2["student_steps"] == 2 and cfg2["split"]["boundaries"] == [0.875]
     bad = subprocess.run(["bash", SCRIPT, str(tmp_path / "o"), "--tiniest"], cwd=ROOT, env=_env(),
                          capture_output=True, text=True, timeout=60)
     assert bad.returncode == 2 and "unknown argument --tiniest" in bad.stderr
