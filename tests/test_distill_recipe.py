@@ -130,16 +130,18 @@ def test_dmd_tau_below_covers_low_noise(k):
     assert float(below.tau.min()) >= DMDConfig().random_tau_range[0]
 
 
-@pytest.mark.parametrize("tau", ["next", "below"])
-def test_dmd_fresh_noise_keeps_the_shared_taus_and_renoises_every_sample(tau):
+@pytest.mark.parametrize("tau, last_step", [("next", "renoise"), ("next", "midpoint"), ("below", "renoise")])
+def test_dmd_fresh_noise_keeps_the_shared_taus_and_renoises_every_sample(tau, last_step):
     schedule = flow.sampling_schedule(4, 3.0)
     g = torch.Generator().manual_seed(1)
     idx = torch.arange(4).repeat(16)
     u, pick = torch.rand(idx.shape, generator=g), torch.rand(idx.shape, generator=g)
-    line = evaluation_times(idx, schedule, DMDConfig(tau=tau), u, pick)
-    fresh = evaluation_times(idx, schedule, DMDConfig(tau=tau, noise="fresh"), u, pick)
+    line = evaluation_times(idx, schedule, DMDConfig(tau=tau, last_step=last_step), u, pick)
+    fresh = evaluation_times(idx, schedule, DMDConfig(tau=tau, last_step=last_step, noise="fresh"), u, pick)
     torch.testing.assert_close(fresh.tau, line.tau)
     assert bool(fresh.renoise.all()) and not bool(line.renoise[idx < 3].any())
+    # on the line, only `next` with `last_step: renoise` re-noises (the last step, which has no time below it)
+    assert bool(line.renoise[idx == 3].all()) == (tau == "next" and last_step == "renoise")
     # the point is the step's x0 prediction noised with the fresh eps, not a point on the line
     x_i, v, eps = (torch.randn(idx.shape[0], 2, 3, 3, generator=g) for _ in range(3))
     t_i = torch.tensor(schedule)[idx]

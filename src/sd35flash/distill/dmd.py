@@ -65,7 +65,7 @@ def evaluation_times(idx: torch.Tensor, schedule: Sequence[float], cfg: DMDConfi
     tau = times_at(schedule, (idx + 1).clamp(max=k))
     if cfg.last_step == "midpoint":
         tau = torch.where(last, times_at(schedule, idx) / 2, tau)
-        return EvalPoints(tau, last | fresh)
+        return EvalPoints(tau, torch.full_like(last, fresh))
     if k >= 2:
         shared = torch.tensor(list(schedule.times[1:k]), dtype=torch.float32, device=idx.device)
         choice = shared[(pick * len(shared)).long().clamp(max=len(shared) - 1)]
