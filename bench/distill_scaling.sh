@@ -11,6 +11,7 @@
 # TIME_LIMIT (a `distill --time-limit`) stops a run at a checkpoint (exit 75) and a rerun resumes it.
 # Usage: bench/distill_scaling.sh [--tiny] TEACHER OUT_DIR
 #   BUDGETS="75x16 150x16 300x16 600x16" (default) NUM_IMAGES=400 PRESET=recipe TIME_LIMIT=
+#   SETS="--set dmd.noise=fresh ..." (more `distill --set` overrides for every run)
 #   --tiny: smoke preset, budgets 1x2 2x2, 4 images, no FD: a check of the plumbing.
 set -euo pipefail
 TINY=0
@@ -29,6 +30,7 @@ else
 fi
 LIMIT=()
 [ -n "${TIME_LIMIT:-}" ] && LIMIT=(--time-limit "$TIME_LIMIT")
+read -ra USER_SET <<< "${SETS:-}"
 mkdir -p "$R/students" "$R/snapshots" "$R/logs"
 
 [ -f "$R/teacher-test.json" ] || "$SD" eval --model "$T" --split test --num-images "$NUM_IMAGES" --seed 0 \
@@ -42,7 +44,7 @@ for b in $(for x in $BUDGETS; do echo "${x#*x}"; done | sort -un); do
   if [ ! -f "$run/model_index.json" ]; then
     rc=0
     "$SD" distill --teacher "$T" --out "$run" --preset "$PRESET" --student-steps 4 --no-progress --resume \
-      "${LIMIT[@]}" "${SET[@]}" --set split.steps=0 --set student.steps="$max" --set batch_size="$b" \
+      "${LIMIT[@]}" "${SET[@]}" "${USER_SET[@]}" --set split.steps=0 --set student.steps="$max" --set batch_size="$b" \
       --set student.keep_at="$keep" >> "$R/logs/run-b$b.distill.log" 2>&1 || rc=$?
     if [ $rc = 75 ]; then echo "distill_scaling.sh: run-b$b stopped at its time limit; rerun to continue" >&2
                           exit 75; fi

@@ -140,7 +140,7 @@ def test_distill_scaling_script_makes_every_point_of_a_batch_from_one_run(smoke_
     its checkpoint after 1 (student.keep_at), exported as snapshots; each is evaluated, gets a wall
     time from the run's log, and the curve is collected; a rerun trains nothing."""
     env = dict(os.environ, PYTHON=sys.executable, SD35FLASH=str(Path(sys.executable).parent / "sd35flash"),
-               OMP_NUM_THREADS="1", PYTHONPATH=str(ROOT / "src"))
+               OMP_NUM_THREADS="1", PYTHONPATH=str(ROOT / "src"), SETS="--set dmd.noise=fresh")
     out = tmp_path / "scaling"
     cmd = ["bash", "bench/distill_scaling.sh", "--tiny", str(smoke_teacher), str(out)]
     proc = subprocess.run(cmd, cwd=ROOT, env=env, capture_output=True, text=True, timeout=900)
@@ -148,6 +148,7 @@ def test_distill_scaling_script_makes_every_point_of_a_batch_from_one_run(smoke_
     assert sorted(p.name for p in (out / "students").iterdir()) == ["run-b2"]
     cfg = read_student_info(out / "students" / "run-b2").extra["config"]
     assert (cfg["student"]["steps"], cfg["student"]["keep_at"], cfg["split"]["steps"]) == (2, [1, 2], 0)
+    assert cfg["dmd"]["noise"] == "fresh"  # SETS reached the run
     snaps = [read_student_info(out / "snapshots" / "b2" / f"u{s}").extra["snapshot"]["student_updates"]
              for s in (1, 2)]
     assert snaps == [1, 2]
