@@ -33,9 +33,6 @@ LIMIT=()
 read -ra USER_SET <<< "${SETS:-}"
 mkdir -p "$R/students" "$R/snapshots" "$R/logs"
 
-[ -f "$R/teacher-test.json" ] || "$SD" eval --model "$T" --split test --num-images "$NUM_IMAGES" --seed 0 \
-  "${EXTRA[@]}" --json "$R/teacher-test.json" > "$R/logs/teacher.eval.log" 2>&1
-
 for b in $(for x in $BUDGETS; do echo "${x#*x}"; done | sort -un); do
   steps=$(for x in $BUDGETS; do [ "${x#*x}" = "$b" ] && echo "${x%x*}"; done | sort -n)
   max=$(echo "$steps" | tail -1)
@@ -62,4 +59,6 @@ for b in $(for x in $BUDGETS; do echo "${x#*x}"; done | sort -un); do
     "$PY" "$HERE/distill_scaling.py" --wall "$work" "$s" > "$R/$name.time.json"
   done
 done
+[ -f "$R/teacher-test.json" ] || "$SD" eval --model "$T" --split test --num-images "$NUM_IMAGES" --seed 0 \
+  "${EXTRA[@]}" --json "$R/teacher-test.json" > "$R/logs/teacher.eval.log" 2>&1
 "$PY" "$HERE/distill_scaling.py" "$R" --teacher-json "$R/teacher-test.json"
