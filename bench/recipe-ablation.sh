@@ -5,6 +5,8 @@
 # seeds (test NUM_TEST images, heldout NUM_HELDOUT, `sd35flash eval --seed 0`):
 #   full         the recipe
 #   nosharing    --set dmd.timestep_sharing=false
+#   line         --set dmd.noise=line: DMD read on the student's own line (the paper's sharing: no
+#                fresh noise) instead of the recipe's fresh noise at the shared tau
 #   nosplit      no run of its own: the full run's stage-1 student (`--variant presplit`)
 #   nogan        --set gan.enabled=false
 #   gan-teacher  the GAN's real side from NUM_REAL teacher samples instead of renders
@@ -17,7 +19,7 @@
 # as <row>.s<seed>.<split>.json: keep that folder (e.g. under docs/results/) to carry a table across
 # machines, then `python -m sd35flash.evaluate.ablation OUT_DIR/evals` writes ablation.{json,md,png}.
 # Usage: bench/recipe-ablation.sh [--tiny] TEACHER OUT_DIR
-#   ROWS="full nosharing gan-teacher nogan notg" SEEDS="0 1 2" SPLITS="test heldout" NUM_TEST=400 NUM_HELDOUT=200
+#   ROWS="full nosharing line gan-teacher nogan notg" SEEDS="0 1 2" SPLITS="test heldout" NUM_TEST=400 NUM_HELDOUT=200
 #   PRESET=recipe NUM_REAL=256 TIME_LIMIT= (a `distill --time-limit` per run; a stopped run resumes on the next call)
 #   --tiny: the smoke preset, 4 images, no FD: a check of the plumbing in about a minute.
 set -euo pipefail
@@ -27,7 +29,7 @@ T=${1:?teacher folder or shipped name}
 R=${2:?output folder}
 SD=${SD35FLASH:-.venv/bin/sd35flash}
 PY=${PYTHON:-.venv/bin/python}
-ROWS=${ROWS:-"full nosharing gan-teacher nogan notg"}
+ROWS=${ROWS:-"full nosharing line gan-teacher nogan notg"}
 SEEDS=${SEEDS:-"0 1 2"}
 SPLITS=${SPLITS:-"test heldout"}
 LAST=${SPLITS##* }  # a task is done when its last split is evaluated
@@ -45,12 +47,13 @@ mkdir -p "$R/students" "$R/evals" "$R/reference" "$R/logs" "$R/locks"
 overrides() {  # ROW -> the --set arguments that take its component out
   case "$1" in
     full) ;;
-    nosharing) echo "--set dmd.timestep_sharing=false --set dmd.tau=next" ;;  # tau: below needs sharing
+    nosharing) echo "--set dmd.timestep_sharing=false --set dmd.tau=next --set dmd.noise=line" ;;  # they need sharing
+    line) echo "--set dmd.noise=line" ;;
     nogan) echo "--set gan.enabled=false" ;;
     gan-teacher) echo "--set gan.real=teacher --set gan.num_real=$NUM_REAL" ;;
     notg) echo "--set trajectory.steps=0" ;;
     nosplit) echo "nosplit is the full run's presplit variant; it has no run of its own" >&2; return 1 ;;
-    *) echo "recipe-ablation.sh: unknown row '$1' (rows: full nosharing nosplit nogan gan-teacher notg)" >&2
+    *) echo "recipe-ablation.sh: unknown row '$1' (rows: full nosharing line nosplit nogan gan-teacher notg)" >&2
        return 1 ;;
   esac
 }
